@@ -1,0 +1,3 @@
+from forgellm.cli import main
+
+main()

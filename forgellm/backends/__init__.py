@@ -1,0 +1,1 @@
+"""Generation backends: the protocol the core drives, and the MLX backend."""

@@ -1,0 +1,51 @@
+"""The backend protocol: what the core needs from a generation backend.
+
+A backend loads models. A loaded model tokenizes prompts and creates an engine.
+An engine holds many sequences at once and advances all of them one token per
+``step()``; the scheduler calls it from one thread only.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Protocol
+
+from forgellm.core.generation import GenerationJob, TokenOutput
+
+
+class Engine(Protocol):
+    def add(self, seq_id: int, job: GenerationJob) -> None:
+        """Start generating for a sequence; it joins the batch at the next step."""
+
+    def step(self) -> list[TokenOutput]:
+        """Advance every sequence by one token; a finished one carries its finish_reason."""
+
+    def remove(self, seq_ids: Iterable[int]) -> None:
+        """Drop sequences (cancelled, or stopped by a stop string) from the batch."""
+
+    def __len__(self) -> int:
+        """The number of sequences the engine holds."""
+
+
+class LoadedModel(Protocol):
+    name: str
+    adapter_path: Optional[str]
+
+    @property
+    def has_chat_template(self) -> bool: ...
+
+    def encode(self, text: str) -> list[int]:
+        """Tokenize raw text as a prompt."""
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Tokenize a conversation with the model's chat template, ready for the assistant's turn."""
+
+    def create_engine(self, max_batch_size: int) -> Engine:
+        """A fresh engine for this model."""
+
+    def close(self) -> None:
+        """Free the model's memory."""
+
+
+class Backend(Protocol):
+    def load(self, model_name: str, adapter_path: Optional[str]) -> LoadedModel:
+        """Load a model (and adapter); raise with a clear message when that is impossible."""

@@ -1,0 +1,230 @@
+"""The MLX backend (mlx-lm): the default plugin, registered through the same hook a third-party backend uses.
+
+Batchable models run on mlx-lm's continuous batching (``BatchGenerator``); models
+whose KV cache cannot be merged fall back to one sequence at a time.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections import deque
+from typing import Iterable, Optional
+
+import mlx.core as mx
+from mlx_lm import load as mlx_load
+from mlx_lm.generate import BatchGenerator, generate_step
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import (
+    apply_min_p,
+    apply_top_k,
+    apply_top_p,
+    make_logits_processors,
+    make_sampler,
+)
+
+from forgellm import hookimpl
+from forgellm.core.generation import GenerationJob, SamplingParams, TokenOutput
+
+# How many prompts mlx-lm prefills together; larger batches add little on one device.
+PREFILL_BATCH_SIZE = 8
+
+
+def make_seeded_sampler(params: SamplingParams):
+    """A sampler with its own PRNG key, so a seeded request is reproducible even inside a shared batch."""
+    key = mx.random.key(params.seed)
+    filters = []
+    if 0 < params.top_p < 1.0:
+        filters.append(lambda lp: apply_top_p(lp, params.top_p))
+    if params.min_p > 0:
+        filters.append(lambda lp: apply_min_p(lp, params.min_p))
+    if params.top_k > 0:
+        filters.append(lambda lp: apply_top_k(lp, params.top_k))
+
+    def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        key, subkey = mx.random.split(key)
+        for keep in filters:
+            logprobs = keep(logprobs)
+        return mx.random.categorical(logprobs * (1.0 / params.temperature), key=subkey)
+
+    return sample
+
+
+def sampler_for(params: SamplingParams):
+    if params.temperature > 0 and params.seed is not None:
+        return make_seeded_sampler(params)
+    # Greedy requests all share mlx-lm's one greedy sampler, so a batch of them samples in one call.
+    return make_sampler(params.temperature, top_p=params.top_p, min_p=params.min_p, top_k=params.top_k)
+
+
+def logits_processors_for(params: SamplingParams) -> list:
+    return make_logits_processors(repetition_penalty=params.repetition_penalty)
+
+
+class _Detokenizers:
+    """One streaming detokenizer per sequence, so multi-byte characters are emitted whole."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._by_id: dict[int, object] = {}
+
+    def start(self, seq_id: int) -> None:
+        self._by_id[seq_id] = self._tokenizer.detokenizer
+
+    def text(self, seq_id: int, token: int, finish_reason: Optional[str]) -> str:
+        detokenizer = self._by_id[seq_id]
+        if finish_reason != "stop":  # an end-of-sequence token is not part of the text
+            detokenizer.add_token(token)
+        if finish_reason is not None:
+            detokenizer.finalize()
+            del self._by_id[seq_id]
+        return detokenizer.last_segment
+
+    def drop(self, seq_id: int) -> None:
+        self._by_id.pop(seq_id, None)
+
+
+class MlxBatchEngine:
+    """Continuous batching on mlx-lm's BatchGenerator."""
+
+    def __init__(self, model, tokenizer, max_batch_size: int) -> None:
+        self._generator = BatchGenerator(
+            model,
+            stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+            completion_batch_size=max_batch_size,
+            prefill_batch_size=min(PREFILL_BATCH_SIZE, max_batch_size),
+        )
+        self._detokenizers = _Detokenizers(tokenizer)
+        self._seq_of_uid: dict[int, int] = {}
+        self._uid_of_seq: dict[int, int] = {}
+
+    def add(self, seq_id: int, job: GenerationJob) -> None:
+        (uid,) = self._generator.insert(
+            [job.prompt_tokens],
+            max_tokens=[job.max_tokens],
+            samplers=[sampler_for(job.sampling)],
+            logits_processors=[logits_processors_for(job.sampling)],
+        )
+        self._seq_of_uid[uid] = seq_id
+        self._uid_of_seq[seq_id] = uid
+        self._detokenizers.start(seq_id)
+
+    def step(self) -> list[TokenOutput]:
+        _, responses = self._generator.next()
+        outputs = []
+        for response in responses:
+            seq_id = self._seq_of_uid[response.uid]
+            text = self._detokenizers.text(seq_id, response.token, response.finish_reason)
+            if response.finish_reason is not None:
+                self._forget(seq_id)
+            outputs.append(TokenOutput(seq_id, text, response.finish_reason))
+        return outputs
+
+    def remove(self, seq_ids: Iterable[int]) -> None:
+        uids = [self._uid_of_seq[s] for s in seq_ids if s in self._uid_of_seq]
+        if uids:
+            self._generator.remove(uids)
+        for seq_id in seq_ids:
+            self._forget(seq_id)
+
+    def _forget(self, seq_id: int) -> None:
+        uid = self._uid_of_seq.pop(seq_id, None)
+        self._seq_of_uid.pop(uid, None)
+        self._detokenizers.drop(seq_id)
+
+    def __len__(self) -> int:
+        return len(self._uid_of_seq)
+
+    def close(self) -> None:
+        self._generator.close()
+
+
+class MlxSequentialEngine:
+    """One sequence at a time through mlx-lm's generate_step, for models whose cache cannot be batched."""
+
+    def __init__(self, model, tokenizer) -> None:
+        self._model = model
+        self._eos = set(tokenizer.eos_token_ids)
+        self._detokenizers = _Detokenizers(tokenizer)
+        self._waiting: deque[tuple[int, GenerationJob]] = deque()
+        self._current: Optional[tuple[int, GenerationJob, object, int]] = None
+
+    def add(self, seq_id: int, job: GenerationJob) -> None:
+        self._waiting.append((seq_id, job))
+
+    def step(self) -> list[TokenOutput]:
+        if self._current is None:
+            if not self._waiting:
+                return []
+            seq_id, job = self._waiting.popleft()
+            tokens = generate_step(
+                mx.array(job.prompt_tokens),
+                self._model,
+                max_tokens=job.max_tokens,
+                sampler=sampler_for(job.sampling),
+                logits_processors=logits_processors_for(job.sampling),
+            )
+            self._detokenizers.start(seq_id)
+            self._current = (seq_id, job, tokens, 0)
+        seq_id, job, tokens, count = self._current
+        token, _ = next(tokens)
+        count += 1
+        finish_reason = "stop" if token in self._eos else ("length" if count >= job.max_tokens else None)
+        text = self._detokenizers.text(seq_id, token, finish_reason)
+        self._current = None if finish_reason else (seq_id, job, tokens, count)
+        return [TokenOutput(seq_id, text, finish_reason)]
+
+    def remove(self, seq_ids: Iterable[int]) -> None:
+        gone = set(seq_ids)
+        self._waiting = deque(item for item in self._waiting if item[0] not in gone)
+        if self._current is not None and self._current[0] in gone:
+            self._current = None
+        for seq_id in gone:
+            self._detokenizers.drop(seq_id)
+
+    def __len__(self) -> int:
+        return len(self._waiting) + (self._current is not None)
+
+    def close(self) -> None:
+        self._current = None
+
+
+class MlxModel:
+    """A model and tokenizer loaded by mlx-lm's own loader."""
+
+    def __init__(self, name: str, adapter_path: Optional[str]) -> None:
+        self.name = name
+        self.adapter_path = adapter_path
+        self.model, self.tokenizer = mlx_load(name, adapter_path=adapter_path)
+        # mlx-lm batches only models whose every cache layer can be merged across sequences.
+        self.batchable = all(hasattr(c, "merge") for c in make_prompt_cache(self.model))
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.tokenizer.has_chat_template)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+    def create_engine(self, max_batch_size: int):
+        if self.batchable:
+            return MlxBatchEngine(self.model, self.tokenizer, max_batch_size)
+        return MlxSequentialEngine(self.model, self.tokenizer)
+
+    def close(self) -> None:
+        del self.model, self.tokenizer
+        gc.collect()
+        mx.clear_cache()
+
+
+class MlxBackend:
+    def load(self, model_name: str, adapter_path: Optional[str]) -> MlxModel:
+        return MlxModel(model_name, adapter_path)
+
+
+@hookimpl
+def register_backends(register):
+    register("mlx", MlxBackend())

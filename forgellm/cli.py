@@ -1,0 +1,142 @@
+"""The ``forgellm`` command: ``run`` the server, list ``plugins``, and any subcommands plugins add."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from functools import partial
+
+import click
+import pluggy
+
+from forgellm import __version__
+from forgellm.core.plugins import (
+    UnknownPlugin,
+    available_plugins,
+    create_plugin_manager,
+    enabled_plugin_names,
+    plugin_hooks,
+)
+from forgellm.core.settings import CORE_OPTIONS, Option, Settings
+
+
+def collect_options(pm: pluggy.PluginManager) -> list[Option]:
+    """The core's options, then every plugin's, each tagged with the plugin that declared it."""
+    options = {option.name: option for option in CORE_OPTIONS}
+
+    def register(option: Option, *, plugin: str) -> None:
+        if option.name in options:
+            raise click.ClickException(
+                f"plugin {plugin!r} declares option --{option.name}, which {options[option.name].plugin!r} already has"
+            )
+        options[option.name] = Option(**{**option.__dict__, "plugin": plugin})
+
+    for impl in pm.hook.register_options.get_hookimpls():
+        impl.function(register=partial(register, plugin=impl.plugin_name))
+    return list(options.values())
+
+
+def _click_option(option: Option) -> click.Option:
+    help_text = option.help if option.plugin == "core" else f"[{option.plugin} plugin] {option.help}"
+    return click.Option(
+        [option.flag],
+        option.name,
+        type=None if option.is_flag else option.type,
+        default=option.default,
+        multiple=option.multiple,
+        is_flag=option.is_flag,
+        envvar=option.envvar,
+        show_envvar=True,
+        show_default=not option.secret and option.default not in (None, ""),
+        help=help_text,
+    )
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run(options: list[Option], **values) -> None:
+    import uvicorn
+
+    from forgellm.core.app import create_app
+
+    settings = Settings(values, tuple(options))
+    try:
+        names = enabled_plugin_names(settings.plugins)
+    except UnknownPlugin as exc:
+        raise click.UsageError(str(exc)) from None
+    _configure_logging(settings.log_level)
+    app = create_app(settings, create_plugin_manager(names))
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,  # the logging plugin writes the access log
+        timeout_graceful_shutdown=settings.drain_timeout,
+    )
+
+
+def build_cli() -> click.Group:
+    pm = create_plugin_manager()  # every installed plugin: their options and commands exist even when off
+    options = collect_options(pm)
+
+    @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+    @click.version_option(__version__, prog_name="forgellm")
+    def cli() -> None:
+        """ForgeLLM: a model server for MLX language models.
+
+        Serves the integration guide's API (/api/model/...) and an OpenAI-compatible
+        API (/v1/...). Every option can also be set through the FORGELLM_* environment
+        variable shown beside it.
+        """
+
+    run = click.Command(
+        "run",
+        callback=partial(_run, options),
+        params=[_click_option(option) for option in options],
+        help="Start the server. With --model, the port opens at once and the model loads in the background.",
+    )
+    cli.add_command(run)
+
+    @cli.command("plugins")
+    @click.option("--plugins", "spec", default="", envvar="FORGELLM_PLUGINS", help="The --plugins value to show as enabled.")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+    def list_plugins(spec: str, as_json: bool) -> None:
+        """List every installed plugin, its version, whether it is enabled, and the hooks it implements."""
+        available = available_plugins()
+        try:
+            enabled = set(enabled_plugin_names(spec, available))
+        except UnknownPlugin as exc:
+            raise click.UsageError(str(exc)) from None
+        rows = [
+            {
+                "name": name,
+                "version": info.version,
+                "source": info.source,
+                "default": info.default,
+                "enabled": name in enabled,
+                "hooks": plugin_hooks(pm, name),
+            }
+            for name, info in available.items()
+        ]
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        for row in rows:
+            state = "enabled" if row["enabled"] else ("disabled" if row["default"] else "opt-in")
+            click.echo(f"{row['name']} {row['version']} ({row['source']}, {state})")
+            click.echo(f"    hooks: {', '.join(row['hooks']) or '-'}")
+
+    pm.hook.register_commands(cli=cli)
+    return cli
+
+
+def main() -> None:
+    build_cli()(prog_name="forgellm")

@@ -1,0 +1,1 @@
+"""The server's core: app factory, hooks, plugin manager, settings, model manager and scheduler."""

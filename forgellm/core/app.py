@@ -1,0 +1,43 @@
+"""The app factory: a Litestar app over the core routes, plugin routes and plugin hooks."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import pluggy
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+
+from forgellm import __version__
+from forgellm.core import guide_api, health, openai_api
+from forgellm.core.access_control import access_guard
+from forgellm.core.errors import error_response
+from forgellm.core.plugins import create_plugin_manager, enabled_plugin_names
+from forgellm.core.request_context import RequestContextMiddleware
+from forgellm.core.server import Server
+from forgellm.core.settings import Settings
+
+
+def create_app(settings: Settings, pm: Optional[pluggy.PluginManager] = None) -> Litestar:
+    """Build the server for these settings; pm defaults to the plugins ``settings.plugins`` enables."""
+    if pm is None:
+        pm = create_plugin_manager(enabled_plugin_names(settings.plugins))
+    server = Server(settings, pm)
+    handlers = [*guide_api.ROUTES, *openai_api.ROUTES, *health.ROUTES]
+    pm.hook.register_routes(register=handlers.append, server=server)
+    app = Litestar(
+        route_handlers=handlers,
+        guards=[access_guard],
+        exception_handlers={Exception: error_response},
+        on_startup=[server.startup],
+        on_shutdown=[server.shutdown],
+        request_max_body_size=settings.max_body_size,
+        openapi_config=OpenAPIConfig(title="ForgeLLM", version=__version__, path="/docs"),
+        state=State({"server": server}),
+        logging_config=None,
+    )
+    # Wrap the whole handler, not one route, so 404s and 405s get a request id and an access-log line.
+    app.asgi_handler = RequestContextMiddleware(app.asgi_handler, server)
+    server.app = app
+    return app

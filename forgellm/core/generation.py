@@ -1,0 +1,63 @@
+"""What a generation is, as the scheduler and backends see it: a job in, text deltas out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: Optional[float] = None
+    seed: Optional[int] = None
+
+
+@dataclass
+class GenerationJob:
+    """One request's generation: the prompt already tokenized, and how to sample and stop."""
+
+    prompt_tokens: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    # What the route received, for plugins that inspect prompts (a prompt guard, say).
+    prompt_text: str = ""
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class TokenOutput:
+    """What one engine step produced for one sequence."""
+
+    seq_id: int
+    text: str
+    finish_reason: Optional[str] = None  # "stop", "length", or None while running
+    error: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole generation, as a non-streaming route returns it."""
+
+    text: str
+    finish_reason: str
+    usage: Usage
+    generation_time: float
+    time_to_first_token: float
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.usage.completion_tokens / self.generation_time if self.generation_time > 0 else 0.0

@@ -1,0 +1,200 @@
+"""The integration guide's API: /api/model/status, /load, /unload and /generate, in the guide's envelope."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, AsyncIterator, Literal, Optional, Union
+
+import msgspec
+from litestar import Request, get, post
+from litestar.response import Stream
+
+from forgellm.core import generation_service
+from forgellm.core.access_control import GENERATE, LOAD, STATUS
+from forgellm.core.errors import as_api_error, bad_request
+from forgellm.core.generation import GenerationJob, SamplingParams
+
+NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class Message(msgspec.Struct):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class StatusResponse(msgspec.Struct):
+    success: bool
+    loaded: bool
+    is_loading: bool
+    model_name: Optional[str]
+    adapter_path: Optional[str]
+    error: Optional[str]
+
+
+class LoadRequest(msgspec.Struct):
+    model_name: NonEmptyStr
+    adapter_path: Optional[NonEmptyStr] = None
+
+
+class LoadResponse(msgspec.Struct):
+    success: bool
+    message: str
+    model_name: str
+    adapter_path: Optional[str]
+
+
+class UnloadResponse(msgspec.Struct):
+    success: bool
+    message: str
+
+
+class GenerateRequest(msgspec.Struct):
+    prompt: str
+    max_tokens: Optional[Annotated[int, msgspec.Meta(ge=1)]] = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=100)] = 0.7
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
+    top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
+    min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    repetition_penalty: Optional[Annotated[float, msgspec.Meta(gt=0, le=100)]] = None
+    seed: Optional[Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]] = None
+    stop: Union[str, list[str], None] = None
+    system_prompt: Optional[str] = None
+    history: Optional[list[Message]] = None
+    streaming: bool = False
+
+
+class GenerateResponse(msgspec.Struct):
+    success: bool
+    text: str
+    generation_time: float
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    tokens_per_sec: float
+    finish_reason: str
+
+
+def stop_strings(stop: Union[str, list[str], None]) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else tuple(stop)
+    if len(stops) > 16:
+        raise bad_request("At most 16 stop strings are allowed")
+    return tuple(s for s in stops if s)
+
+
+def max_tokens_for(requested: Optional[int], server, default: Optional[int] = None) -> int:
+    cap = server.settings.max_tokens_cap
+    if requested is None:
+        return min(default or server.settings.default_max_tokens, cap)
+    if requested > cap:
+        raise bad_request(f"max_tokens must be at most {cap}")
+    return requested
+
+
+def _conversation(data: GenerateRequest) -> list[dict]:
+    messages = []
+    if data.system_prompt:
+        messages.append({"role": "system", "content": data.system_prompt})
+    messages.extend({"role": m.role, "content": m.content} for m in data.history or ())
+    messages.append({"role": "user", "content": data.prompt})
+    return messages
+
+
+def _looks_like_path(model_name: str) -> bool:
+    """Hugging Face repo ids are 'name' or 'owner/name'; anything else is meant as a local directory."""
+    return model_name.startswith(("/", ".", "~")) or model_name.count("/") > 1 or Path(model_name).exists()
+
+
+@get("/api/model/status", opt={"action": STATUS}, summary="The model's load state")
+async def model_status(request: Request) -> StatusResponse:
+    return StatusResponse(**generation_service.server_of(request).models.status())
+
+
+@post("/api/model/load", opt={"action": LOAD}, status_code=200, summary="Start loading a model in the background")
+async def load_model(request: Request, data: LoadRequest) -> LoadResponse:
+    server = generation_service.server_of(request)
+    if _looks_like_path(data.model_name) and not Path(data.model_name).expanduser().is_dir():
+        raise bad_request(f"Model directory not found: {data.model_name}")
+    if data.adapter_path is not None and not Path(data.adapter_path).expanduser().is_dir():
+        raise bad_request(f"Adapter directory not found: {data.adapter_path}")
+    server.models.start_load(data.model_name, data.adapter_path)
+    return LoadResponse(
+        success=True,
+        message=f"Model {data.model_name} loading started",
+        model_name=data.model_name,
+        adapter_path=data.adapter_path,
+    )
+
+
+@post("/api/model/unload", opt={"action": LOAD}, status_code=200, summary="Unload the model and free its memory")
+async def unload_model(request: Request) -> UnloadResponse:
+    server = generation_service.server_of(request)
+    name = server.models.state.model_name
+    server.models.unload()
+    return UnloadResponse(success=True, message=f"Model {name} unloaded" if name else "No model was loaded")
+
+
+@post("/api/model/generate", opt={"action": GENERATE}, status_code=200, summary="Generate text")
+async def generate(request: Request, data: GenerateRequest) -> Union[GenerateResponse, Stream]:
+    server = generation_service.server_of(request)
+    has_conversation = bool(data.system_prompt or data.history)
+    model, tokens = await generation_service.tokenize(
+        request, messages=_conversation(data), text=None if has_conversation else data.prompt
+    )
+    job = GenerationJob(
+        prompt_tokens=tokens,
+        max_tokens=max_tokens_for(data.max_tokens, server),
+        sampling=SamplingParams(
+            temperature=data.temperature,
+            top_p=data.top_p,
+            top_k=data.top_k,
+            min_p=data.min_p,
+            repetition_penalty=data.repetition_penalty,
+            seed=data.seed,
+        ),
+        stop=stop_strings(data.stop),
+        prompt_text=data.prompt,
+    )
+    handle = await generation_service.start(request, model, job)
+    if data.streaming:
+        return Stream(_ndjson(request, handle), media_type="application/x-ndjson")
+    completion = await generation_service.complete(request, handle)
+    return GenerateResponse(
+        success=True,
+        text=completion.text,
+        generation_time=completion.generation_time,
+        prompt_tokens=completion.usage.prompt_tokens,
+        completion_tokens=completion.usage.completion_tokens,
+        total_tokens=completion.usage.total_tokens,
+        tokens_per_sec=completion.tokens_per_sec,
+        finish_reason=completion.finish_reason,
+    )
+
+
+async def _ndjson(request: Request, handle) -> AsyncIterator[str]:
+    """ForgeLLM's streaming format: chunk lines, then one complete line (or one error line)."""
+    try:
+        async for text in generation_service.stream(request, handle):
+            yield json.dumps({"type": "chunk", "text": text}) + "\n"
+    except Exception as exc:  # the status line is sent already: report the failure in-band
+        yield json.dumps({"type": "error", "success": False, "error": as_api_error(exc).message}) + "\n"
+        return
+    completion = handle.completion()
+    yield json.dumps(
+        {
+            "type": "complete",
+            "success": True,
+            "text": completion.text,
+            "generation_time": completion.generation_time,
+            "prompt_tokens": completion.usage.prompt_tokens,
+            "completion_tokens": completion.usage.completion_tokens,
+            "total_tokens": completion.usage.total_tokens,
+            "tokens_per_sec": completion.tokens_per_sec,
+            "finish_reason": completion.finish_reason,
+        }
+    ) + "\n"
+
+
+ROUTES = [model_status, load_model, unload_model, generate]

@@ -1,0 +1,309 @@
+"""The scheduler: one engine thread owns MLX and feeds every request through one batched engine.
+
+Requests enter a bounded queue from the asyncio side. The engine thread admits them
+into the batch, steps the engine, matches stop strings, and hands each step's
+outputs back to the event loop in one call. Model swaps run on the same thread,
+once the work already admitted has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from typing import AsyncIterator, Callable, Optional
+
+from forgellm.backends.base import Engine, LoadedModel
+from forgellm.core.errors import ApiError, service_unavailable
+from forgellm.core.generation import Completion, GenerationJob, TokenOutput, Usage
+from forgellm.core.stop_strings import StopMatcher
+
+logger = logging.getLogger("forgellm.scheduler")
+
+
+class SequenceHandle:
+    """The asyncio side of one generation: its text as it arrives, and how it ended."""
+
+    def __init__(self, seq_id: int, job: GenerationJob, scheduler: "Scheduler") -> None:
+        self.seq_id = seq_id
+        self.job = job
+        self._scheduler = scheduler
+        self.completion_tokens = 0
+        self.finish_reason: Optional[str] = None
+        self.error: Optional[str] = None
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: Optional[float] = None
+        self.finished_at: Optional[float] = None
+        self._pending: list[str] = []
+        self._text: list[str] = []
+        self._arrived = asyncio.Event()
+        self._finished = asyncio.Event()
+
+    @property
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(len(self.job.prompt_tokens), self.completion_tokens)
+
+    def _receive(self, output: TokenOutput) -> None:
+        if output.error is not None:
+            self.error = output.error
+        else:
+            self.completion_tokens += 1
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+        if output.text:
+            self._pending.append(output.text)
+            self._text.append(output.text)
+        if output.finish_reason is not None:
+            self.finish_reason = output.finish_reason
+        if output.error is not None or output.finish_reason is not None:
+            self.finished_at = time.perf_counter()
+            self._finished.set()
+        self._arrived.set()
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise ApiError(500, f"Generation failed: {self.error}", code="generation_failed")
+
+    async def chunks(self) -> AsyncIterator[str]:
+        """Text as it is generated, one chunk per engine step; raises ApiError if the backend fails."""
+        while True:
+            await self._arrived.wait()
+            self._arrived.clear()
+            if self._pending:
+                text = "".join(self._pending)
+                self._pending.clear()
+                yield text
+            if self.done:
+                self._raise_if_failed()
+                return
+
+    async def wait(self) -> None:
+        """Wait for the end without waking at every step."""
+        await self._finished.wait()
+
+    def completion(self) -> Completion:
+        self._raise_if_failed()
+        end = self.finished_at or time.perf_counter()
+        return Completion(
+            text="".join(self._text),
+            finish_reason=self.finish_reason or "length",
+            usage=self.usage,
+            generation_time=end - self.submitted_at,
+            time_to_first_token=(self.first_token_at or end) - self.submitted_at,
+        )
+
+    def cancel(self) -> None:
+        """Stop generating (the client left or timed out); its batch slot frees at the next step."""
+        if not self.done:
+            self._scheduler.cancel(self.seq_id)
+
+
+class _Sequence:
+    """The engine thread's view of one generation."""
+
+    __slots__ = ("seq_id", "job", "stops")
+
+    def __init__(self, seq_id: int, job: GenerationJob) -> None:
+        self.seq_id = seq_id
+        self.job = job
+        self.stops = StopMatcher(job.stop)
+
+
+ModelLoader = Callable[[], Optional[LoadedModel]]
+
+
+class Scheduler:
+    """Admission control on the asyncio side, continuous batching on the engine thread."""
+
+    def __init__(self, *, max_concurrency: int, max_queue: int) -> None:
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_queue
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._ids = itertools.count(1)
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: Optional[threading.Thread] = None
+        self._handles: dict[int, SequenceHandle] = {}  # event-loop side only
+        # Engine-thread state.
+        self._model: Optional[LoadedModel] = None
+        self._engine: Optional[Engine] = None
+        self._waiting: deque[_Sequence] = deque()
+        self._running: dict[int, _Sequence] = {}
+        # Read from the event loop for health and metrics; plain ints are safe to share.
+        self.steps = 0
+        self.waiting_count = 0
+        self.active_count = 0
+
+    # -- event-loop side ------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="forgellm-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Finish admitted work, free the model, and end the engine thread."""
+        if self._thread is None:
+            return
+        self._inbox.put(("stop",))
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not yet finished: waiting or in the batch."""
+        return len(self._handles)
+
+    def submit(self, job: GenerationJob) -> SequenceHandle:
+        """Queue a generation, or refuse at once with 503 when the queue is full."""
+        if len(self._handles) >= self.max_concurrency + self.max_queue:
+            raise service_unavailable("Server is at capacity; retry shortly")
+        handle = SequenceHandle(next(self._ids), job, self)
+        self._handles[handle.seq_id] = handle
+        self._inbox.put(("add", handle.seq_id, job))
+        return handle
+
+    def cancel(self, seq_id: int) -> None:
+        if self._handles.pop(seq_id, None) is not None:
+            self._inbox.put(("cancel", seq_id))
+
+    def swap_model(self, load: ModelLoader) -> concurrent.futures.Future:
+        """Replace the model once admitted work is done; load returns the new model, or None to unload."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("swap", load, future))
+        return future
+
+    def _deliver(self, outputs: list[TokenOutput]) -> None:
+        for output in outputs:
+            handle = self._handles.get(output.seq_id)
+            if handle is None:
+                continue  # cancelled while the step ran
+            handle._receive(output)
+            if handle.done:
+                del self._handles[output.seq_id]
+
+    # -- engine thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        swaps: deque = deque()
+        stopping = False
+        while True:
+            busy = bool(self._running or self._waiting)
+            for command in self._commands(block=not (busy or swaps or stopping)):
+                kind = command[0]
+                if kind == "add":
+                    self._waiting.append(_Sequence(command[1], command[2]))
+                elif kind == "cancel":
+                    self._drop(command[1])
+                elif kind == "swap":
+                    swaps.append(command[1:])
+                else:
+                    stopping = True
+            self._admit()
+            if self._running:
+                self._step()
+            elif swaps and not self._waiting:
+                self._swap(*swaps.popleft())
+            elif stopping and not self._waiting:
+                break
+            self._update_counts()
+        self._close_model()
+
+    def _commands(self, block: bool):
+        if block:
+            yield self._inbox.get()
+        while True:
+            try:
+                yield self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.max_concurrency:
+            sequence = self._waiting.popleft()
+            if self._engine is None:
+                self._post([TokenOutput(sequence.seq_id, "", error="no model loaded")])
+                continue
+            try:
+                self._engine.add(sequence.seq_id, sequence.job)
+            except Exception as exc:  # one bad request must not take the batch down
+                logger.exception("could not start sequence %d", sequence.seq_id)
+                self._post([TokenOutput(sequence.seq_id, "", error=str(exc) or type(exc).__name__)])
+                continue
+            self._running[sequence.seq_id] = sequence
+
+    def _step(self) -> None:
+        try:
+            outputs = self._engine.step()
+        except Exception as exc:
+            # The batch's state is unknown now: fail the sequences it held and start a fresh engine.
+            logger.exception("engine step failed; failing %d sequences", len(self._running))
+            failed = [TokenOutput(seq_id, "", error=str(exc) or type(exc).__name__) for seq_id in self._running]
+            self._running.clear()
+            self._engine = self._model.create_engine(self.max_concurrency)
+            self._post(failed)
+            return
+        self.steps += 1
+        delivered = []
+        stopped = []
+        for output in outputs:
+            sequence = self._running.get(output.seq_id)
+            if sequence is None:
+                continue
+            text, reached_stop = sequence.stops.feed(output.text)
+            if reached_stop:
+                stopped.append(output.seq_id)
+                finish_reason = "stop"
+            elif output.finish_reason is not None:
+                text += sequence.stops.flush()
+                finish_reason = output.finish_reason
+            else:
+                finish_reason = None
+            if finish_reason is not None:
+                del self._running[output.seq_id]
+            delivered.append(TokenOutput(output.seq_id, text, finish_reason))
+        if stopped:
+            self._engine.remove(stopped)
+        self._post(delivered)
+
+    def _drop(self, seq_id: int) -> None:
+        if self._running.pop(seq_id, None) is not None:
+            self._engine.remove([seq_id])
+        else:
+            self._waiting = deque(s for s in self._waiting if s.seq_id != seq_id)
+
+    def _swap(self, load: ModelLoader, future: concurrent.futures.Future) -> None:
+        self._close_model()
+        try:
+            model = load()
+            engine = model.create_engine(self.max_concurrency) if model is not None else None
+        except BaseException as exc:
+            future.set_exception(exc)
+            return
+        self._model, self._engine = model, engine
+        future.set_result(model)
+
+    def _close_model(self) -> None:
+        if self._engine is not None and hasattr(self._engine, "close"):
+            self._engine.close()
+        if self._model is not None:
+            self._model.close()
+        self._model = self._engine = None
+
+    def _post(self, outputs: list[TokenOutput]) -> None:
+        if outputs:
+            self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _update_counts(self) -> None:
+        self.waiting_count = len(self._waiting)
+        self.active_count = len(self._running)

@@ -1,0 +1,120 @@
+"""Options and the settings they resolve to.
+
+The core and every plugin declare options the same way (the ``register_options`` hook);
+the CLI turns each into a flag and a ``FORGELLM_*`` environment variable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Mapping
+
+import click
+
+ENV_PREFIX = "FORGELLM_"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: ``--max-queue`` on the command line, ``FORGELLM_MAX_QUEUE`` in the environment."""
+
+    name: str
+    help: str
+    type: Any = str
+    default: Any = None
+    multiple: bool = False
+    is_flag: bool = False
+    secret: bool = False
+    plugin: str = "core"
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def envvar(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+CORE_OPTIONS = (
+    Option("host", "Interface to listen on.", default="localhost"),
+    Option("port", "Port to listen on.", type=int, default=5001),
+    Option("model", "Model to load at start: a local directory or a Hugging Face repo id."),
+    Option("adapter", "LoRA adapter directory to apply to --model."),
+    Option(
+        "plugins",
+        "Comma-separated opt-in plugins to enable (see `forgellm plugins`); no:NAME disables a default one.",
+        default="",
+    ),
+    Option(
+        "log_level",
+        "Server log level.",
+        type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+        default="info",
+    ),
+    Option("max_tokens_cap", "Largest max_tokens a request may ask for.", type=int, default=4096),
+    Option("default_max_tokens", "max_tokens when a request gives none.", type=int, default=100),
+    Option("max_concurrency", "Sequences decoded together in one batch.", type=int, default=32),
+    Option(
+        "max_queue",
+        "Requests allowed to wait for a batch slot; beyond that, 503 with Retry-After.",
+        type=int,
+        default=256,
+    ),
+    Option("max_prompt_tokens", "Longest prompt accepted, in tokens; longer is a 400.", type=int, default=8192),
+    Option(
+        "request_timeout",
+        "Seconds a generation may take before it is stopped (0: no limit).",
+        type=float,
+        default=600.0,
+    ),
+    Option("max_body_size", "Largest request body in bytes; larger is a 413.", type=int, default=1_000_000),
+    Option(
+        "drain_timeout",
+        "Seconds in-flight requests get to finish on shutdown.",
+        type=float,
+        default=30.0,
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Settings(Mapping[str, Any]):
+    """The effective value of every registered option, read as attributes: ``settings.max_queue``."""
+
+    values: Mapping[str, Any]
+    options: tuple[Option, ...] = field(default=(), compare=False)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(f"no setting named {name!r}") from None
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def masked(self) -> dict[str, Any]:
+        """The values with every secret replaced, safe to print or log."""
+        secret = {option.name for option in self.options if option.secret}
+        return {
+            name: ("***" if name in secret and value not in (None, (), "") else value)
+            for name, value in self.values.items()
+        }
+
+    @classmethod
+    def from_options(cls, options: Iterable[Option], **overrides: Any) -> "Settings":
+        """Defaults for every option, with overrides (unknown names are an error)."""
+        options = tuple(options)
+        values = {o.name: (() if o.multiple and o.default is None else o.default) for o in options}
+        unknown = set(overrides) - set(values)
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+        values.update(overrides)
+        return cls(values, options)

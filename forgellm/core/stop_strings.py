@@ -1,0 +1,41 @@
+"""Stop strings matched on generated text, not tokens, so a stop is found whatever the tokenization."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+class StopMatcher:
+    """Feeds on text deltas; releases text only once it cannot be the start of a stop string."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = [s for s in stops if s]
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to emit, whether a stop string was reached)."""
+        if not self._stops:
+            return text, False
+        buffer = self._held + text
+        found = [i for i in (buffer.find(stop) for stop in self._stops) if i >= 0]
+        if found:
+            self._held = ""
+            return buffer[: min(found)], True
+        keep = self._partial_match_length(buffer)
+        self._held = buffer[len(buffer) - keep :] if keep else ""
+        return buffer[: len(buffer) - keep], False
+
+    def flush(self) -> str:
+        """The held-back text, when generation ends without reaching a stop string."""
+        held, self._held = self._held, ""
+        return held
+
+    def _partial_match_length(self, buffer: str) -> int:
+        """The longest suffix of buffer that is a proper prefix of some stop string."""
+        longest = 0
+        for stop in self._stops:
+            for length in range(min(len(stop) - 1, len(buffer)), longest, -1):
+                if buffer.endswith(stop[:length]):
+                    longest = length
+                    break
+        return longest
