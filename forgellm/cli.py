@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from functools import partial
 
@@ -40,8 +41,7 @@ def collect_options(pm: pluggy.PluginManager) -> list[Option]:
 def _click_option(option: Option) -> click.Option:
     help_text = option.help if option.plugin == "core" else f"[{option.plugin} plugin] {option.help}"
     return click.Option(
-        [option.flag],
-        option.name,
+        [option.flag, option.name],
         type=None if option.is_flag else option.type,
         default=option.default,
         multiple=option.multiple,
@@ -73,6 +73,10 @@ def _run(options: list[Option], **values) -> None:
         raise click.UsageError(str(exc)) from None
     _configure_logging(settings.log_level)
     app = create_app(settings, create_plugin_manager(names))
+    # uvicorn drains in-flight requests on SIGINT/SIGTERM, then re-raises the signal to the
+    # handler it found: make that handler a clean exit, since the shutdown was graceful.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sys.exit(0))
     uvicorn.run(
         app,
         host=settings.host,
