@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
-from forgellm.testing import build_tiny_adapter, build_tiny_model, test_client
-
-# Nothing in the suite may reach the Hugging Face hub.
+# Nothing in the suite may reach the Hugging Face hub. huggingface_hub reads this once, when it is
+# first imported (forgellm.testing imports it), so it must be set before any forgellm import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from forgellm.testing import build_tiny_adapter, build_tiny_model, test_client  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -159,7 +159,8 @@ async def generate(request: Request, data: GenerateRequest) -> Union[GenerateRes
     )
     handle = await generation_service.start(request, model, job)
     if data.streaming:
-        return Stream(_ndjson(request, handle), media_type="application/x-ndjson")
+        # A header, not media_type=: Litestar lets the route's default (JSON) override a Stream's media_type.
+        return Stream(_ndjson(request, handle), headers={"Content-Type": "application/x-ndjson"})
     completion = await generation_service.complete(request, handle)
     return GenerateResponse(
         success=True,
