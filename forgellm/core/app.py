@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Optional
 
 import pluggy
-from litestar import Litestar
+from litestar import Litestar, Router
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 
 from forgellm import __version__
 from forgellm.core import guide_api, health, openai_api
-from forgellm.core.access_control import access_guard
+from forgellm.core.access_control import STATUS, access_guard
 from forgellm.core.errors import error_response
 from forgellm.core.plugins import create_plugin_manager, enabled_plugin_names
 from forgellm.core.request_context import RequestContextMiddleware
@@ -33,7 +33,13 @@ def create_app(settings: Settings, pm: Optional[pluggy.PluginManager] = None) ->
         on_startup=[server.startup],
         on_shutdown=[server.shutdown],
         request_max_body_size=settings.max_body_size,
-        openapi_config=OpenAPIConfig(title="ForgeLLM", version=__version__, path="/docs"),
+        # The schema and its viewers need the same credentials as status (any authenticated client).
+        openapi_config=OpenAPIConfig(
+            title="ForgeLLM",
+            version=__version__,
+            path="/docs",
+            openapi_router=Router("/docs", route_handlers=[], opt={"action": STATUS}),
+        ),
         state=State({"server": server}),
         logging_config=None,
     )

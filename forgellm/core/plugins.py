@@ -22,7 +22,9 @@ PROJECT = "forgellm"
 DEFAULT_PLUGINS = {
     "mlx": "forgellm.backends.mlx",
 }
-OPT_IN_PLUGINS: dict[str, str] = {}
+OPT_IN_PLUGINS: dict[str, str] = {
+    "auth": "forgellm.plugins.auth",
+}
 
 
 class UnknownPlugin(ValueError):
