@@ -69,6 +69,8 @@ async def _account(request: Request, handle: SequenceHandle) -> None:
     server = server_of(request)
     record = record_of(request)
     record.completion_tokens = handle.completion_tokens
+    if handle.first_token_at is not None:
+        record.time_to_first_token_ms = (handle.first_token_at - handle.submitted_at) * 1000
     for result in server.hook.after_generate(
         identity=record.identity, request=request, job=handle.job, usage=handle.usage, server=server
     ):

@@ -24,6 +24,7 @@ DEFAULT_PLUGINS = {
 }
 OPT_IN_PLUGINS: dict[str, str] = {
     "auth": "forgellm.plugins.auth",
+    "metrics": "forgellm.plugins.metrics",
 }
 
 

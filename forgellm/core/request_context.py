@@ -29,11 +29,14 @@ class RequestRecord:
     method: str
     path: str
     client: Optional[str]
+    # The matched route's path template ("/api/model/status"); None when no route matched (404).
+    route: Optional[str] = None
     started: float = field(default_factory=time.perf_counter)
     identity: Any = None
     status: Optional[int] = None
     prompt_tokens: Optional[int] = None
     completion_tokens: Optional[int] = None
+    time_to_first_token_ms: Optional[float] = None
     latency_ms: Optional[float] = None
 
     @property
@@ -86,6 +89,7 @@ class RequestContextMiddleware:
             await self._app(scope, receive, send_with_id)
         finally:
             record.latency_ms = (time.perf_counter() - record.started) * 1000
+            record.route = scope.get("path_template")  # Litestar's router sets it on the shared scope
             if record.status is None:
                 record.status = 499  # the client left before a response started
             self._server.hook.access_log(entry=record, server=self._server)

@@ -9,20 +9,33 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import httpx
 from litestar.testing import TestClient
 
 from forgellm.cli import collect_options
 from forgellm.core.app import create_app
-from forgellm.core.plugins import create_plugin_manager
+from forgellm.core.plugins import available_plugins, create_plugin_manager, enabled_plugin_names
 from forgellm.core.settings import Settings
 
 
-def make_settings(**overrides: Any) -> Settings:
-    """Every installed plugin's defaults, with overrides (``plugins="auth"``, ``api_key=("k",)``, ...)."""
-    return Settings.from_options(collect_options(create_plugin_manager()), **overrides)
+def make_settings(*, extra_plugins: Optional[Mapping[str, object]] = None, **overrides: Any) -> Settings:
+    """Every installed plugin's defaults, with overrides (``plugins="auth"``, ``api_key=("k",)``, ...).
+
+    extra_plugins (name -> plugin object) adds the options of plugins that are not installed,
+    such as the one a plugin author is testing. Overriding a setting no plugin declares is a
+    TypeError, so a typo in a test fails loudly.
+    """
+    pm = _plugin_manager(available_plugins(), extra_plugins or {})
+    return Settings.from_options(collect_options(pm), **overrides)
+
+
+def _plugin_manager(names: Iterable[str], extra_plugins: Mapping[str, object]):
+    """The named installed plugins plus the extras; an extra replaces an installed plugin of the same name."""
+    return create_plugin_manager(
+        [name for name in names if name not in extra_plugins], extra_plugins=extra_plugins.items()
+    )
 
 
 def wait_until_loaded(client, timeout: float = 60.0) -> dict:
@@ -42,20 +55,45 @@ def test_client(
     *,
     adapter: Optional[os.PathLike | str] = None,
     headers: Optional[dict] = None,
+    extra_plugins: Optional[Mapping[str, object]] = None,
     **settings: Any,
 ) -> Iterator[TestClient]:
-    """An in-process server with the given settings; with model, it is loaded before the block runs."""
+    """An in-process server (Litestar's TestClient, real HTTP semantics without a socket).
+
+    - model: a model directory (``build_tiny_model``); it is loaded before the block runs, and a
+      failed load raises. Without it the server starts with no model, as ``forgellm run`` does.
+    - headers: sent with every request (``{"Authorization": "Bearer ..."}``).
+    - extra_plugins: plugin objects to register by name, whether or not they are installed:
+      ``extra_plugins={"prompt-guard": forgellm_prompt_guard}``. They are always enabled.
+    - settings: any option of the core or a plugin, by name: ``plugins="auth,metrics"``,
+      ``max_queue=4``, ``prompt_guard_pattern=("secret",)``.
+
+    The client's responses are complete when returned (streams included), so it cannot hold a
+    stream open while sending another request; use ``ServerProcess`` for that.
+    """
     if model is not None:
         settings["model"] = str(model)
         settings["adapter"] = str(adapter) if adapter else None
-    app = create_app(make_settings(**settings))
+    extra_plugins = extra_plugins or {}
+    effective = make_settings(extra_plugins=extra_plugins, **settings)
+    pm = _plugin_manager(enabled_plugin_names(effective.plugins), extra_plugins)
+    app = create_app(effective, pm)
     with TestClient(app) as client:
         client.headers.update(headers or {})
         if model is not None:
-            status = wait_until_loaded(client)
-            if not status.get("loaded"):
-                raise RuntimeError(f"the test model failed to load: {status}")
+            _wait_for_model(app.state.server)
         yield client
+
+
+def _wait_for_model(server, timeout: float = 60.0) -> None:
+    """Wait on the server itself, not over HTTP: the status route may need credentials the test has not set."""
+    deadline = time.monotonic() + timeout
+    while server.models.state.is_loading:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the test model did not finish loading")
+        time.sleep(0.02)
+    if not server.models.state.loaded:
+        raise RuntimeError(f"the test model failed to load: {server.models.state.error}")
 
 
 test_client.__test__ = False  # not a pytest test, despite its name

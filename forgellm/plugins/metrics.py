@@ -1,0 +1,170 @@
+"""The ``metrics`` plugin: Prometheus metrics at ``GET /metrics``.
+
+Enable it with ``forgellm run --plugins metrics``. It exposes:
+
+- ``forgellm_requests_total{route,method,status}``: every HTTP request, 404s included;
+- ``forgellm_request_duration_seconds{route}``: time to the last byte (a stream's whole length);
+- ``forgellm_time_to_first_token_seconds{route}``: from queueing a generation to its first token;
+- ``forgellm_prompt_tokens_total{route}`` and ``forgellm_generated_tokens_total{route}``: finished generations;
+- ``forgellm_refusals_total{reason}``: 401 (unauthenticated), 403 (forbidden), 429 (rate_limited) and
+  503 (unavailable) answers, health probes excepted (their 503 means "not ready", not a refusal);
+- ``forgellm_queue_depth`` and ``forgellm_active_sequences``: the scheduler, read at scrape time;
+- ``forgellm_model_state{forgellm_model_state}`` and ``forgellm_model_load_seconds``: the model manager.
+
+Route labels are the route's path template, never the raw path, and every unmatched path
+shares the label ``unmatched``, so a scanner probing random URLs cannot grow the series.
+Each server keeps its metrics in a registry of its own, so several apps in one process
+(tests, embedding) never collide.
+
+``/metrics`` needs the ``admin`` action: with an auth plugin on, scrape it with an admin
+credential (Prometheus' ``authorization`` scrape setting); without one it is open.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from litestar import Request, Response, get
+from litestar.enums import MediaType
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric, StateSetMetricFamily
+from prometheus_client.exposition import choose_encoder
+
+from forgellm import hookimpl
+from forgellm.core import health
+from forgellm.core.access_control import ADMIN
+from forgellm.core.request_context import RequestRecord, record_of
+
+PLUGIN = "metrics"
+UNMATCHED_ROUTE = "unmatched"
+REFUSAL_REASONS = {401: "unauthenticated", 403: "forbidden", 429: "rate_limited", 503: "unavailable"}
+PROBE_ROUTES = frozenset(path for handler in health.ROUTES for path in handler.paths)
+# Clients choose the method; anything unusual shares one label to keep the series bounded.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Generations run from milliseconds to the request timeout (600 s by default).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class ServerStateCollector:
+    """Scheduler and model gauges, read from the server at every scrape so they are never stale."""
+
+    def __init__(self, server) -> None:
+        self._server = server
+
+    def collect(self) -> Iterator[Metric]:
+        scheduler = self._server.scheduler
+        yield GaugeMetricFamily(
+            "forgellm_queue_depth", "Generations waiting for a batch slot.", value=scheduler.waiting_count
+        )
+        yield GaugeMetricFamily(
+            "forgellm_active_sequences", "Generations being decoded in the batch.", value=scheduler.active_count
+        )
+        state = self._server.models.state
+        failed = state.error is not None
+        yield StateSetMetricFamily(
+            "forgellm_model_state",
+            "The model manager's state.",
+            value={
+                "loaded": state.loaded,
+                "loading": state.is_loading,
+                "failed": failed,
+                "unloaded": not (state.loaded or state.is_loading or failed),
+            },
+        )
+        if state.load_seconds is not None:
+            yield GaugeMetricFamily(
+                "forgellm_model_load_seconds", "How long the serving model took to load.", value=state.load_seconds
+            )
+
+
+class ServerMetrics:
+    """One server's metrics, in a registry of its own."""
+
+    def __init__(self, server) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "forgellm_requests",
+            "HTTP requests by route template, method and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "forgellm_request_duration_seconds",
+            "Time from a request's arrival to its last response byte.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.time_to_first_token = Histogram(
+            "forgellm_time_to_first_token_seconds",
+            "Time from queueing a generation to its first generated token.",
+            ["route"],
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "forgellm_prompt_tokens", "Prompt tokens of finished generations.", ["route"], registry=self.registry
+        )
+        self.generated_tokens = Counter(
+            "forgellm_generated_tokens", "Tokens generated by finished generations.", ["route"], registry=self.registry
+        )
+        self.refusals = Counter(
+            "forgellm_refusals", "Requests refused, by reason.", ["reason"], registry=self.registry
+        )
+        for reason in REFUSAL_REASONS.values():
+            self.refusals.labels(reason)  # present at zero from the first scrape, so rate() works at once
+        self.registry.register(ServerStateCollector(server))
+
+    def observe_request(self, record: RequestRecord) -> None:
+        route = record.route or UNMATCHED_ROUTE
+        method = record.method if record.method in KNOWN_METHODS else "other"
+        self.requests.labels(route, method, str(record.status)).inc()
+        self.latency.labels(route).observe(record.latency_ms / 1000)
+        reason = REFUSAL_REASONS.get(record.status)
+        if reason is not None and route not in PROBE_ROUTES:
+            self.refusals.labels(reason).inc()
+
+    def observe_generation(self, route: str, usage, time_to_first_token_ms) -> None:
+        self.prompt_tokens.labels(route).inc(usage.prompt_tokens)
+        self.generated_tokens.labels(route).inc(usage.completion_tokens)
+        if time_to_first_token_ms is not None:
+            self.time_to_first_token.labels(route).observe(time_to_first_token_ms / 1000)
+
+
+def metrics_of(server) -> ServerMetrics:
+    return server.plugin_state[PLUGIN]
+
+
+@get(
+    "/metrics",
+    opt={"action": ADMIN},
+    media_type=MediaType.TEXT,
+    summary="Prometheus metrics",
+    description=(
+        "Prometheus text exposition format, or OpenMetrics when the Accept header asks for it. "
+        "Needs the admin action when an auth plugin is on."
+    ),
+    tags=["operations"],
+)
+async def metrics(request: Request) -> Response[str]:
+    encode, content_type = choose_encoder(request.headers.get("accept", ""))
+    return Response(encode(metrics_of(request.app.state.server).registry), media_type=content_type)
+
+
+@hookimpl
+def register_routes(register, server):
+    server.plugin_state[PLUGIN] = ServerMetrics(server)
+    register(metrics)
+
+
+@hookimpl
+def after_generate(request, usage, server):
+    record = record_of(request)
+    route = request.scope.get("path_template") or UNMATCHED_ROUTE
+    metrics_of(server).observe_generation(route, usage, record.time_to_first_token_ms)
+
+
+@hookimpl
+def access_log(entry, server):
+    metrics_of(server).observe_request(entry)
