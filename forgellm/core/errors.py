@@ -82,6 +82,8 @@ def as_api_error(exc: Exception) -> ApiError:
     """Translate any exception into the ApiError the client will see; never leaks internals."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, UnicodeDecodeError):  # raised while Litestar reads a body that is not UTF-8
+        return bad_request("Request body is not valid JSON (it is not UTF-8)")
     if isinstance(exc, ValidationException):
         return ApiError(400, _validation_message(exc), code="invalid_request")
     if isinstance(exc, HTTPException):
