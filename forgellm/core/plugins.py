@@ -23,6 +23,7 @@ DEFAULT_PLUGINS = {
     "mlx": "forgellm.backends.mlx",
 }
 OPT_IN_PLUGINS: dict[str, str] = {
+    "ratelimit": "forgellm.plugins.ratelimit",
     "auth": "forgellm.plugins.auth",
     "metrics": "forgellm.plugins.metrics",
 }

@@ -1,0 +1,228 @@
+"""The ``ratelimit`` plugin: generation requests and generated tokens per client, on the ``limits`` library.
+
+What counts: generation requests (the guide's generate, /v1/completions, /v1/chat/completions),
+checked in ``before_generate`` before anything is queued or streamed. Status polls, model
+lists, loads and health probes do not count: the guide's clients poll status every second
+while a model loads, and loading needs the ``models:load`` scope anyway.
+
+Tokens are counted from real usage after each generation (``after_generate``); a request is
+refused once the budget is spent, so the last request in a window may overshoot it by up to
+its own max_tokens.
+
+The strategy is limits' sliding-window counter: one counter per window (O(1) storage and a
+single round trip to Redis, whatever the token count, unlike the moving window, which stores
+one entry per token), weighted with the previous window so a client cannot double its budget
+across a window boundary as it could with a fixed window.
+
+The client is the authenticated subject when an auth plugin identified one, else the client
+address, which is the real one behind a proxy listed in --trusted-proxies. An identity's
+claims may override the limits: ``claims["rate_limit"]`` and ``claims["token_limit"]``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+import urllib.parse
+from typing import Any, Optional
+
+import click
+from limits import RateLimitItem, parse_many
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from limits.errors import ConfigurationError, StorageError
+from limits.storage import storage_from_string
+
+from forgellm import hookimpl
+from forgellm.core.errors import ApiError, service_unavailable
+from forgellm.core.settings import Option
+
+logger = logging.getLogger("forgellm.ratelimit")
+
+PLUGIN = "ratelimit"
+REQUESTS = "requests"
+TOKENS = "tokens"
+# Redis answers in well under a millisecond; a storage that does not answer in this time is down.
+STORAGE_TIMEOUT_SECONDS = 2.0
+
+
+class LimitString(click.ParamType):
+    """A limits rate string such as ``60/minute`` or ``10/second;300/hour``, checked when parsed."""
+
+    name = "N/PERIOD"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        try:
+            parse_limits(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a rate such as 60/minute or 10/second;300/hour", param, ctx)
+        return value
+
+
+@functools.lru_cache(maxsize=1024)
+def parse_limits(text: str) -> tuple[RateLimitItem, ...]:
+    return tuple(parse_many(text))
+
+
+@hookimpl
+def register_options(register):
+    register(
+        Option(
+            "rate_limit",
+            "Generation requests each client may make, e.g. 60/minute (several: 10/second;300/hour).",
+            type=LimitString(),
+        )
+    )
+    register(
+        Option(
+            "token_limit",
+            "Tokens each client may have generated, e.g. 20000/minute; counted from real usage.",
+            type=LimitString(),
+        )
+    )
+    register(
+        Option(
+            "rate_limit_storage",
+            "Where the counts live: memory:// (this process) or redis://HOST:PORT/DB (shared by replicas).",
+            default="memory://",
+        )
+    )
+
+
+def _async_storage_uri(uri: str) -> str:
+    """limits' asyncio storages use the same URIs with an ``async+`` prefix."""
+    return uri if uri.startswith("async+") else "async+" + uri
+
+
+def _storage_options(uri: str) -> dict[str, Any]:
+    scheme = urllib.parse.urlparse(uri).scheme
+    if "redis" in scheme:
+        # redis-py (a dependency already) rather than limits' default async client, coredis.
+        return {
+            "implementation": "redispy",
+            "socket_timeout": STORAGE_TIMEOUT_SECONDS,
+            "socket_connect_timeout": STORAGE_TIMEOUT_SECONDS,
+        }
+    return {}
+
+
+def redacted(uri: str) -> str:
+    """The storage URI without its password, fit for a log line."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urllib.parse.urlunsplit(parts._replace(netloc=user + netloc))
+
+
+def client_key(identity, request) -> str:
+    """Whose budget a request spends: the authenticated subject, else the client address."""
+    if identity is not None:
+        return "subject:" + identity.subject
+    client = request.client
+    return "address:" + (client.host if client else "unknown")
+
+
+class Budgets:
+    """Request and token budgets per client, in one limits storage."""
+
+    def __init__(self, settings) -> None:
+        self.storage_name = redacted(settings.rate_limit_storage)
+        uri = _async_storage_uri(settings.rate_limit_storage)
+        try:
+            self.storage = storage_from_string(uri, wrap_exceptions=True, **_storage_options(uri))
+        except ConfigurationError as exc:
+            reason = str(exc).replace(uri, self.storage_name)  # limits' message quotes the URI, password and all
+            raise ValueError(f"--rate-limit-storage {self.storage_name}: {reason}") from None
+        self.limiter = SlidingWindowCounterRateLimiter(self.storage)
+        self.request_limits = parse_limits(settings.rate_limit) if settings.rate_limit else ()
+        self.token_limits = parse_limits(settings.token_limit) if settings.token_limit else ()
+
+    def limits_for(self, identity, claim: str, default: tuple[RateLimitItem, ...]) -> tuple[RateLimitItem, ...]:
+        """The identity's own limit (a key's override, a JWT claim), else the server's."""
+        override = identity.claims.get(claim) if identity is not None else None
+        if not override:
+            return default
+        try:
+            return parse_limits(override)
+        except ValueError:
+            logger.warning("ignoring %s=%r of %s: not a rate such as 60/minute", claim, override, identity.subject)
+            return default
+
+    async def check(self, identity, request) -> None:
+        """Spend one request; refuse (429) when either budget is spent, before anything is queued."""
+        key = client_key(identity, request)
+        try:
+            # Tokens first: only tested here, so a refusal for tokens does not also spend a request.
+            for limit in self.limits_for(identity, "token_limit", self.token_limits):
+                if not await self.limiter.test(limit, TOKENS, key):
+                    raise await self._refusal(limit, TOKENS, key, f"Token budget spent: {_describe(limit, 'tokens')}")
+            for limit in self.limits_for(identity, "rate_limit", self.request_limits):
+                if not await self.limiter.hit(limit, REQUESTS, key):
+                    raise await self._refusal(limit, REQUESTS, key, f"Too many requests: {_describe(limit, 'requests')}")
+        except StorageError as exc:
+            logger.error("rate-limit storage %s failed: %s", self.storage_name, exc)
+            raise service_unavailable("Rate-limit storage is unavailable; retry shortly", retry_after=5) from None
+
+    async def spend_tokens(self, identity, request, tokens: int) -> None:
+        """Charge generated tokens; a generation that overshoots the budget uses up what is left."""
+        if tokens <= 0:
+            return
+        key = client_key(identity, request)
+        try:
+            for limit in self.limits_for(identity, "token_limit", self.token_limits):
+                if await self.limiter.hit(limit, TOKENS, key, cost=tokens):
+                    continue
+                remaining = (await self.limiter.get_window_stats(limit, TOKENS, key)).remaining
+                if remaining > 0:
+                    await self.limiter.hit(limit, TOKENS, key, cost=min(tokens, remaining))
+        except StorageError as exc:  # the response is sent: all that is left to do is say so
+            logger.error("rate-limit storage %s failed; %d tokens not counted: %s", self.storage_name, tokens, exc)
+
+    async def _refusal(self, limit: RateLimitItem, kind: str, key: str, message: str) -> ApiError:
+        stats = await self.limiter.get_window_stats(limit, kind, key)
+        reset = max(1, math.ceil(stats.reset_time - time.time()))
+        return ApiError(
+            429,
+            f"{message}; retry in {reset}s",
+            code="rate_limit_exceeded",
+            headers={
+                "Retry-After": str(reset),
+                # draft-ietf-httpapi-ratelimit-headers: the limit, what is left, seconds until more is allowed.
+                "RateLimit-Limit": str(limit.amount),
+                "RateLimit-Remaining": str(stats.remaining),
+                "RateLimit-Reset": str(reset),
+                "RateLimit-Policy": f"{limit.amount};w={limit.get_expiry()}",
+            },
+        )
+
+
+def _describe(limit: RateLimitItem, unit: str) -> str:
+    period = limit.GRANULARITY.name if limit.multiples == 1 else f"{limit.multiples} {limit.GRANULARITY.name}s"
+    return f"the limit is {limit.amount} {unit} per {period}"
+
+
+def budgets_of(server) -> Optional[Budgets]:
+    return server.plugin_state.get(PLUGIN)
+
+
+@hookimpl
+async def startup(server):
+    budgets = Budgets(server.settings)
+    if not await budgets.storage.check():
+        raise RuntimeError(f"rate-limit storage {budgets.storage_name} is unreachable")
+    if not (budgets.request_limits or budgets.token_limits):
+        logger.warning("ratelimit plugin on without --rate-limit or --token-limit: only per-key limits apply")
+    server.plugin_state[PLUGIN] = budgets
+
+
+@hookimpl
+async def before_generate(identity, request, job, server):
+    await budgets_of(server).check(identity, request)
+
+
+@hookimpl
+async def after_generate(identity, request, job, usage, server):
+    await budgets_of(server).spend_tokens(identity, request, usage.completion_tokens)
