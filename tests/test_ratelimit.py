@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 
 import pytest
 from click.testing import CliRunner
-from litestar.testing import TestClient
-
 from forgellm import hookimpl
 from forgellm.cli import build_cli
 from forgellm.core.access_control import Identity
-from forgellm.core.app import create_app
-from forgellm.core.plugins import create_plugin_manager
-from forgellm.testing import free_port, make_settings, wait_until_loaded
+from forgellm.plugins.auth.keys_file import add_key
+from forgellm.testing import free_port, test_client
 
 GENERATE = "/api/model/generate"
 
@@ -36,16 +32,8 @@ class HeaderIdentity:
         return Identity(subject, frozenset({"generate"}), "test", claims)
 
 
-@contextlib.contextmanager
 def serve(model=None, **settings):
-    settings.setdefault("plugins", "ratelimit")
-    if model is not None:
-        settings["model"] = str(model)
-    pm = create_plugin_manager(["mlx", "ratelimit"], extra_plugins=[("header-identity", HeaderIdentity())])
-    with TestClient(create_app(make_settings(**settings), pm)) as client:
-        if model is not None:
-            assert wait_until_loaded(client)["loaded"]
-        yield client
+    return test_client(model, plugins="ratelimit", extra_plugins={"header-identity": HeaderIdentity()}, **settings)
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +169,20 @@ def test_an_unreadable_claim_falls_back_to_the_server_limit(limited):
     for _ in range(3):
         assert generate(limited, odd).status_code == 200
     assert_refused(generate(limited, odd), 3)
+
+
+def test_keys_from_the_keys_file_carry_their_own_limits(tiny_model, tmp_path):
+    keys_file = tmp_path / "keys.json"
+    strict = add_key(keys_file, "strict", ("generate",), rate_limit="1/minute")
+    plain = add_key(keys_file, "plain", ("generate",))
+    with test_client(tiny_model, plugins="auth,ratelimit", api_keys_file=str(keys_file), rate_limit="2/minute") as client:
+        as_strict = {"Authorization": f"Bearer {strict}"}
+        assert generate(client, as_strict).status_code == 200
+        assert_refused(generate(client, as_strict), 1)
+        as_plain = {"X-API-Key": plain}
+        assert generate(client, as_plain).status_code == 200
+        assert generate(client, as_plain).status_code == 200
+        assert_refused(generate(client, as_plain), 2)
 
 
 def test_a_malformed_limit_is_a_usage_error():

@@ -24,6 +24,7 @@ DEFAULT_PLUGINS = {
 }
 OPT_IN_PLUGINS: dict[str, str] = {
     "ratelimit": "forgellm.plugins.ratelimit",
+    "logging": "forgellm.plugins.access_log",
     "auth": "forgellm.plugins.auth",
     "metrics": "forgellm.plugins.metrics",
 }
