@@ -61,6 +61,12 @@ def _configure_logging(level: str) -> None:
     )
 
 
+def _normalized_root_path(root_path: str) -> str:
+    """'/llm', 'llm/' and '/llm/' all mean the mount point '/llm'; '' and '/' mean none."""
+    stripped = (root_path or "").strip("/")
+    return "/" + stripped if stripped else ""
+
+
 def _run(options: list[Option], **values) -> None:
     import uvicorn
 
@@ -71,6 +77,8 @@ def _run(options: list[Option], **values) -> None:
         names = enabled_plugin_names(settings.plugins)
     except UnknownPlugin as exc:
         raise click.UsageError(str(exc)) from None
+    if settings.ssl_keyfile and not settings.ssl_certfile:
+        raise click.UsageError("--ssl-keyfile needs --ssl-certfile")
     _configure_logging(settings.log_level)
     app = create_app(settings, create_plugin_manager(names))
     # uvicorn drains in-flight requests on SIGINT/SIGTERM, then re-raises the signal to the
@@ -84,6 +92,12 @@ def _run(options: list[Option], **values) -> None:
         log_level=settings.log_level.lower(),
         access_log=False,  # the logging plugin writes the access log
         timeout_graceful_shutdown=settings.drain_timeout,
+        ssl_certfile=settings.ssl_certfile,
+        ssl_keyfile=settings.ssl_keyfile,
+        # uvicorn trusts X-Forwarded-* from 127.0.0.1 unless told otherwise; ForgeLLM trusts only --trusted-proxies.
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=list(settings.trusted_proxies or ()),
+        root_path=_normalized_root_path(settings.root_path),
     )
 
 

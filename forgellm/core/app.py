@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import pluggy
 from litestar import Litestar, Router
+from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 
@@ -17,6 +18,27 @@ from forgellm.core.plugins import create_plugin_manager, enabled_plugin_names
 from forgellm.core.request_context import RequestContextMiddleware
 from forgellm.core.server import Server
 from forgellm.core.settings import Settings
+
+
+def cors_config(origins: Sequence[str]) -> Optional[CORSConfig]:
+    """Browser access for the configured origins only; no origins, no CORS headers at all."""
+    if not origins:
+        return None
+    return CORSConfig(
+        allow_origins=list(origins),
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-Request-ID"],
+        # Credentials travel in headers, never cookies, so the browser need not send cookies.
+        allow_credentials=False,
+        expose_headers=[
+            "X-Request-ID",
+            "Retry-After",
+            "RateLimit-Limit",
+            "RateLimit-Remaining",
+            "RateLimit-Reset",
+            "RateLimit-Policy",
+        ],
+    )
 
 
 def create_app(settings: Settings, pm: Optional[pluggy.PluginManager] = None) -> Litestar:
@@ -40,6 +62,7 @@ def create_app(settings: Settings, pm: Optional[pluggy.PluginManager] = None) ->
             path="/docs",
             openapi_router=Router("/docs", route_handlers=[], opt={"action": STATUS}),
         ),
+        cors_config=cors_config(settings.cors_origin),
         state=State({"server": server}),
         logging_config=None,
     )

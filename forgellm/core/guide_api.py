@@ -14,6 +14,7 @@ from forgellm.core import generation_service
 from forgellm.core.access_control import GENERATE, LOAD, STATUS
 from forgellm.core.errors import as_api_error, bad_request
 from forgellm.core.generation import GenerationJob, SamplingParams
+from forgellm.core.model_manager import require_allowed
 
 NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
 
@@ -115,6 +116,10 @@ async def model_status(request: Request) -> StatusResponse:
 @post("/api/model/load", opt={"action": LOAD}, status_code=200, summary="Start loading a model in the background")
 async def load_model(request: Request, data: LoadRequest) -> LoadResponse:
     server = generation_service.server_of(request)
+    # Before any file-system check, so a refusal says nothing about what exists on disk.
+    for name in (data.model_name, data.adapter_path):
+        if name is not None:
+            require_allowed(name, server.settings.allow_model)
     if _looks_like_path(data.model_name) and not Path(data.model_name).expanduser().is_dir():
         raise bad_request(f"Model directory not found: {data.model_name}")
     if data.adapter_path is not None and not Path(data.adapter_path).expanduser().is_dir():

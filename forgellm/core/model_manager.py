@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import concurrent.futures
+import fnmatch
 import logging
+import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from forgellm.backends.base import Backend, LoadedModel
 from forgellm.core.errors import ApiError, bad_request, service_unavailable
@@ -100,6 +102,26 @@ class ModelManager:
     @property
     def current(self) -> Optional[LoadedModel]:
         return self._model
+
+
+def require_allowed(name: str, patterns: Sequence[str]) -> None:
+    """Refuse (403) a model or adapter that matches none of the operator's --allow-model patterns.
+
+    Names and patterns are compared normalized, local paths made absolute, so that
+    ``/models/../etc`` cannot pass for ``/models/*``. No patterns: everything is allowed.
+    """
+    if not patterns:
+        return
+    candidate = _normalized(name)
+    if not any(fnmatch.fnmatchcase(candidate, _normalized(pattern)) for pattern in patterns):
+        raise ApiError(403, f"Loading {name} is not allowed on this server", code="model_not_allowed")
+
+
+def _normalized(name: str) -> str:
+    expanded = os.path.expanduser(name)
+    if os.path.isabs(expanded) or expanded.startswith(".") or expanded.count("/") > 1:
+        return os.path.abspath(expanded)  # a local path
+    return os.path.normpath(expanded)  # a Hugging Face repo id ("owner/name"), or a relative path
 
 
 def _describe(error: BaseException) -> str:

@@ -6,6 +6,7 @@ the CLI turns each into a flag and a ``FORGELLM_*`` environment variable.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -36,9 +37,52 @@ class Option:
         return ENV_PREFIX + self.name.upper()
 
 
+class NetworkList(click.ParamType):
+    """A comma-separated list of IP addresses and CIDR networks, checked here because uvicorn
+    silently treats a malformed entry as a literal host name that never matches."""
+
+    name = "CIDR,..."
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        networks = []
+        for item in str(value).split(","):
+            if not item.strip():
+                continue
+            try:
+                networks.append(str(ipaddress.ip_network(item.strip(), strict=False)))
+            except ValueError:
+                self.fail(f"{item.strip()!r} is not an IP address or CIDR network", param, ctx)
+        return tuple(networks)
+
+
+NETWORK_LIST = NetworkList()
+PEM_FILE = click.Path(exists=True, dir_okay=False)
+
 CORE_OPTIONS = (
     Option("host", "Interface to listen on.", default="localhost"),
     Option("port", "Port to listen on.", type=int, default=5001),
+    Option("ssl_certfile", "TLS certificate (PEM) to serve HTTPS directly.", type=PEM_FILE),
+    Option("ssl_keyfile", "TLS private key (PEM) for --ssl-certfile.", type=PEM_FILE),
+    Option(
+        "trusted_proxies",
+        "Comma-separated addresses or CIDR networks of reverse proxies whose X-Forwarded-For and "
+        "X-Forwarded-Proto are believed; unset, no peer is trusted.",
+        type=NETWORK_LIST,
+    ),
+    Option("root_path", "Sub-path the server is mounted under behind a proxy (e.g. /llm).", default=""),
+    Option(
+        "allow_model",
+        "Pattern (fnmatch) a load request's model and adapter must match, repeatable; "
+        "unset, any model may be loaded. Anything else is a 403.",
+        multiple=True,
+    ),
+    Option(
+        "cors_origin",
+        "Origin allowed to call the API from a browser (CORS), repeatable; CORS is off when unset.",
+        multiple=True,
+    ),
     Option("model", "Model to load at start: a local directory or a Hugging Face repo id."),
     Option("adapter", "LoRA adapter directory to apply to --model."),
     Option(
