@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +26,7 @@ logger = logging.getLogger("forgellm.auth")
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+_RACY_WINDOW_NS = 2_000_000_000
 
 
 class KeysFileError(ValueError):
@@ -166,6 +168,7 @@ class WatchedKeysFile:
         self.path = path
         self._signature = self._stat()
         self._keys = [record.api_key() for record in read_records(path)]  # at startup, errors are fatal
+        self._racy = self._recent(self._signature)
 
     def _stat(self) -> Optional[tuple[int, int, int]]:
         try:
@@ -174,21 +177,36 @@ class WatchedKeysFile:
             return None
         return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
+    @staticmethod
+    def _recent(signature: Optional[tuple[int, int, int]]) -> bool:
+        """Whether another write could still go unseen by stat(), as git's "racy clean" entries.
+
+        File timestamps are coarse (milliseconds on some filesystems), and a replaced file may
+        reuse the old inode number: two changes in one tick with equal sizes would look alike.
+        So a file written in the last moments is re-read on every lookup until it is older.
+        """
+        return signature is not None and time.time_ns() - signature[1] < _RACY_WINDOW_NS
+
     def keys(self) -> list[ApiKey]:
         signature = self._stat()
-        if signature != self._signature:
+        if signature != self._signature or self._racy:
+            changed = signature != self._signature
             self._signature = signature
-            self._keys = self._reload(signature)
+            self._keys = self._reload(signature, changed)
+            self._racy = self._recent(signature)
         return self._keys
 
-    def _reload(self, signature) -> list[ApiKey]:
+    def _reload(self, signature, changed: bool) -> list[ApiKey]:
         if signature is None:
-            logger.warning("keys file %s is gone: no key from it is accepted", self.path)
+            if changed:
+                logger.warning("keys file %s is gone: no key from it is accepted", self.path)
             return []
         try:
             keys = [record.api_key() for record in read_records(self.path)]
         except KeysFileError as exc:
-            logger.error("%s; no key from it is accepted until it is fixed", exc)
+            if changed:
+                logger.error("%s; no key from it is accepted until it is fixed", exc)
             return []
-        logger.info("keys file %s reloaded: %d keys", self.path, len(keys))
+        if changed:
+            logger.info("keys file %s reloaded: %d keys", self.path, len(keys))
         return keys

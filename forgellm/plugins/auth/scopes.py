@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import AbstractSet, Iterable
+from typing import AbstractSet
 
 from forgellm.core.access_control import ADMIN, GENERATE, LOAD, STATUS
 
@@ -42,6 +42,3 @@ def parse_scopes(text: str) -> tuple[str, ...]:
         raise ValueError(f"give at least one scope: {', '.join(sorted(ALL_SCOPES))}")
     return tuple(sorted(scopes))
 
-
-def known_scopes(scopes: Iterable[str]) -> frozenset[str]:
-    return frozenset(scopes) & ALL_SCOPES
