@@ -182,7 +182,8 @@ def test_queue_depth_active_sequences_and_capacity_refusals_on_a_live_server(tin
     endless = {"prompt": "Tell me a story", "max_tokens": 1000000, "streaming": True}
     with ServerProcess(args) as server, httpx.Client(base_url=server.url, timeout=30) as http:
         with http.stream("POST", GENERATE, json=endless) as decoding:
-            next(decoding.iter_lines())  # its first chunk: it holds the only batch slot
+            decoded = decoding.iter_lines()  # kept: a dropped iterator closes the connection
+            next(decoded)  # its first chunk: it holds the only batch slot
             with http.stream("POST", GENERATE, json=endless) as queued:
                 assert queued.status_code == 200
                 samples = _poll(server.url, lambda s: value(s, "forgellm_queue_depth") == 1)
