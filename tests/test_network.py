@@ -2,45 +2,27 @@
 
 from __future__ import annotations
 
-import json
-import ssl
 import uuid
 
-import httpx
 import pytest
 from click.testing import CliRunner
 
 from forgellm.cli import build_cli
 from forgellm.testing import ServerProcess, test_client, wait_until_loaded
 
-# Linux routes all of 127.0.0.0/8 to the loopback device, so a test can connect from several
-# addresses: 127.0.0.1 plays a trusted reverse proxy, 127.0.0.2 a client on the internet.
-PROXY_ADDRESS = "127.0.0.1"
-CLIENT_ADDRESS = "127.0.0.2"
+from network_clients import access_log_entry, client_from
 
-
-def http_client(base_url: str, source: str, certificate=None) -> httpx.Client:
-    verify = ssl.create_default_context(cafile=str(certificate)) if certificate else True
-    return httpx.Client(
-        base_url=base_url, timeout=30, transport=httpx.HTTPTransport(local_address=source, verify=verify)
-    )
-
-
-def logged_entry(log_path, request_id: str) -> dict:
-    for line in log_path.read_text().splitlines():
-        entry = json.loads(line)
-        if entry["request_id"] == request_id:
-            return entry
-    raise AssertionError(f"no access-log line for {request_id}")
+PROXY_ADDRESS = "127.0.0.1"  # plays a trusted reverse proxy
+CLIENT_ADDRESS = "127.0.0.2"  # plays a client on the internet
 
 
 def client_seen(server_url: str, log_path, source: str, headers: dict, certificate=None) -> str:
     """The client address the server logs for a request sent from source with these headers."""
     request_id = uuid.uuid4().hex
-    with http_client(server_url, source, certificate) as client:
+    with client_from(source, server_url, certificate) as client:
         response = client.get("/healthz", headers={**headers, "X-Request-ID": request_id})
     assert response.status_code == 200
-    return logged_entry(log_path, request_id)["client"]
+    return access_log_entry(log_path, request_id)["client"]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +49,7 @@ def default_server(tmp_path_factory):
 def test_https_is_served_with_the_configured_certificate(https_server):
     server, _, certificate = https_server
     assert server.url.startswith("https://")
-    with http_client(server.url, PROXY_ADDRESS, certificate) as client:
+    with client_from(PROXY_ADDRESS, server.url, certificate) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
 
 
@@ -95,11 +77,11 @@ def test_without_trusted_proxies_no_peer_is_believed_not_even_localhost(default_
 def test_a_sub_path_mount_serves_the_stripped_paths_and_logs_the_public_ones(default_server):
     """What a proxy sends for https://host/llm/api/model/status once it strips the /llm prefix."""
     server, log_path = default_server
-    with http_client(server.url, PROXY_ADDRESS) as client:
+    with client_from(PROXY_ADDRESS, server.url) as client:
         status = client.get("/api/model/status", headers={"X-Request-ID": "mounted-status"})
         missing = client.get("/v1/no-such-route")
     assert status.status_code == 200 and status.json()["loaded"] is False
-    assert logged_entry(log_path, "mounted-status")["path"] == "/llm/api/model/status"
+    assert access_log_entry(log_path, "mounted-status")["path"] == "/llm/api/model/status"
     assert missing.status_code == 404
     assert missing.json()["error"]["type"] == "not_found_error"  # OpenAI's shape: /v1 is found under the mount
 
