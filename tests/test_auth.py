@@ -8,8 +8,10 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 
 import httpx
+import jwt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -303,25 +305,41 @@ def test_fuzzed_x_api_key_is_always_a_clean_401(server, api_key):
     assert_unauthorized(server.post("/api/model/generate", json=GENERATE_BODY, headers=[(b"x-api-key", api_key)]))
 
 
-def test_keys_from_flags_and_environment_work_in_a_real_server(tiny_model):
-    """FORGELLM_API_KEYS is comma-separated and adds to repeated --api-key flags; FORGELLM_PLUGINS enables auth."""
-    env = {"FORGELLM_PLUGINS": "auth", "FORGELLM_API_KEYS": "env-key-one, env-key-two"}
+def test_settings_from_flags_and_environment_work_in_a_real_server(tiny_model, tmp_path):
+    """FORGELLM_API_KEYS is comma-separated and adds to repeated --api-key flags; the JWT secret and
+    the keys file come from the environment too; FORGELLM_PLUGINS enables auth."""
+    keys_file = tmp_path / "keys.json"
+    file_key = add_key(keys_file, "from-file", ("generate",))
+    env = {
+        "FORGELLM_PLUGINS": "auth",
+        "FORGELLM_API_KEYS": "env-key-one, env-key-two",
+        "FORGELLM_JWT_SECRET": JWT_SECRET,
+        "FORGELLM_API_KEYS_FILE": str(keys_file),
+    }
     args = ["--model", str(tiny_model), "--api-key", "flag-key-one", "--api-key", "flag-key-two"]
+    token = jwt.encode({"sub": "carol", "exp": int(time.time()) + 600}, JWT_SECRET, algorithm="HS256")
+    static = ("env-key-one", "env-key-two", "flag-key-one", "flag-key-two")
     with ServerProcess(args, env=env) as process:  # ready once /readyz (public) answers 200
         accepted = {
-            key: httpx.get(process.url + "/api/model/status", headers=bearer(key)).status_code
-            for key in ("env-key-one", "env-key-two", "flag-key-one", "flag-key-two")
+            credential: httpx.get(process.url + "/api/model/status", headers=bearer(credential)).status_code
+            for credential in (*static, file_key, token)
         }
         wrong = httpx.get(process.url + "/v1/models", headers={"X-API-Key": "env-key-one,env-key-two"})
         missing = httpx.get(process.url + "/api/model/status")
+        # A real server keeps repeated headers apart (the in-process client folds them).
+        repeated = httpx.get(
+            process.url + "/api/model/status",
+            headers=[("Authorization", "Bearer env-key-one"), ("Authorization", "Bearer env-key-two")],
+        )
         _, output = process.stop()
 
     assert accepted == dict.fromkeys(accepted, 200)
     assert_unauthorized(wrong, openai=True)
     assert_unauthorized(missing)
-    assert "auth: accepting 4 API keys" in output
-    for key in ("env-key-one", "env-key-two", "flag-key-one", "flag-key-two"):
-        assert key not in output
+    assert "Send one authorization header" in assert_unauthorized(repeated)
+    assert "auth: accepting 4 API keys" in output and "1 from keys file" in output and "JWT (HS256)" in output
+    for secret in (*static, file_key, token, JWT_SECRET):
+        assert secret not in output
 
 
 def test_the_server_refuses_to_start_with_auth_on_and_no_credentials():

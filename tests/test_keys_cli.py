@@ -75,7 +75,7 @@ def test_the_keys_file_is_private_to_its_owner(cli, keys_path):
 
 
 def test_list_shows_names_scopes_and_limits_but_never_keys_or_digests(cli, keys_path):
-    first = add(cli, keys_path, "ci", "--scopes", "generate,models:load", "--rate-limit", "10/minute")
+    first = add(cli, keys_path, "ci", "--scopes", "generate,models:load", "--rate-limit", "10/second;300/hour")
     second = add(cli, keys_path, "ops", "--scopes", "admin", "--token-limit", "20000/hour")
     digests = [record["digest"] for record in json.loads(keys_path.read_text())["keys"]]
 
@@ -83,11 +83,11 @@ def test_list_shows_names_scopes_and_limits_but_never_keys_or_digests(cli, keys_
     as_json = keys(cli, "list", "--json", "--api-keys-file", str(keys_path))
 
     assert table.exit_code == as_json.exit_code == 0
-    assert "ci  scopes: generate,models:load" in table.stdout and "rate_limit=10/minute" in table.stdout
+    assert "ci  scopes: generate,models:load" in table.stdout and "rate_limit=10/second;300/hour" in table.stdout
     assert "ops  scopes: admin" in table.stdout and "token_limit=20000/hour" in table.stdout
     rows = json.loads(as_json.stdout)
     assert [(row["name"], row["scopes"], row["rate_limit"], row["token_limit"]) for row in rows] == [
-        ("ci", ["generate", "models:load"], "10/minute", None),
+        ("ci", ["generate", "models:load"], "10/second;300/hour", None),
         ("ops", ["admin"], None, "20000/hour"),
     ]
     for secret in (first, second, *digests, *(digest.split(":")[1] for digest in digests)):

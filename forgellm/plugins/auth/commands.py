@@ -37,9 +37,9 @@ def _limit(ctx, param, value: Optional[str]) -> Optional[str]:
     if value is None:
         return None
     try:
-        limits.parse(value)
+        limits.parse_many(value)  # as the ratelimit plugin reads it: one limit, or several joined by ";"
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a limit like 10/minute or 20000/hour") from None
+        raise click.BadParameter(f"{value!r} is not a limit like 10/minute, 20000/hour or 10/second;300/hour") from None
     return value
 
 
@@ -61,7 +61,7 @@ def keys() -> None:
     callback=_scopes,
     help=f"Comma-separated scopes: {', '.join(sorted(ALL_SCOPES))} (admin implies all).",
 )
-@click.option("--rate-limit", callback=_limit, help="Requests this key may make, e.g. 10/minute (ratelimit plugin).")
+@click.option("--rate-limit", callback=_limit, help="Requests this key may make, e.g. 10/minute or 10/second;300/hour (ratelimit plugin).")
 @click.option("--token-limit", callback=_limit, help="Tokens this key may generate, e.g. 20000/hour (ratelimit plugin).")
 @keys_file_option
 def add(name: str, scopes: tuple[str, ...], rate_limit: Optional[str], token_limit: Optional[str], path: Optional[Path]) -> None:
