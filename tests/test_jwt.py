@@ -143,6 +143,7 @@ def test_an_expired_token_within_the_leeway_is_accepted(hs_server):
         (lambda: hs256(exp="tomorrow"), "malformed"),
         (lambda: hs256(sub=None), "no sub claim"),
         (lambda: hs256(sub=42), "not valid"),
+        (lambda: hs256(sub=""), "sub claim is empty"),
         (lambda: hs256(aud="someone-else"), "audience"),
         (lambda: hs256(aud=None), "no aud claim"),
         (lambda: hs256(iss="https://evil.example"), "issuer"),
@@ -161,7 +162,7 @@ def test_an_expired_token_within_the_leeway_is_accepted(hs_server):
     ],
     ids=[
         "alg-none", "alg-None", "alg-NONE", "alg-none-with-signature", "wrong-secret", "wrong-signature",
-        "tampered-payload", "expired", "missing-exp", "non-numeric-exp", "missing-sub", "non-string-sub",
+        "tampered-payload", "expired", "missing-exp", "non-numeric-exp", "missing-sub", "non-string-sub", "empty-sub",
         "wrong-audience", "missing-audience", "wrong-issuer", "missing-issuer", "not-yet-valid",
         "unconfigured-hs512", "scope-not-a-string", "scopes-not-a-list", "payload-not-json", "payload-not-an-object",
         "header-not-json",
@@ -253,7 +254,7 @@ def test_correctly_signed_tokens_with_arbitrary_claims_never_crash_or_pass_inval
 
     assert response.status_code in (200, 401), response.text
     if response.status_code == 200:
-        assert isinstance(payload["sub"], str)
+        assert isinstance(payload["sub"], str) and payload["sub"]
         assert isinstance(payload["exp"], (int, float)) and payload["exp"] > time.time()
         assert payload["aud"] == AUDIENCE or AUDIENCE in payload["aud"]
         assert payload["iss"] == ISSUER

@@ -158,6 +158,15 @@ def test_bad_commands_fail_with_a_clear_message(cli, keys_path, arguments, exit_
     assert not keys_path.exists() or json.loads(keys_path.read_text())["keys"] == []
 
 
+def test_an_unusable_keys_file_location_is_a_clear_error(cli, tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    result = keys(cli, "add", "ci", "--api-keys-file", str(blocker / "keys.json"))
+
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: cannot use {blocker}")  # one line, no traceback
+
+
 def test_a_name_is_used_once(cli, keys_path):
     add(cli, keys_path, "ci")
     again = keys(cli, "add", "ci", "--api-keys-file", str(keys_path))

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import click
 import limits
@@ -24,6 +25,17 @@ keys_file_option = click.option(
 
 def _path(path: Optional[Path]) -> Path:
     return path.expanduser() if path else default_keys_path()
+
+
+@contextlib.contextmanager
+def _reported() -> Iterator[None]:
+    """Problems with the keys file as one clear line, not a traceback."""
+    try:
+        yield
+    except KeysFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot use {exc.filename}: {exc.strerror}") from None
 
 
 def _scopes(ctx, param, value: str) -> tuple[str, ...]:
@@ -70,10 +82,8 @@ def add(name: str, scopes: tuple[str, ...], rate_limit: Optional[str], token_lim
     The key alone goes to standard output (KEY=$(forgellm keys add ci) works); notes go to standard error.
     """
     path = _path(path)
-    try:
+    with _reported():
         key = add_key(path, name, scopes, rate_limit, token_limit)
-    except KeysFileError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(f"Created key {name!r} with scopes {', '.join(scopes)} in {path}.", err=True)
     click.echo("Store it now: it cannot be shown again.", err=True)
     click.echo(key)
@@ -85,10 +95,8 @@ def add(name: str, scopes: tuple[str, ...], rate_limit: Optional[str], token_lim
 def list_keys(as_json: bool, path: Optional[Path]) -> None:
     """List the keys by name, with their scopes and limits (never the keys or their digests)."""
     path = _path(path)
-    try:
+    with _reported():
         records = read_records(path)
-    except KeysFileError as exc:
-        raise click.ClickException(str(exc)) from None
     rows = [
         {
             "name": record.name,
@@ -116,8 +124,6 @@ def list_keys(as_json: bool, path: Optional[Path]) -> None:
 def revoke(name: str, path: Optional[Path]) -> None:
     """Delete the key NAME; a running server refuses it from its next request."""
     path = _path(path)
-    try:
+    with _reported():
         revoke_key(path, name)
-    except KeysFileError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(f"Revoked key {name!r}.", err=True)

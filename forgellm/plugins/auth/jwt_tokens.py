@@ -153,6 +153,8 @@ class JwtVerifier:
         except jwt.PyJWTError as exc:
             reason = next((text for kind, text in _REASONS if isinstance(exc, kind)), "the token is not valid")
             raise _invalid(reason) from None
+        if not claims["sub"]:
+            raise _invalid("the token's sub claim is empty")
         return Identity(subject=f"jwt:{claims['sub']}", scopes=scopes_of(claims), method="jwt", claims=claims)
 
 
