@@ -73,10 +73,20 @@ def keys() -> None:
     callback=_scopes,
     help=f"Comma-separated scopes: {', '.join(sorted(ALL_SCOPES))} (admin implies all).",
 )
-@click.option("--rate-limit", callback=_limit, help="Requests this key may make, e.g. 10/minute or 10/second;300/hour (ratelimit plugin).")
-@click.option("--token-limit", callback=_limit, help="Tokens this key may generate, e.g. 20000/hour (ratelimit plugin).")
+@click.option(
+    "--rate-limit",
+    callback=_limit,
+    help="Requests this key may make, e.g. 10/minute or 10/second;300/hour (ratelimit plugin).",
+)
+@click.option(
+    "--token-limit",
+    callback=_limit,
+    help="Tokens this key may generate, e.g. 20000/hour (ratelimit plugin).",
+)
 @keys_file_option
-def add(name: str, scopes: tuple[str, ...], rate_limit: Optional[str], token_limit: Optional[str], path: Optional[Path]) -> None:
+def add(
+    name: str, scopes: tuple[str, ...], rate_limit: Optional[str], token_limit: Optional[str], path: Optional[Path]
+) -> None:
     """Create the key NAME and print it; only its digest is stored, so this is the one time it is shown.
 
     The key alone goes to standard output (KEY=$(forgellm keys add ci) works); notes go to standard error.

@@ -56,7 +56,10 @@ class KeyRecord:
 
     def api_key(self) -> ApiKey:
         claims = {"key_name": self.name}
-        claims.update({name: value for name, value in (("rate_limit", self.rate_limit), ("token_limit", self.token_limit)) if value})
+        if self.rate_limit:
+            claims["rate_limit"] = self.rate_limit
+        if self.token_limit:
+            claims["token_limit"] = self.token_limit
         return ApiKey(subject=self.subject, digest=self.digest, scopes=frozenset(self.scopes), claims=claims)
 
     @classmethod
