@@ -19,6 +19,7 @@ from forgellm.core.plugins import (
     enabled_plugin_names,
     plugin_hooks,
 )
+from forgellm.core.config_file import ConfigError, effective_config_toml, read_config_file
 from forgellm.core.settings import CORE_OPTIONS, Option, Settings
 
 
@@ -67,7 +68,39 @@ def _normalized_root_path(root_path: str) -> str:
     return "/" + stripped if stripped else ""
 
 
-def _run(options: list[Option], **values) -> None:
+def _config_file_option(options: list[Option]) -> click.Option:
+    """--config, read before every other option so its values become their defaults (click's default_map)."""
+
+    def load(ctx: click.Context, param: click.Parameter, path: str | None) -> None:
+        if path is None:
+            return
+        try:
+            values = read_config_file(path, options)
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+        ctx.default_map = {**(ctx.default_map or {}), **values}
+
+    return click.Option(
+        ["--config"],
+        type=click.Path(exists=True, dir_okay=False),
+        envvar="FORGELLM_CONFIG",
+        show_envvar=True,
+        is_eager=True,
+        expose_value=False,
+        callback=load,
+        help="TOML file of options: core ones at the top level or in [server], each plugin's in a table "
+        "named after it. FORGELLM_* variables and flags override it.",
+    )
+
+
+PRINT_CONFIG_OPTION = click.Option(
+    ["--print-config"],
+    is_flag=True,
+    help="Print the effective configuration as TOML (secrets masked) and exit.",
+)
+
+
+def _run(options: list[Option], print_config: bool, **values) -> None:
     import uvicorn
 
     from forgellm.core.app import create_app
@@ -79,6 +112,9 @@ def _run(options: list[Option], **values) -> None:
         raise click.UsageError(str(exc)) from None
     if settings.ssl_keyfile and not settings.ssl_certfile:
         raise click.UsageError("--ssl-keyfile needs --ssl-certfile")
+    if print_config:
+        click.echo(effective_config_toml(settings), nl=False)
+        return
     _configure_logging(settings.log_level)
     app = create_app(settings, create_plugin_manager(names))
     # uvicorn drains in-flight requests on SIGINT/SIGTERM, then re-raises the signal to the
@@ -118,7 +154,7 @@ def build_cli() -> click.Group:
     run = click.Command(
         "run",
         callback=partial(_run, options),
-        params=[_click_option(option) for option in options],
+        params=[_config_file_option(options), *map(_click_option, options), PRINT_CONFIG_OPTION],
         help="Start the server. With --model, the port opens at once and the model loads in the background.",
     )
     cli.add_command(run)
