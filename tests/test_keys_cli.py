@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 import threading
 
@@ -72,6 +73,18 @@ def test_the_keys_file_is_private_to_its_owner(cli, keys_path):
 
     assert stat.S_IMODE(keys_path.stat().st_mode) == 0o600
     assert not any(keys_path.parent.glob("*.tmp"))  # the atomic write left nothing behind
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may give a file to another user")
+def test_root_rewriting_a_service_users_keys_file_keeps_its_owner(cli, keys_path):
+    add(cli, keys_path, "ci")
+    service_user = (4321, 4321)
+    os.chown(keys_path, *service_user)
+    add(cli, keys_path, "second")
+
+    written = keys_path.stat()
+    assert (written.st_uid, written.st_gid) == service_user
+    assert stat.S_IMODE(written.st_mode) == 0o600
 
 
 def test_list_shows_names_scopes_and_limits_but_never_keys_or_digests(cli, keys_path):

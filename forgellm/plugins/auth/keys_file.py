@@ -101,12 +101,24 @@ def read_records(path: Path) -> list[KeyRecord]:
     return records
 
 
+def _keep_owner(fd: int, path: Path) -> None:
+    """Give the new file the old one's owner, so root running ``forgellm keys`` on a service
+    user's file does not lock that service out of it (only root may change an owner)."""
+    try:
+        old = os.stat(path)
+    except FileNotFoundError:
+        return
+    if (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()) and os.geteuid() == 0:
+        os.fchown(fd, old.st_uid, old.st_gid)
+
+
 def write_records(path: Path, records: list[KeyRecord]) -> None:
     """Replace the file atomically; the new file is readable by its owner only."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     payload = {"version": FORMAT_VERSION, "keys": [{**asdict(record), "scopes": list(record.scopes)} for record in records]}
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
     try:
+        _keep_owner(fd, path)
         with os.fdopen(fd, "w", encoding="utf-8") as file:
             json.dump(payload, file, indent=2)
             file.write("\n")
