@@ -22,12 +22,10 @@ from forgellm.testing import ServerProcess, free_port
 from network_clients import access_log_entry, client_from
 
 NGINX = shutil.which("nginx", path=os.environ.get("PATH", "") + os.pathsep + "/usr/sbin:/sbin")
-pytestmark = [
-    pytest.mark.nginx,
-    pytest.mark.skipif(NGINX is None, reason="nginx is not installed (Debian: apt-get install nginx)"),
-]
+pytestmark = pytest.mark.nginx
 
-SITE_CONFIG = Path(__file__).parent.parent / "docs" / "nginx.conf.example"
+DOCS = Path(__file__).parent.parent / "docs"
+SITE_CONFIG = DOCS / "nginx.conf.example"
 MOUNT = "/llm"
 RATE_LIMIT = 3
 
@@ -83,6 +81,8 @@ def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: floa
 @pytest.fixture(scope="module")
 def deployment(tiny_model, tls_certificate, tmp_path_factory):
     """The documented deployment: the server with the proxy settings, nginx in front of it."""
+    if NGINX is None:
+        pytest.skip("nginx is not installed (Debian: apt-get install nginx)")
     directory = tmp_path_factory.mktemp("nginx")
     access_log = directory / "forgellm-access.log"
     args = [
@@ -123,6 +123,10 @@ def deployment(tiny_model, tls_certificate, tmp_path_factory):
             except subprocess.TimeoutExpired:
                 nginx.kill()
                 nginx.wait()
+
+
+def test_the_deployment_guide_shows_the_configuration_tested_here():
+    assert f"```nginx\n{SITE_CONFIG.read_text()}```" in (DOCS / "security.md").read_text()
 
 
 def through_nginx(deployment, source: str) -> httpx.Client:

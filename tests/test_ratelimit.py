@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import re
 
+import httpx
 import pytest
 from click.testing import CliRunner
 from forgellm import hookimpl
 from forgellm.cli import build_cli
 from forgellm.core.access_control import Identity
 from forgellm.plugins.auth.keys_file import add_key
-from forgellm.testing import free_port, test_client
+from forgellm.testing import ServerProcess, free_port, test_client
+from network_clients import access_log_entry
 
 GENERATE = "/api/model/generate"
 
@@ -183,6 +185,24 @@ def test_keys_from_the_keys_file_carry_their_own_limits(tiny_model, tmp_path):
         assert generate(client, as_plain).status_code == 200
         assert generate(client, as_plain).status_code == 200
         assert_refused(generate(client, as_plain), 2)
+
+
+def test_a_stream_the_client_abandons_is_charged_for_what_was_generated(tiny_model, tmp_path):
+    access_log = tmp_path / "access.log"
+    args = ["--model", str(tiny_model), "--plugins", "ratelimit,logging", "--token-limit", "30/minute",
+            "--access-log-file", str(access_log)]  # fmt: skip
+    with ServerProcess(args) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        body = {"prompt": "hello", "max_tokens": 4000, "streaming": True}
+        with client.stream("POST", GENERATE, json=body, headers={"X-Request-ID": "abandoned"}) as response:
+            chunks = 0
+            for _ in zip(range(31), response.iter_lines()):  # each chunk line holds at least one token
+                chunks += 1
+        # The connection is closed: the server stops the generation, charges it, then logs it.
+        entry = access_log_entry(access_log, "abandoned")
+        assert 30 <= entry["completion_tokens"] < 4000
+        refused = client.post(GENERATE, json={"prompt": "hello", "max_tokens": 1})
+    assert refused.status_code == 429
+    assert "Token budget spent" in refused.json()["error"]
 
 
 def test_a_malformed_limit_is_a_usage_error():

@@ -108,6 +108,8 @@ async def complete(request: Request, handle: SequenceHandle) -> Completion:
         disconnected.cancel()
         handle.cancel()  # no-op when it finished
     if not handle.done:
+        if handle.completion_tokens:  # stopped early: what was generated is spent all the same
+            await _account(request, handle)
         if disconnected.done():
             raise ApiError(499, "Client closed the request")
         raise _timed_out(request)
@@ -126,7 +128,7 @@ async def stream(request: Request, handle: SequenceHandle) -> AsyncIterator[str]
         raise _timed_out(request) from None
     finally:
         handle.cancel()
-        if handle.done:
+        if handle.done or handle.completion_tokens:  # a stream the client abandoned is charged too
             await _account(request, handle)
 
 
