@@ -53,13 +53,16 @@ class Authenticator:
     @staticmethod
     def _keys_file(explicit: Optional[str]) -> Optional[WatchedKeysFile]:
         """The named keys file (which must exist), else the default one if it exists."""
-        if explicit:
-            path = Path(explicit).expanduser()
-            if not path.is_file():
-                raise ValueError(f"--api-keys-file {path} does not exist; create it with `forgellm keys add`")
-            return WatchedKeysFile(path)
-        path = default_keys_path()
-        return WatchedKeysFile(path) if path.is_file() else None
+        path = Path(explicit).expanduser() if explicit else default_keys_path()
+        try:
+            path.stat()
+        except FileNotFoundError:
+            if explicit:
+                raise ValueError(f"--api-keys-file {path} does not exist; create it with `forgellm keys add`") from None
+            return None
+        except OSError as exc:  # for example a directory the server's user may not enter
+            raise ValueError(f"cannot read keys file {path}: {exc.strerror}") from None
+        return WatchedKeysFile(path)
 
     def describe(self) -> str:
         """What is accepted, for the startup log: counts and algorithms, never a secret."""
