@@ -66,6 +66,7 @@ def test_a_generation_is_one_json_line_with_who_what_and_cost(logged, access_log
     assert entry["prompt_tokens"] == response.json()["prompt_tokens"]
     assert entry["completion_tokens"] == 3
     assert entry["latency_ms"] > 0
+    assert 0 < entry["ttft_ms"] <= entry["latency_ms"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", entry["ts"])
 
 
@@ -106,7 +107,7 @@ def test_every_request_is_logged_refusals_and_unknown_paths_included(logged, acc
     entry = last_entry(access_log)
     assert (entry["method"], entry["path"], entry["status"]) == (method, path, status)
     assert entry["request_id"] == response.headers["X-Request-ID"]
-    assert entry["prompt_tokens"] is None and entry["completion_tokens"] is None
+    assert entry["prompt_tokens"] is None and entry["completion_tokens"] is None and entry["ttft_ms"] is None
 
 
 def test_the_log_is_reopened_after_logrotate_moves_it(logged, access_log):

@@ -1,7 +1,7 @@
 """The ``logging`` plugin: one access-log line per HTTP request, JSON by default.
 
 A line says who asked (client address, authenticated subject), what (method, path, request
-id), and what it cost (status, latency, prompt and completion tokens). It never holds
+id), and what it cost (status, latency, prompt and completion tokens, time to first token). It never holds
 credentials, headers, query strings or prompt text: the fields come from the request's
 record, which carries none of them.
 """
@@ -57,6 +57,7 @@ def json_line(entry: RequestRecord, timestamp: str) -> str:
             "latency_ms": round(entry.latency_ms, 2) if entry.latency_ms is not None else None,
             "prompt_tokens": entry.prompt_tokens,
             "completion_tokens": entry.completion_tokens,
+            "ttft_ms": round(entry.time_to_first_token_ms, 2) if entry.time_to_first_token_ms is not None else None,
         }
     )
 
