@@ -190,13 +190,19 @@ def _random_weights(
 
 
 def build_tiny_model(
-    path: str | os.PathLike[str], *, seed: int = 0, chat_template: bool = True
+    path: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    chat_template: bool = True,
+    config_overrides: dict[str, Any] | None = None,
 ) -> pathlib.Path:
     """Write a tiny random-weight Llama model into path and return it.
 
     Writes config.json, model.safetensors, the tokenizer files and (unless
     chat_template is False) chat_template.jinja; the directory is created if
-    needed. The same seed always gives the same weights.
+    needed. The same seed always gives the same weights. config_overrides
+    changes the Llama shape (hidden_size, num_hidden_layers, ...), e.g. for a
+    model big enough that benchmark timings mean something.
     """
     out = pathlib.Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,6 +213,7 @@ def build_tiny_model(
 
     config = {
         **MODEL_CONFIG,
+        **(config_overrides or {}),
         "vocab_size": tokenizer.get_vocab_size(),
         "bos_token_id": ids[BOS_TOKEN],
         "eos_token_id": ids[EOS_TOKEN],
