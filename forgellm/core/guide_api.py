@@ -145,8 +145,9 @@ async def unload_model(request: Request) -> UnloadResponse:
 async def generate(request: Request, data: GenerateRequest) -> Union[GenerateResponse, Stream]:
     server = generation_service.server_of(request)
     has_conversation = bool(data.system_prompt or data.history)
+    messages = _conversation(data)
     model, tokens = await generation_service.tokenize(
-        request, messages=_conversation(data), text=None if has_conversation else data.prompt
+        request, messages=messages, text=None if has_conversation else data.prompt
     )
     job = GenerationJob(
         prompt_tokens=tokens,
@@ -160,7 +161,8 @@ async def generate(request: Request, data: GenerateRequest) -> Union[GenerateRes
             seed=data.seed,
         ),
         stop=stop_strings(data.stop),
-        prompt_text=data.prompt,
+        # The whole conversation, as on /v1/chat/completions: a guard must see the system prompt and history too.
+        prompt_text="\n".join(message["content"] for message in messages),
     )
     handle = await generation_service.start(request, model, job)
     if data.streaming:
