@@ -7,10 +7,29 @@ hosts: 127.0.0.1 a reverse proxy, 127.0.0.2 and up clients on the internet.
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import time
 
 import httpx
+import pytest
+
+
+def _loopback_aliases() -> bool:
+    try:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.2", 0))
+        return True
+    except OSError:
+        return False
+
+
+LOOPBACK_ALIASES = _loopback_aliases()
+NO_LOOPBACK_ALIASES = (
+    "connecting from 127.0.0.2 and up needs those loopback addresses "
+    "(Linux has them; macOS: sudo ifconfig lo0 alias 127.0.0.N up, N = 2..7)"
+)
+needs_loopback_aliases = pytest.mark.skipif(not LOOPBACK_ALIASES, reason=NO_LOOPBACK_ALIASES)
 
 
 def client_from(source: str, base_url: str, certificate=None) -> httpx.Client:

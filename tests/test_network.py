@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from forgellm.cli import build_cli
 from forgellm.testing import ServerProcess, test_client, wait_until_loaded
 
-from network_clients import access_log_entry, client_from
+from network_clients import access_log_entry, client_from, needs_loopback_aliases
 
 PROXY_ADDRESS = "127.0.0.1"  # plays a trusted reverse proxy
 CLIENT_ADDRESS = "127.0.0.2"  # plays a client on the internet
@@ -62,6 +62,7 @@ def test_a_trusted_proxy_s_forwarded_address_is_believed(https_server):
     assert client_seen(server.url, log_path, PROXY_ADDRESS, chain, certificate) == "203.0.113.7"
 
 
+@needs_loopback_aliases
 def test_forwarded_headers_from_any_other_peer_are_ignored(https_server):
     server, log_path, certificate = https_server
     spoofed = {"X-Forwarded-For": "203.0.113.7"}

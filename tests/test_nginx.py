@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from forgellm.testing import ServerProcess, free_port
-from network_clients import access_log_entry, client_from
+from network_clients import LOOPBACK_ALIASES, NO_LOOPBACK_ALIASES, access_log_entry, client_from
 
 NGINX = shutil.which("nginx", path=os.environ.get("PATH", "") + os.pathsep + "/usr/sbin:/sbin")
 pytestmark = pytest.mark.nginx
@@ -83,6 +83,8 @@ def deployment(tiny_model, tls_certificate, tmp_path_factory):
     """The documented deployment: the server with the proxy settings, nginx in front of it."""
     if NGINX is None:
         pytest.skip("nginx is not installed (Debian: apt-get install nginx)")
+    if not LOOPBACK_ALIASES:
+        pytest.skip(NO_LOOPBACK_ALIASES)
     directory = tmp_path_factory.mktemp("nginx")
     access_log = directory / "forgellm-access.log"
     args = [

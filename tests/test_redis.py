@@ -13,11 +13,12 @@ import pytest
 import redis
 
 from forgellm.testing import ServerProcess, free_port
-from network_clients import client_from
+from network_clients import client_from, needs_loopback_aliases
 
 REDIS_SERVER = shutil.which("redis-server", path=os.environ.get("PATH", "") + os.pathsep + "/usr/sbin:/usr/bin")
 pytestmark = [
     pytest.mark.redis,
+    needs_loopback_aliases,
     pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed (Debian: apt-get install redis-server)"),
 ]
 
