@@ -58,7 +58,8 @@ MODEL_SIZES = {
                "num_attention_heads": 8, "num_key_value_heads": 4},
 }
 
-# Each prompt starts with its own number, so no two share a prefix that a prompt cache could reuse.
+# Each prompt starts with its own number, and no number is sent twice to a server: mlx_lm.server keeps the
+# KV caches of recent prompts (its LRU prompt cache) and would skip the prefill of a prompt it has seen.
 PROMPT = "Request {n}: the quick brown fox jumps over the lazy dog, and a small model writes words."
 
 SERVER_START_TIMEOUT = 120.0
@@ -259,15 +260,17 @@ def quantile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
 
 
-async def closed_loop(server: Server, concurrency: int, requests_per_client: int, max_tokens: int) -> LoadRun:
-    """concurrency clients, each sending its requests back to back; prompt numbers are the same for every server."""
+async def closed_loop(server: Server, concurrency: int, requests_per_client: int, max_tokens: int,
+                      first_prompt: int) -> LoadRun:
+    """concurrency clients, each sending its requests back to back, with prompt numbers from first_prompt on."""
     run = LoadRun(server.name, concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT, limits=limits) as client:
         async def one_client(index: int) -> None:
             for k in range(requests_per_client):
                 try:
-                    result = await streamed_completion(client, server, index * requests_per_client + k, max_tokens)
+                    n = first_prompt + index * requests_per_client + k
+                    result = await streamed_completion(client, server, n, max_tokens)
                 except Exception as exc:  # count it and go on, as a client would
                     run.failures[failure_kind(exc)] += 1
                 else:
@@ -312,12 +315,14 @@ class Ceiling:
         from mlx_lm import load
 
         self.model, self.tokenizer = load(str(path))
-        self.run(CeilingRun(), 2, 1, 4)  # warm up
+        self.run(CeilingRun(), 2, 1, 4, 0)  # warm up
 
-    def run(self, into: CeilingRun, concurrency: int, requests_per_client: int, max_tokens: int) -> None:
+    def run(self, into: CeilingRun, concurrency: int, requests_per_client: int, max_tokens: int,
+            first_prompt: int) -> None:
         from mlx_lm.generate import batch_generate
 
-        prompts = [self.tokenizer.encode(PROMPT.format(n=n)) for n in range(concurrency * requests_per_client)]
+        count = concurrency * requests_per_client
+        prompts = [self.tokenizer.encode(PROMPT.format(n=n)) for n in range(first_prompt, first_prompt + count)]
         cpu_before = time.process_time()
         started = time.perf_counter()
         response = batch_generate(self.model, self.tokenizer, prompts, max_tokens=max_tokens,
@@ -330,7 +335,7 @@ class Ceiling:
 
 # -- burst --------------------------------------------------------------------------------------
 
-async def burst(server: Server, clients: int, max_tokens: int) -> Counter:
+async def burst(server: Server, clients: int, max_tokens: int, first_prompt: int) -> Counter:
     """clients requests at the same instant, each on its own new connection; count how each ended."""
     gate = asyncio.Event()
     outcomes: Counter = Counter()
@@ -340,7 +345,7 @@ async def burst(server: Server, clients: int, max_tokens: int) -> Counter:
             await gate.wait()
             try:
                 response = await client.post(server.url + "/v1/completions", headers=server.headers, json={
-                    "prompt": PROMPT.format(n=n), "max_tokens": max_tokens, "temperature": 0})
+                    "prompt": PROMPT.format(n=first_prompt + n), "max_tokens": max_tokens, "temperature": 0})
             except Exception as exc:
                 outcomes[failure_kind(exc)] += 1
             else:
@@ -407,7 +412,8 @@ def sweep(args, path: Path, ours: Server, theirs: Server) -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     ceiling = None if args.no_ceiling else Ceiling(path)
     for server in (ours, theirs):  # warm both up: first requests pay one-off costs
-        asyncio.run(closed_loop(server, 2, 1, 4))
+        asyncio.run(closed_loop(server, 2, 1, 4, first_prompt=0))
+    next_prompt = 2
     print(f"\nclosed loop: {args.requests_per_client} requests per client, max_tokens {args.max_tokens}, "
           f"{args.rounds} round(s), streamed /v1/completions, temperature 0.\n"
           f"cpu/tok: CPU ms the server process (for the ceiling, this process) used per generated token; "
@@ -420,13 +426,15 @@ def sweep(args, path: Path, ours: Server, theirs: Server) -> None:
         top = CeilingRun() if ceiling else None
         for round_number in range(args.rounds):
             order = (ours, theirs) if (concurrency + round_number) % 2 else (theirs, ours)  # alternate who goes first
+            first = next_prompt
+            next_prompt += concurrency * args.requests_per_client
             for server in order:
-                run = asyncio.run(closed_loop(server, concurrency, args.requests_per_client, args.max_tokens))
+                run = asyncio.run(closed_loop(server, concurrency, args.requests_per_client, args.max_tokens, first))
                 check_lengths(run, args.max_tokens)
                 runs[server.name].add(run)
                 failures.update({f"{server.name} {kind}": count for kind, count in run.failures.items()})
             if ceiling:
-                ceiling.run(top, concurrency, args.requests_per_client, args.max_tokens)
+                ceiling.run(top, concurrency, args.requests_per_client, args.max_tokens, first)
         print_sweep_row(concurrency, top, runs[ours.name], runs[theirs.name])
         theirs_text = {r.prompt_number: r.text for r in runs[theirs.name].results}
         for result in runs[ours.name].results:
@@ -448,10 +456,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     with running("forgellm", forgellm_command(args, path, ours_port), ours_port, "/readyz", headers) as ours, \
             running("mlx_lm", mlx_lm_command(args, path, theirs_port), theirs_port, "/health", {}) as theirs:
         if args.burst:
-            asyncio.run(closed_loop(theirs, 1, 1, 4))  # mlx_lm.server loads its model on the first request
+            for server in (ours, theirs):  # mlx_lm.server loads its model on the first request
+                asyncio.run(closed_loop(server, 1, 1, 4, first_prompt=0))
             print(f"\nburst: {args.burst} requests at once, each on a new connection, max_tokens {args.max_tokens}")
             for server in (ours, theirs):
-                outcomes = asyncio.run(burst(server, args.burst, args.max_tokens))
+                outcomes = asyncio.run(burst(server, args.burst, args.max_tokens, first_prompt=1))
                 print(f"{server.name:>9}: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())), flush=True)
         else:
             sweep(args, path, ours, theirs)
