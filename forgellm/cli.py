@@ -121,6 +121,7 @@ def _run(options: list[Option], print_config: bool, **values) -> None:
     # handler it found: make that handler a clean exit, since the shutdown was graceful.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: sys.exit(0))
+    trusted_proxies = [network for network in (settings.trusted_proxies or "").split(",") if network]
     uvicorn.run(
         app,
         host=settings.host,
@@ -131,8 +132,8 @@ def _run(options: list[Option], print_config: bool, **values) -> None:
         ssl_certfile=settings.ssl_certfile,
         ssl_keyfile=settings.ssl_keyfile,
         # uvicorn trusts X-Forwarded-* from 127.0.0.1 unless told otherwise; ForgeLLM trusts only --trusted-proxies.
-        proxy_headers=bool(settings.trusted_proxies),
-        forwarded_allow_ips=list(settings.trusted_proxies or ()),
+        proxy_headers=bool(trusted_proxies),
+        forwarded_allow_ips=trusted_proxies,
         root_path=_normalized_root_path(settings.root_path),
     )
 

@@ -101,6 +101,17 @@ def test_bad_network_settings_are_usage_errors(args, message):
     assert message in result.output
 
 
+def test_trusted_proxies_are_normalized_and_read_back_from_a_printed_config(tmp_path):
+    printed = CliRunner().invoke(build_cli(), ["run", "--trusted-proxies", "127.0.0.1, 10.0.0.0/8", "--print-config"])
+    assert printed.exit_code == 0
+    assert 'trusted_proxies = "127.0.0.1/32,10.0.0.0/8"' in printed.output
+    config = tmp_path / "forgellm.toml"
+    config.write_text(printed.output)
+    again = CliRunner().invoke(build_cli(), ["run", "--config", str(config), "--print-config"])
+    assert again.exit_code == 0, again.output
+    assert again.output == printed.output
+
+
 ORIGIN = "https://app.example.com"
 PREFLIGHT = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
 

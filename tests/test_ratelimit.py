@@ -205,6 +205,14 @@ def test_a_stream_the_client_abandons_is_charged_for_what_was_generated(tiny_mod
     assert "Token budget spent" in refused.json()["error"]
 
 
+def test_a_printed_configuration_masks_the_storage_url():
+    args = ["run", "--plugins", "ratelimit", "--rate-limit-storage", "redis://:hunter2@redis.internal:6379/0", "--print-config"]
+    printed = CliRunner().invoke(build_cli(), args)
+    assert printed.exit_code == 0
+    assert "hunter2" not in printed.output
+    assert 'rate_limit_storage = "***"' in printed.output
+
+
 def test_a_malformed_limit_is_a_usage_error():
     result = CliRunner().invoke(build_cli(), ["run", "--plugins", "ratelimit", "--rate-limit", "60/fortnight"])
     assert result.exit_code == 2

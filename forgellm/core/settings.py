@@ -39,13 +39,15 @@ class Option:
 
 class NetworkList(click.ParamType):
     """A comma-separated list of IP addresses and CIDR networks, checked here because uvicorn
-    silently treats a malformed entry as a literal host name that never matches."""
+    silently treats a malformed entry as a literal host name that never matches.
+
+    The value stays a string (normalized: ``127.0.0.1/32,10.0.0.0/8``), so a printed
+    configuration reads back as it was written.
+    """
 
     name = "CIDR,..."
 
-    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[str, ...]:
-        if isinstance(value, tuple):
-            return value
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
         networks = []
         for item in str(value).split(","):
             if not item.strip():
@@ -54,7 +56,7 @@ class NetworkList(click.ParamType):
                 networks.append(str(ipaddress.ip_network(item.strip(), strict=False)))
             except ValueError:
                 self.fail(f"{item.strip()!r} is not an IP address or CIDR network", param, ctx)
-        return tuple(networks)
+        return ",".join(networks)
 
 
 NETWORK_LIST = NetworkList()

@@ -41,6 +41,7 @@ from forgellm.core.settings import Option
 logger = logging.getLogger("forgellm.ratelimit")
 
 PLUGIN = "ratelimit"
+DEFAULT_STORAGE = "memory://"
 REQUESTS = "requests"
 TOKENS = "tokens"
 # Redis answers in well under a millisecond; a storage that does not answer in this time is down.
@@ -84,8 +85,9 @@ def register_options(register):
     register(
         Option(
             "rate_limit_storage",
-            "Where the counts live: memory:// (this process) or redis://HOST:PORT/DB (shared by replicas).",
-            default="memory://",
+            "Where the counts live: memory:// (this process; the default) or redis://HOST:PORT/DB "
+            "(shared by replicas).",
+            secret=True,  # a Redis URL may hold a password
         )
     )
 
@@ -129,8 +131,9 @@ class Budgets:
     """Request and token budgets per client, in one limits storage."""
 
     def __init__(self, settings) -> None:
-        self.storage_name = redacted(settings.rate_limit_storage)
-        uri = _async_storage_uri(settings.rate_limit_storage)
+        configured = settings.rate_limit_storage or DEFAULT_STORAGE
+        self.storage_name = redacted(configured)
+        uri = _async_storage_uri(configured)
         try:
             self.storage = storage_from_string(uri, wrap_exceptions=True, **_storage_options(uri))
         except ConfigurationError as exc:
