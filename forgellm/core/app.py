@@ -60,7 +60,7 @@ def create_app(settings: Settings, pm: Optional[pluggy.PluginManager] = None) ->
             title="ForgeLLM",
             version=__version__,
             path="/docs",
-            openapi_router=Router("/docs", route_handlers=[], opt={"action": STATUS}),
+            openapi_router=Router("/docs", route_handlers=[], opt={"action": STATUS}, include_in_schema=False),
         ),
         cors_config=cors_config(settings.cors_origin),
         state=State({"server": server}),

@@ -15,6 +15,7 @@ from forgellm.core.access_control import GENERATE, LOAD, STATUS
 from forgellm.core.errors import as_api_error, bad_request
 from forgellm.core.generation import GenerationJob, SamplingParams
 from forgellm.core.model_manager import require_allowed
+from forgellm.core.openapi_docs import NDJSON, NDJSON_STREAM, envelope_errors, json_body, streamed_as
 
 NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
 
@@ -108,12 +109,23 @@ def _looks_like_path(model_name: str) -> bool:
     return model_name.startswith(("/", ".", "~")) or model_name.count("/") > 1 or Path(model_name).exists()
 
 
-@get("/api/model/status", opt={"action": STATUS}, summary="The model's load state")
+@get(
+    "/api/model/status",
+    opt={"action": STATUS},
+    summary="The model's load state",
+    responses=envelope_errors(401, 403),
+)
 async def model_status(request: Request) -> StatusResponse:
     return StatusResponse(**generation_service.server_of(request).models.status())
 
 
-@post("/api/model/load", opt={"action": LOAD}, status_code=200, summary="Start loading a model in the background")
+@post(
+    "/api/model/load",
+    opt={"action": LOAD},
+    status_code=200,
+    summary="Start loading a model in the background",
+    responses=envelope_errors(400, 401, 403, 409, 413),
+)
 async def load_model(request: Request, data: LoadRequest) -> LoadResponse:
     server = generation_service.server_of(request)
     # Before any file-system check, so a refusal says nothing about what exists on disk.
@@ -133,7 +145,13 @@ async def load_model(request: Request, data: LoadRequest) -> LoadResponse:
     )
 
 
-@post("/api/model/unload", opt={"action": LOAD}, status_code=200, summary="Unload the model and free its memory")
+@post(
+    "/api/model/unload",
+    opt={"action": LOAD},
+    status_code=200,
+    summary="Unload the model and free its memory",
+    responses=envelope_errors(401, 403, 409),
+)
 async def unload_model(request: Request) -> UnloadResponse:
     server = generation_service.server_of(request)
     name = server.models.state.model_name
@@ -141,7 +159,19 @@ async def unload_model(request: Request) -> UnloadResponse:
     return UnloadResponse(success=True, message=f"Model {name} unloaded" if name else "No model was loaded")
 
 
-@post("/api/model/generate", opt={"action": GENERATE}, status_code=200, summary="Generate text")
+@post(
+    "/api/model/generate",
+    opt={"action": GENERATE},
+    status_code=200,
+    summary="Generate text",
+    responses={
+        **json_body(GenerateResponse, "The generation; with streaming: true, an NDJSON stream instead"),
+        **envelope_errors(400, 401, 403, 413, 429, 500, 503, 504),
+    },
+    operation_class=streamed_as(
+        NDJSON, NDJSON_STREAM, "With streaming: true, one object a line: chunks, then one complete (or error) line"
+    ),
+)
 async def generate(request: Request, data: GenerateRequest) -> Union[GenerateResponse, Stream]:
     server = generation_service.server_of(request)
     has_conversation = bool(data.system_prompt or data.history)

@@ -20,6 +20,14 @@ from forgellm.core.access_control import GENERATE, STATUS
 from forgellm.core.errors import ApiError, as_api_error, bad_request, openai_error
 from forgellm.core.generation import Completion, GenerationJob, SamplingParams
 from forgellm.core.guide_api import max_tokens_for, stop_strings
+from forgellm.core.openapi_docs import (
+    CHAT_COMPLETION_EVENTS,
+    COMPLETION_EVENTS,
+    EVENT_STREAM,
+    json_body,
+    openai_errors,
+    streamed_as,
+)
 
 # OpenAI's documented default for /v1/completions.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
@@ -152,13 +160,30 @@ def _message_text(message: ChatMessage) -> str:
     return "".join(part.text for part in message.content)
 
 
-@get("/v1/models", opt={"action": STATUS}, summary="The models this server can serve now")
+@get(
+    "/v1/models",
+    opt={"action": STATUS},
+    summary="The models this server can serve now",
+    responses=openai_errors(401, 403),
+)
 async def list_models(request: Request) -> ModelList:
     model = generation_service.server_of(request).models.current
     return ModelList(data=[ModelCard(id=model.name)] if model is not None else [])
 
 
-@post("/v1/completions", opt={"action": GENERATE}, status_code=200, summary="OpenAI-compatible text completion")
+@post(
+    "/v1/completions",
+    opt={"action": GENERATE},
+    status_code=200,
+    summary="OpenAI-compatible text completion",
+    responses={
+        **json_body(CompletionResponse, "The completion; with stream: true, server-sent events instead"),
+        **openai_errors(400, 401, 403, 404, 413, 429, 500, 503, 504),
+    },
+    operation_class=streamed_as(
+        EVENT_STREAM, COMPLETION_EVENTS, "With stream: true, each event's data is one of these, then [DONE]"
+    ),
+)
 async def completions(request: Request, data: CompletionRequest) -> Union[CompletionResponse, Stream]:
     name = _check_common(request, data)
     if isinstance(data.prompt, list):
@@ -184,7 +209,19 @@ async def completions(request: Request, data: CompletionRequest) -> Union[Comple
     )
 
 
-@post("/v1/chat/completions", opt={"action": GENERATE}, status_code=200, summary="OpenAI-compatible chat completion")
+@post(
+    "/v1/chat/completions",
+    opt={"action": GENERATE},
+    status_code=200,
+    summary="OpenAI-compatible chat completion",
+    responses={
+        **json_body(ChatCompletionResponse, "The completion; with stream: true, server-sent events instead"),
+        **openai_errors(400, 401, 403, 404, 413, 429, 500, 503, 504),
+    },
+    operation_class=streamed_as(
+        EVENT_STREAM, CHAT_COMPLETION_EVENTS, "With stream: true, each event's data is one of these, then [DONE]"
+    ),
+)
 async def chat_completions(request: Request, data: ChatCompletionRequest) -> Union[ChatCompletionResponse, Stream]:
     name = _check_common(request, data)
     messages = [
@@ -264,7 +301,8 @@ def _sse(request: Request, handle, chunks: _CompletionChunks, include_usage: boo
             yield _event(chunks.usage(_usage(completion)))
         yield _event("[DONE]")
 
-    return Stream(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    # A header, not media_type=: Litestar lets the route's default (JSON) override a Stream's media_type.
+    return Stream(events(), headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
 
 
 ROUTES = [list_models, completions, chat_completions]

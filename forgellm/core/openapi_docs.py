@@ -1,0 +1,199 @@
+"""What the OpenAPI schema (/docs/openapi.json) says beyond the route handlers' signatures.
+
+Litestar derives request bodies and JSON responses from the msgspec Structs that routes take and
+return. This module adds what a signature cannot say: the error bodies a route may answer with
+(the guide's envelope on /api, OpenAI's error object on /v1), and the streaming variants of the
+generate routes, documented beside the JSON body of the same 200 response:
+
+- ``application/x-ndjson`` (``/api/model/generate`` with ``streaming: true``): one JSON object a line;
+- ``text/event-stream`` (``/v1/...`` with ``stream: true``): each event's ``data:`` holds one JSON
+  object, and the stream ends with ``data: [DONE]``.
+
+A sequence has no JSON schema of its own in OpenAPI 3.1, so a streaming media type's schema
+describes one item (a line, or an event's data), as is usual for these formats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import msgspec
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import Operation
+from litestar.openapi.spec.media_type import OpenAPIMediaType
+
+NDJSON = "application/x-ndjson"
+EVENT_STREAM = "text/event-stream"
+
+ERROR_DESCRIPTIONS = {
+    400: "Invalid request: malformed JSON, a field out of range, an empty or too long prompt, or no model loaded",
+    401: "Missing or invalid credentials (an auth plugin is on); see the WWW-Authenticate header",
+    403: "The credentials lack the scope this route needs, a plugin refused the request, or the model is not allowed",
+    404: "The model named in the request is not the one this server serves",
+    409: "A model is loading already; wait for it to finish",
+    413: "The request body is larger than the server accepts (--max-body-size)",
+    429: "A rate or token limit is reached (ratelimit plugin); see the Retry-After header",
+    500: "The generation failed inside the engine",
+    503: "The server is at capacity or the model is loading; retry after the Retry-After header's seconds",
+    504: "The generation ran longer than the request timeout (--request-timeout)",
+}
+
+
+class ErrorEnvelope(msgspec.Struct):
+    """The integration guide's error body, on every route outside /v1."""
+
+    success: bool  # always false
+    error: str
+
+
+class OpenAIErrorDetail(msgspec.Struct):
+    message: str
+    type: str
+    param: None
+    code: Optional[str]
+
+
+class OpenAIError(msgspec.Struct):
+    """OpenAI's error body, on every /v1 route."""
+
+    error: OpenAIErrorDetail
+
+
+def envelope_errors(*statuses: int) -> dict[int, ResponseSpec]:
+    """Response specs for these statuses, answered in the guide's envelope."""
+    return {status: _error_spec(status, ErrorEnvelope) for status in statuses}
+
+
+def openai_errors(*statuses: int) -> dict[int, ResponseSpec]:
+    """Response specs for these statuses, answered in OpenAI's error shape."""
+    return {status: _error_spec(status, OpenAIError) for status in statuses}
+
+
+def _error_spec(status: int, body: type) -> ResponseSpec:
+    return ResponseSpec(data_container=body, description=ERROR_DESCRIPTIONS[status], generate_examples=False)
+
+
+def json_body(data: Any, description: str) -> dict[int, ResponseSpec]:
+    """The 200 response of a route that answers JSON or a stream: its JSON body (the stream is added by
+    ``streamed_as``)."""
+    return {200: ResponseSpec(data_container=data, description=description, generate_examples=False)}
+
+
+# -- /api/model/generate with streaming: true ----------------------------------------------------
+
+
+class NdjsonChunk(msgspec.Struct):
+    """Text as it is generated."""
+
+    type: Literal["chunk"]
+    text: str
+
+
+class NdjsonComplete(msgspec.Struct):
+    """The last line of a successful generation: the whole text and its usage."""
+
+    type: Literal["complete"]
+    success: bool
+    text: str
+    generation_time: float
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    tokens_per_sec: float
+    finish_reason: str
+
+
+class NdjsonError(msgspec.Struct):
+    """The last line of a generation that failed after the stream began."""
+
+    type: Literal["error"]
+    success: bool  # always false
+    error: str
+
+
+# -- /v1/completions and /v1/chat/completions with stream: true ----------------------------------
+
+
+class StreamUsage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChunkChoice(msgspec.Struct):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: Optional[Literal["stop", "length"]]
+
+
+class CompletionChunk(msgspec.Struct):
+    """One /v1/completions event; the last, with stream_options.include_usage, has no choices and the usage."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Optional[StreamUsage] = None
+
+
+class ChatDelta(msgspec.Struct):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChatChunkChoice(msgspec.Struct):
+    index: int
+    delta: ChatDelta
+    logprobs: None
+    finish_reason: Optional[Literal["stop", "length"]]
+
+
+class ChatCompletionChunk(msgspec.Struct):
+    """One /v1/chat/completions event; the last, with stream_options.include_usage, has no choices and the usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Optional[StreamUsage] = None
+
+
+def any_of(*types: type) -> dict:
+    """A self-contained JSON schema accepting any of these Structs (their definitions inlined)."""
+    return {"anyOf": [_inlined(msgspec.json.schema(t)) for t in types]}
+
+
+def _inlined(schema: dict) -> dict:
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    return resolve(schema)
+
+
+NDJSON_STREAM = any_of(NdjsonChunk, NdjsonComplete, NdjsonError)
+COMPLETION_EVENTS = any_of(CompletionChunk, OpenAIError)
+CHAT_COMPLETION_EVENTS = any_of(ChatCompletionChunk, OpenAIError)
+
+
+def streamed_as(media_type: str, item_schema: dict, description: str) -> type[Operation]:
+    """An Operation class (a route's ``operation_class``) that adds the streaming body to its 200 response."""
+    schema = {"description": description, **item_schema}
+
+    @dataclass
+    class StreamingOperation(Operation):
+        def __post_init__(self) -> None:
+            self.responses["200"].content[media_type] = OpenAPIMediaType(schema=schema)
+
+    return StreamingOperation
