@@ -61,12 +61,12 @@ class _SamplingFields(msgspec.Struct):
     user: Optional[str] = None
 
 
-class CompletionRequest(_SamplingFields):
-    prompt: Union[str, list[str]] = ""
+class CompletionRequest(_SamplingFields, kw_only=True):
+    prompt: Union[str, list[str]]
 
 
-class ChatCompletionRequest(_SamplingFields):
-    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)] = msgspec.field(default_factory=list)
+class ChatCompletionRequest(_SamplingFields, kw_only=True):
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
 
 
 class ModelCard(msgspec.Struct):
