@@ -6,9 +6,11 @@ import time
 
 import httpx
 import pytest
+from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from forgellm import hookimpl
+from forgellm.cli import build_cli
 from forgellm.core.errors import ApiError, Unauthorized
 from forgellm.testing import ServerProcess, test_client
 
@@ -159,6 +161,25 @@ def test_openmetrics_when_the_scraper_asks_for_it(metered):
     response = metered.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
     assert response.headers["content-type"].startswith("application/openmetrics-text")
     assert response.text.endswith("# EOF\n")
+
+
+def test_metrics_need_the_admin_scope_when_auth_is_on(tiny_model, tmp_path):
+    keys_file = str(tmp_path / "keys.json")
+    cli = build_cli()
+
+    def new_key(name: str, scopes: str) -> str:
+        result = CliRunner().invoke(cli, ["keys", "add", name, "--scopes", scopes, "--api-keys-file", keys_file])
+        assert result.exit_code == 0, result.output
+        return result.stdout.strip()
+
+    admin, user = new_key("prometheus", "admin"), new_key("app", "generate")
+    with test_client(tiny_model, plugins="auth,metrics", api_keys_file=keys_file) as locked:
+        assert locked.get("/metrics").status_code == 401
+        assert locked.get("/metrics", headers={"Authorization": f"Bearer {user}"}).status_code == 403
+        scraped = locked.get("/metrics", headers={"Authorization": f"Bearer {admin}"})
+        assert scraped.status_code == 200
+        samples = {s.name for f in text_string_to_metric_families(scraped.text) for s in f.samples}
+        assert "forgellm_requests_total" in samples
 
 
 def test_metrics_are_off_unless_enabled(client):

@@ -1,9 +1,34 @@
 """The plugin-authoring kit: what a plugin's tests need to run against a real ForgeLLM server.
 
-- ``build_tiny_model`` / ``build_tiny_adapter``: a random-weight model on disk that mlx-lm's real loader loads.
-- ``make_settings``: settings with every installed plugin's defaults, plus overrides.
-- ``test_client``: an in-process server (Litestar's test client) with chosen plugins and a loaded model.
-- ``ServerProcess``: a real ``forgellm run`` process on a free port.
+- ``build_tiny_model(path)`` / ``build_tiny_adapter(model, path)``: a random-weight Llama (and a
+  LoRA adapter) written to disk in about a second, loaded by mlx-lm's real loader; it never emits
+  EOS, so a generation always runs to ``max_tokens``.
+- ``test_client(model, extra_plugins={...}, **settings)``: an in-process server (Litestar's
+  TestClient) with the model loaded, the plugin under test registered whether or not it is
+  installed, and any option set by name; ``client.app.state.server`` is the ``Server`` your
+  hooks receive.
+- ``make_settings(**overrides)``: the Settings such a server gets, every installed plugin's
+  defaults included; an unknown name is a TypeError.
+- ``ServerProcess(args, env=...)``: a real ``forgellm run`` process on a free port, for what only
+  a process shows (the command line, signals, logs, concurrent streams).
+- ``wait_until_loaded(client)``: poll ``/api/model/status`` as the guide's clients do.
+
+A plugin's tests, in full::
+
+    import pytest
+    import my_plugin
+    from forgellm.testing import build_tiny_model, test_client
+
+    @pytest.fixture(scope="session")
+    def tiny_model(tmp_path_factory):
+        return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+    def test_refuses_long_prompts(tiny_model):
+        with test_client(tiny_model, extra_plugins={"my-plugin": my_plugin}, my_plugin_limit=3) as client:
+            response = client.post("/api/model/generate", json={"prompt": "far too long a prompt"})
+            assert response.status_code == 400
+
+docs/testing-plugins.md says more; examples/forgellm-prompt-guard is a plugin package tested this way.
 """
 
 from forgellm.testing.clients import ServerProcess, free_port, make_settings, test_client, wait_until_loaded

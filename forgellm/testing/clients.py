@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
@@ -106,7 +107,18 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``forgellm run`` in a subprocess on a free port; use as a context manager."""
+    """``forgellm run`` in a subprocess on a free port of 127.0.0.1; use as a context manager.
+
+    - args: ``forgellm run`` arguments (``["--model", str(model), "--plugins", "auth"]``); the
+      host and port are added.
+    - env: extra environment variables (``{"FORGELLM_API_KEY": "k"}``); HF_HUB_OFFLINE=1 is set.
+    - wait_ready: wait for ``/readyz`` to answer 200 (a model loaded); with False, only for the
+      port to answer, as a server started without ``--model`` never becomes ready.
+
+    ``url`` is the base URL. The server's output (stdout and stderr) goes to a temporary file, so
+    a chatty server never blocks on a full pipe: read it with ``output()`` at any time, or take it
+    from ``stop()``, which also gives the exit code.
+    """
 
     def __init__(self, args: Sequence[str] = (), *, env: Optional[dict] = None, port: Optional[int] = None,
                  scheme: str = "http", wait_ready: bool = True) -> None:
@@ -116,23 +128,34 @@ class ServerProcess:
         self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.wait_ready = wait_ready
         self.process: Optional[subprocess.Popen] = None
+        self._log = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
 
     def __enter__(self) -> "ServerProcess":
         self.process = subprocess.Popen(
             [sys.executable, "-m", "forgellm", "run", *self.args],
             env=self.env,
-            stdout=subprocess.PIPE,
+            stdout=self._log,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        self._wait_for_port()
+        try:
+            self._wait_for_port()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
+
+    def output(self) -> str:
+        """Everything the server has printed so far."""
+        self._log.flush()
+        self._log.seek(0)
+        return self._log.read()
 
     def _wait_for_port(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"forgellm run exited with {self.process.returncode}:\n{self.process.stdout.read()}")
+                raise RuntimeError(f"forgellm run exited with {self.process.returncode}:\n{self.output()}")
             try:
                 response = httpx.get(self.url + "/readyz", verify=False, timeout=2)
                 if not self.wait_ready or response.status_code == 200:
@@ -140,19 +163,20 @@ class ServerProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        raise TimeoutError(f"forgellm run did not become ready on {self.url}")
+        raise TimeoutError(f"forgellm run did not become ready on {self.url}:\n{self.output()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> tuple[int, str]:
-        """Send sig, wait for exit; return (exit code, everything it printed)."""
+        """Send sig, wait for exit (killing it after timeout); return (exit code, everything it printed)."""
         if self.process.poll() is None:
             self.process.send_signal(sig)
         try:
-            output, _ = self.process.communicate(timeout=timeout)
+            self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            output, _ = self.process.communicate()
-        return self.process.returncode, output
+            self.process.wait()
+        return self.process.returncode, self.output()
 
     def __exit__(self, *exc_info) -> None:
         if self.process is not None and self.process.poll() is None:
             self.stop()
+        self._log.close()
