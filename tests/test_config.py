@@ -52,7 +52,8 @@ def test_defaults_without_a_file(cli):
     config = effective(cli)
     assert config["port"] == 5001
     assert config["max_queue"] == 256
-    assert config["ratelimit"]["rate_limit_storage"] == "memory://"
+    assert config["request_timeout"] == 600.0
+    assert {"auth", "ratelimit", "logging"} <= set(config)  # a table per plugin with options, even when unset
 
 
 def test_the_file_sets_core_options_and_each_plugin_table(cli, write_config):

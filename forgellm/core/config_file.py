@@ -142,12 +142,13 @@ def effective_config_toml(settings: Settings) -> str:
     tables: dict[str, dict[str, Any]] = {}
     unset = []
     for option in settings.options:
+        # Every plugin's table is shown, empty or not, so the file's layout is plain to see.
+        target = tables if option.plugin == CORE_PLUGIN else tables.setdefault(table_of(option), {})
         value = masked.get(option.name)
         if value is None:
             unset.append(option.name)
-            continue
-        target = tables if option.plugin == CORE_PLUGIN else tables.setdefault(table_of(option), {})
-        target[option.name] = _toml_value(value)
+        else:
+            target[option.name] = _toml_value(value)
     header = "# The effective configuration: flags over FORGELLM_* variables over --config over defaults.\n"
     if unset:
         header += f"# Unset: {', '.join(unset)}\n"
