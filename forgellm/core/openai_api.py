@@ -13,6 +13,7 @@ from typing import Annotated, AsyncIterator, Literal, Optional, Union
 
 import msgspec
 from litestar import Request, get, post
+from litestar.params import JSONBody
 from litestar.response import Stream
 
 from forgellm.core import generation_service
@@ -184,7 +185,7 @@ async def list_models(request: Request) -> ModelList:
         EVENT_STREAM, COMPLETION_EVENTS, "With stream: true, each event's data is one of these, then [DONE]"
     ),
 )
-async def completions(request: Request, data: CompletionRequest) -> Union[CompletionResponse, Stream]:
+async def completions(request: Request, data: JSONBody[CompletionRequest]) -> Union[CompletionResponse, Stream]:
     name = _check_common(request, data)
     if isinstance(data.prompt, list):
         if len(data.prompt) != 1:
@@ -222,7 +223,7 @@ async def completions(request: Request, data: CompletionRequest) -> Union[Comple
         EVENT_STREAM, CHAT_COMPLETION_EVENTS, "With stream: true, each event's data is one of these, then [DONE]"
     ),
 )
-async def chat_completions(request: Request, data: ChatCompletionRequest) -> Union[ChatCompletionResponse, Stream]:
+async def chat_completions(request: Request, data: JSONBody[ChatCompletionRequest]) -> Union[ChatCompletionResponse, Stream]:
     name = _check_common(request, data)
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)} for m in data.messages
