@@ -45,6 +45,9 @@ class LoadedModel(Protocol):
     def close(self) -> None:
         """Free the model's memory."""
 
+    # Optional: ``release_thread()``, called once on the engine thread as it ends, after the last
+    # model is closed, to free per-thread resources (the MLX backend frees its streams there).
+
 
 class Backend(Protocol):
     def load(self, model_name: str, adapter_path: Optional[str]) -> LoadedModel:

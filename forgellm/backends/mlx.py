@@ -219,6 +219,11 @@ class MlxModel:
         gc.collect()
         mx.clear_cache()
 
+    @staticmethod
+    def release_thread() -> None:
+        """Free the MLX streams the engine thread created; unreleased, they can abort the process at exit."""
+        mx.clear_streams()
+
 
 class MlxBackend:
     def load(self, model_name: str, adapter_path: Optional[str]) -> MlxModel:

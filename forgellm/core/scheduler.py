@@ -135,6 +135,7 @@ class Scheduler:
         # Engine-thread state.
         self._model: Optional[LoadedModel] = None
         self._engine: Optional[Engine] = None
+        self._release_thread: Optional[Callable[[], None]] = None
         self._waiting: deque[_Sequence] = deque()
         self._running: dict[int, _Sequence] = {}
         # Read from the event loop for health and metrics; plain ints are safe to share.
@@ -218,6 +219,8 @@ class Scheduler:
                 break
             self._update_counts()
         self._close_model()
+        if self._release_thread is not None:
+            self._release_thread()
 
     def _commands(self, block: bool):
         if block:
@@ -291,6 +294,7 @@ class Scheduler:
             future.set_exception(exc)
             return
         self._model, self._engine = model, engine
+        self._release_thread = getattr(model, "release_thread", self._release_thread)
         future.set_result(model)
 
     def _close_model(self) -> None:
