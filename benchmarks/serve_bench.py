@@ -1,19 +1,21 @@
 """Serving benchmark: ForgeLLM against mlx_lm.server on the same model, under the same load.
 
-One command, from the repository root with the venv active:
+One command, from the repository root with the venv active (about a minute on 2 CPU cores):
 
     python benchmarks/serve_bench.py
 
-It builds a random-weight Llama (``--model-size``, or bring one with ``--model PATH``),
-starts ``python -m forgellm run`` and ``python -m mlx_lm server`` on it, and drives both
-with the same closed-loop load: at each concurrency C, C clients each send
-``--requests-per-client`` streamed ``/v1/completions`` requests back to back (temperature 0,
-fixed ``--max-tokens``; the test-kit models never emit EOS, and the benchmark checks that
-every completion has exactly max_tokens tokens). For each C it prints aggregate generated
-tokens/s, p50/p95 request latency, p50 time to first token, and ours/theirs; it also prints
-the in-process ceiling, mlx-lm's ``batch_generate`` doing the same work (the same prompts,
-batch size C), so the server's own overhead is visible. The three runs of one concurrency
-are interleaved, so a machine that gets busier affects all three alike.
+It builds a random-weight Llama (``--model-size small``: hidden 256, 4 layers; ``medium``:
+hidden 512, 8 layers; or bring one with ``--model PATH``), starts ``python -m forgellm run``
+and ``python -m mlx_lm server`` on it, and drives both with the same closed-loop load: at
+each concurrency C (``--concurrency 1,4,8,16``), C clients each send ``--requests-per-client``
+streamed ``/v1/completions`` requests back to back (temperature 0, fixed ``--max-tokens``;
+the test-kit models never emit EOS, and the benchmark checks that every completion has
+exactly max_tokens tokens). For each C it prints aggregate generated tokens/s, p50/p95
+request latency, p50 time to first token, the CPU time each server process spent per token
+(steadier than wall time on a shared machine), and ours/theirs; and the in-process ceiling,
+mlx-lm's ``batch_generate`` doing the same work (the same prompts, batch size C), so the
+server's own overhead is visible. The runs of one concurrency are interleaved (``--rounds``
+repeats them), so a machine that gets busier affects all of them alike.
 
     python benchmarks/serve_bench.py --burst 64
 
@@ -23,9 +25,14 @@ status, or failed at the connection (reset, refused, timed out).
 
 ``--plugins auth,...`` passes through to ``forgellm run``, with ``--forgellm-arg`` for their
 flags and ``--header`` for what our requests must carry, so a plugin's cost shows on the
-same load. Timings are wall-clock and noisy on a shared machine: run it on a quiet one.
-"""
+same load::
 
+    python benchmarks/serve_bench.py --plugins auth,metrics,logging \
+        --forgellm-arg="--api-key sk-bench-0123456789abcdef" \
+        --header "Authorization: Bearer sk-bench-0123456789abcdef"
+
+Timings are wall-clock and noisy on a shared machine: run it on a quiet one.
+"""
 from __future__ import annotations
 
 import argparse
@@ -226,12 +233,14 @@ class LoadRun:
     cpu: float = 0.0  # server CPU seconds used during the runs
     results: list[Result] = field(default_factory=list)
     failures: Counter = field(default_factory=Counter)
+    first_failure: Optional[str] = None
 
     def add(self, other: "LoadRun") -> None:
         self.wall += other.wall
         self.cpu += other.cpu
         self.results += other.results
         self.failures += other.failures
+        self.first_failure = self.first_failure or other.first_failure
 
     @property
     def tokens(self) -> int:
@@ -273,6 +282,7 @@ async def closed_loop(server: Server, concurrency: int, requests_per_client: int
                     result = await streamed_completion(client, server, n, max_tokens)
                 except Exception as exc:  # count it and go on, as a client would
                     run.failures[failure_kind(exc)] += 1
+                    run.first_failure = run.first_failure or f"{type(exc).__name__}: {exc}"
                 else:
                     run.results.append(result)
 
@@ -284,7 +294,9 @@ async def closed_loop(server: Server, concurrency: int, requests_per_client: int
     return run
 
 
-def check_lengths(run: LoadRun, max_tokens: int) -> None:
+def check_run(run: LoadRun, max_tokens: int) -> None:
+    if not run.results:
+        raise SystemExit(f"every request to {run.server} failed; the first: {run.first_failure}")
     wrong = [r for r in run.results if r.completion_tokens != max_tokens]
     if wrong:
         raise SystemExit(f"{run.server} at concurrency {run.concurrency}: {len(wrong)} completions did not have "
@@ -430,7 +442,7 @@ def sweep(args, path: Path, ours: Server, theirs: Server) -> None:
             next_prompt += concurrency * args.requests_per_client
             for server in order:
                 run = asyncio.run(closed_loop(server, concurrency, args.requests_per_client, args.max_tokens, first))
-                check_lengths(run, args.max_tokens)
+                check_run(run, args.max_tokens)
                 runs[server.name].add(run)
                 failures.update({f"{server.name} {kind}": count for kind, count in run.failures.items()})
             if ceiling:
