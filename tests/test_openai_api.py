@@ -11,6 +11,8 @@ import json
 import openai
 import pytest
 
+from forgellm.testing import test_client
+
 
 @pytest.fixture(scope="module")
 def oai(client):
@@ -142,6 +144,39 @@ def test_stop_string_ends_the_text_before_it(oai, model_id, stream):
         choice = oai.completions.create(**request, stop=stop).choices[0]
         text, finish_reason = choice.text, choice.finish_reason
     assert (text, finish_reason) == (expected, "stop")
+
+
+def test_repeated_prompt_reuses_its_cached_prefix_and_gives_the_same_text(oai, model_id):
+    request = dict(model=model_id, prompt="Every request has a prompt and a limit", max_tokens=8, temperature=0)
+    first = oai.completions.create(**request)
+    again = oai.completions.create(**request)
+    # All but the last prompt token, which must run again to give the first logits; the first time,
+    # at most what it shares with earlier tests' prompts (the BOS token).
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    assert first.usage.prompt_tokens_details.cached_tokens <= 1
+    assert again.choices[0].text == first.choices[0].text
+
+
+def test_next_turn_of_a_conversation_reuses_the_earlier_turns(oai, model_id):
+    conversation = [{"role": "user", "content": "Tell me about the little town by the sea"}]
+    first = oai.chat.completions.create(model=model_id, messages=conversation, max_tokens=6, temperature=0)
+    conversation += [{"role": "assistant", "content": first.choices[0].message.content},
+                     {"role": "user", "content": "And in winter?"}]
+    second = oai.chat.completions.create(model=model_id, messages=conversation, max_tokens=6, temperature=0)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+
+
+def test_cached_prefix_changes_no_text(oai, model_id, tiny_model):
+    prompts = ["Good software is tested", "Good software is tested. Tests build small examples"]
+    with_cache = [oai.completions.create(model=model_id, prompt=p, max_tokens=10, temperature=0).choices[0].text
+                  for p in prompts]
+    with test_client(tiny_model, prompt_cache_size=0) as uncached_client:
+        uncached = openai.OpenAI(base_url=f"{uncached_client.base_url}/v1", api_key="unused",
+                                 http_client=uncached_client, max_retries=0)
+        responses = [uncached.completions.create(prompt=p, max_tokens=10, temperature=0, model=model_id)
+                     for p in prompts]
+    assert [r.usage.prompt_tokens_details.cached_tokens for r in responses] == [0, 0]
+    assert [r.choices[0].text for r in responses] == with_cache
 
 
 def test_seed_makes_sampling_reproducible(oai, model_id):

@@ -13,8 +13,9 @@ from forgellm.core.generation import GenerationJob, TokenOutput
 
 
 class Engine(Protocol):
-    def add(self, seq_id: int, job: GenerationJob) -> None:
-        """Start generating for a sequence; it joins the batch at the next step."""
+    def add(self, seq_id: int, job: GenerationJob) -> int:
+        """Start generating for a sequence (it joins the batch at the next step); return how many of its
+        prompt tokens were served from a cache rather than computed (0 for an engine without one)."""
 
     def step(self) -> list[TokenOutput]:
         """Advance every sequence by one token; a finished one carries its finish_reason."""

@@ -1,7 +1,10 @@
 """The MLX backend (mlx-lm): the default plugin, registered through the same hook a third-party backend uses.
 
 Batchable models run on mlx-lm's continuous batching (``BatchGenerator``); models
-whose KV cache cannot be merged fall back to one sequence at a time.
+whose KV cache cannot be merged fall back to one sequence at a time. The batch engine
+keeps the KV caches of recently finished sequences (mlx-lm's ``LRUPromptCache``, as
+mlx_lm.server does), so a prompt that shares a prefix with one of them (a system prompt,
+the earlier turns of a conversation) skips that prefix's prefill.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Iterable, Optional
 import mlx.core as mx
 from mlx_lm import load as mlx_load
 from mlx_lm.generate import BatchGenerator, generate_step
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import (
     apply_min_p,
     apply_top_k,
@@ -24,9 +27,13 @@ from mlx_lm.sample_utils import (
 
 from forgellm import hookimpl
 from forgellm.core.generation import GenerationJob, SamplingParams, TokenOutput
+from forgellm.core.settings import Option
 
 # How many prompts mlx-lm prefills together; larger batches add little on one device.
 PREFILL_BATCH_SIZE = 8
+DEFAULT_PROMPT_CACHE_SIZE = 10  # mlx_lm.server's default
+# An engine serves one model, so its prompt cache needs no per-model key.
+_CACHE_KEY = "model"
 
 
 def make_seeded_sampler(params: SamplingParams):
@@ -85,29 +92,48 @@ class _Detokenizers:
 
 
 class MlxBatchEngine:
-    """Continuous batching on mlx-lm's BatchGenerator."""
+    """Continuous batching on mlx-lm's BatchGenerator, reusing the KV caches of finished sequences."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int) -> None:
+    def __init__(self, model, tokenizer, max_batch_size: int, prompt_cache_size: int = DEFAULT_PROMPT_CACHE_SIZE) -> None:
         self._generator = BatchGenerator(
             model,
             stop_tokens=[[t] for t in tokenizer.eos_token_ids],
             completion_batch_size=max_batch_size,
             prefill_batch_size=min(PREFILL_BATCH_SIZE, max_batch_size),
         )
+        self._prompt_caches = LRUPromptCache(max_size=prompt_cache_size) if prompt_cache_size > 0 else None
         self._detokenizers = _Detokenizers(tokenizer)
         self._seq_of_uid: dict[int, int] = {}
         self._uid_of_seq: dict[int, int] = {}
 
-    def add(self, seq_id: int, job: GenerationJob) -> None:
+    def add(self, seq_id: int, job: GenerationJob) -> int:
+        cache, rest = self._nearest_cache(job.prompt_tokens)
+        cached = len(job.prompt_tokens) - len(rest)
         (uid,) = self._generator.insert(
-            [job.prompt_tokens],
+            [rest],
             max_tokens=[job.max_tokens],
+            caches=[cache],
+            all_tokens=[job.prompt_tokens[:cached]],
             samplers=[sampler_for(job.sampling)],
             logits_processors=[logits_processors_for(job.sampling)],
         )
         self._seq_of_uid[uid] = seq_id
         self._uid_of_seq[seq_id] = uid
         self._detokenizers.start(seq_id)
+        return cached
+
+    def _nearest_cache(self, prompt: list[int]) -> tuple[Optional[list], list[int]]:
+        """A copy of the cached KV sharing the longest prefix with prompt, and the tokens it does not cover."""
+        if self._prompt_caches is None:
+            return None, prompt
+        cache, rest = self._prompt_caches.fetch_nearest_cache(_CACHE_KEY, prompt)
+        if cache is not None and not rest:
+            # The whole prompt is cached, but its last token must still run to give the first logits.
+            if not can_trim_prompt_cache(cache):
+                return None, prompt
+            trim_prompt_cache(cache, 1)
+            rest = prompt[-1:]
+        return cache, rest
 
     def step(self) -> list[TokenOutput]:
         _, responses = self._generator.next()
@@ -117,6 +143,9 @@ class MlxBatchEngine:
             text = self._detokenizers.text(seq_id, response.token, response.finish_reason)
             if response.finish_reason is not None:
                 self._forget(seq_id)
+                if self._prompt_caches is not None:
+                    # mlx-lm extracts a finished sequence's cache anyway: keep it for later prompts.
+                    self._prompt_caches.insert_cache(_CACHE_KEY, list(response.all_tokens), response.prompt_cache)
             outputs.append(TokenOutput(seq_id, text, response.finish_reason))
         return outputs
 
@@ -149,8 +178,9 @@ class MlxSequentialEngine:
         self._waiting: deque[tuple[int, GenerationJob]] = deque()
         self._current: Optional[tuple[int, GenerationJob, object, int]] = None
 
-    def add(self, seq_id: int, job: GenerationJob) -> None:
+    def add(self, seq_id: int, job: GenerationJob) -> int:
         self._waiting.append((seq_id, job))
+        return 0
 
     def step(self) -> list[TokenOutput]:
         if self._current is None:
@@ -192,9 +222,10 @@ class MlxSequentialEngine:
 class MlxModel:
     """A model and tokenizer loaded by mlx-lm's own loader."""
 
-    def __init__(self, name: str, adapter_path: Optional[str]) -> None:
+    def __init__(self, name: str, adapter_path: Optional[str], prompt_cache_size: int = DEFAULT_PROMPT_CACHE_SIZE) -> None:
         self.name = name
         self.adapter_path = adapter_path
+        self.prompt_cache_size = prompt_cache_size
         self.model, self.tokenizer = mlx_load(name, adapter_path=adapter_path)
         # mlx-lm batches only models whose every cache layer can be merged across sequences.
         self.batchable = all(hasattr(c, "merge") for c in make_prompt_cache(self.model))
@@ -211,7 +242,7 @@ class MlxModel:
 
     def create_engine(self, max_batch_size: int):
         if self.batchable:
-            return MlxBatchEngine(self.model, self.tokenizer, max_batch_size)
+            return MlxBatchEngine(self.model, self.tokenizer, max_batch_size, self.prompt_cache_size)
         return MlxSequentialEngine(self.model, self.tokenizer)
 
     def close(self) -> None:
@@ -226,10 +257,30 @@ class MlxModel:
 
 
 class MlxBackend:
+    prompt_cache_size = DEFAULT_PROMPT_CACHE_SIZE
+
     def load(self, model_name: str, adapter_path: Optional[str]) -> MlxModel:
-        return MlxModel(model_name, adapter_path)
+        return MlxModel(model_name, adapter_path, self.prompt_cache_size)
+
+
+@hookimpl
+def register_options(register):
+    register(Option(
+        "prompt_cache_size",
+        "Finished sequences whose KV cache is kept, so a prompt sharing a prefix with one skips that "
+        "prefix's prefill (0: off).",
+        type=int,
+        default=DEFAULT_PROMPT_CACHE_SIZE,
+    ))
 
 
 @hookimpl
 def register_backends(register):
     register("mlx", MlxBackend())
+
+
+@hookimpl
+def startup(server):
+    backend = server.backends.get("mlx")
+    if isinstance(backend, MlxBackend):
+        backend.prompt_cache_size = getattr(server.settings, "prompt_cache_size", DEFAULT_PROMPT_CACHE_SIZE)

@@ -21,6 +21,7 @@ from forgellm.core.access_control import GENERATE, STATUS
 from forgellm.core.errors import ApiError, as_api_error, bad_request, openai_error
 from forgellm.core.generation import Completion, GenerationJob, SamplingParams
 from forgellm.core.guide_api import max_tokens_for, stop_strings
+from forgellm.core.scheduler import SequenceHandle
 from forgellm.core.openapi_docs import (
     CHAT_COMPLETION_EVENTS,
     COMPLETION_EVENTS,
@@ -82,10 +83,15 @@ class ModelList(msgspec.Struct):
     object: str = "list"
 
 
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int  # prompt tokens whose KV was reused from an earlier request, not recomputed
+
+
 class UsageBody(msgspec.Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class CompletionChoice(msgspec.Struct):
@@ -124,9 +130,10 @@ class ChatCompletionResponse(msgspec.Struct):
     object: str = "chat.completion"
 
 
-def _usage(completion: Completion) -> UsageBody:
+def _usage(completion: Completion, handle: SequenceHandle) -> UsageBody:
     u = completion.usage
-    return UsageBody(u.prompt_tokens, u.completion_tokens, u.total_tokens)
+    return UsageBody(u.prompt_tokens, u.completion_tokens, u.total_tokens,
+                     PromptTokensDetails(handle.cached_prompt_tokens))
 
 
 def _check_common(request: Request, data: _SamplingFields) -> str:
@@ -206,7 +213,7 @@ async def completions(request: Request, data: JSONBody[CompletionRequest]) -> Un
         created=int(time.time()),
         model=name,
         choices=[CompletionChoice(0, completion.text, completion.finish_reason)],
-        usage=_usage(completion),
+        usage=_usage(completion, handle),
     )
 
 
@@ -241,7 +248,7 @@ async def chat_completions(request: Request, data: JSONBody[ChatCompletionReques
         created=int(time.time()),
         model=name,
         choices=[ChatChoice(0, AssistantMessage(completion.text), completion.finish_reason)],
-        usage=_usage(completion),
+        usage=_usage(completion, handle),
     )
 
 
@@ -299,7 +306,7 @@ def _sse(request: Request, handle, chunks: _CompletionChunks, include_usage: boo
         completion = handle.completion()
         yield _event(chunks.last(completion.finish_reason))
         if include_usage:
-            yield _event(chunks.usage(_usage(completion)))
+            yield _event(chunks.usage(_usage(completion, handle)))
         yield _event("[DONE]")
 
     # A header, not media_type=: Litestar lets the route's default (JSON) override a Stream's media_type.

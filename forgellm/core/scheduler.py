@@ -34,6 +34,7 @@ class SequenceHandle:
         self.job = job
         self._scheduler = scheduler
         self.completion_tokens = 0
+        self.cached_prompt_tokens = 0  # prompt tokens whose KV the engine reused instead of computing
         self.finish_reason: Optional[str] = None
         self.error: Optional[str] = None
         self.submitted_at = time.perf_counter()
@@ -138,6 +139,7 @@ class Scheduler:
         self._release_thread: Optional[Callable[[], None]] = None
         self._waiting: deque[_Sequence] = deque()
         self._running: dict[int, _Sequence] = {}
+        self._cached_prompt_tokens: dict[int, int] = {}  # admitted since the last post
         # Read from the event loop for health and metrics; plain ints are safe to share.
         self.steps = 0
         self.waiting_count = 0
@@ -185,7 +187,11 @@ class Scheduler:
         self._inbox.put(("swap", load, future))
         return future
 
-    def _deliver(self, outputs: list[TokenOutput]) -> None:
+    def _deliver(self, outputs: list[TokenOutput], cached_prompt_tokens: dict[int, int]) -> None:
+        for seq_id, cached in cached_prompt_tokens.items():
+            handle = self._handles.get(seq_id)
+            if handle is not None:
+                handle.cached_prompt_tokens = cached
         for output in outputs:
             handle = self._handles.get(output.seq_id)
             if handle is None:
@@ -238,12 +244,14 @@ class Scheduler:
                 self._post([TokenOutput(sequence.seq_id, "", error="no model loaded")])
                 continue
             try:
-                self._engine.add(sequence.seq_id, sequence.job)
+                cached = self._engine.add(sequence.seq_id, sequence.job)
             except Exception as exc:  # one bad request must not take the batch down
                 logger.exception("could not start sequence %d", sequence.seq_id)
                 self._post([TokenOutput(sequence.seq_id, "", error=str(exc) or type(exc).__name__)])
                 continue
             self._running[sequence.seq_id] = sequence
+            if cached:
+                self._cached_prompt_tokens[sequence.seq_id] = cached
 
     def _step(self) -> None:
         try:
@@ -305,8 +313,9 @@ class Scheduler:
         self._model = self._engine = None
 
     def _post(self, outputs: list[TokenOutput]) -> None:
-        if outputs:
-            self._loop.call_soon_threadsafe(self._deliver, outputs)
+        cached, self._cached_prompt_tokens = self._cached_prompt_tokens, {}
+        if outputs or cached:
+            self._loop.call_soon_threadsafe(self._deliver, outputs, cached)
 
     def _update_counts(self) -> None:
         self.waiting_count = len(self._waiting)
