@@ -147,7 +147,7 @@ def test_invalid_generate_request_is_400(client, body):
 
 
 # Litestar decodes bodies in msgspec's lax mode, which turns "10" into 10 and "true" into True
-# before the route sees them; the issue asks for a 400. Reported to the core's owner.
+# before the route sees them; the issue asks for a 400, so routes re-read the body strictly.
 LAX_COERCED_BODIES = {
     "max_tokens a numeric string": b'{"prompt": "Hello", "max_tokens": "2"}',
     "seed a numeric string": b'{"prompt": "Hello", "max_tokens": 2, "seed": "7"}',
@@ -156,7 +156,6 @@ LAX_COERCED_BODIES = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="lax body decoding coerces strings to numbers and booleans")
 @pytest.mark.parametrize("body", LAX_COERCED_BODIES.values(), ids=LAX_COERCED_BODIES.keys())
 def test_string_for_a_number_or_bool_is_400(client, body):
     response = client.post("/api/model/generate", content=body, headers={"Content-Type": "application/json"})

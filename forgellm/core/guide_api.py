@@ -8,6 +8,7 @@ from typing import Annotated, AsyncIterator, Literal, Optional, Union
 
 import msgspec
 from litestar import Request, get, post
+from litestar.params import JSONBody
 from litestar.response import Stream
 
 from forgellm.core import generation_service
@@ -15,6 +16,7 @@ from forgellm.core.access_control import GENERATE, LOAD, STATUS
 from forgellm.core.errors import as_api_error, bad_request
 from forgellm.core.generation import GenerationJob, SamplingParams
 from forgellm.core.model_manager import require_allowed
+from forgellm.core.request_body import strict_body
 from forgellm.core.openapi_docs import NDJSON, NDJSON_STREAM, envelope_errors, json_body, streamed_as
 
 NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
@@ -126,7 +128,8 @@ async def model_status(request: Request) -> StatusResponse:
     summary="Start loading a model in the background",
     responses=envelope_errors(400, 401, 403, 409, 413),
 )
-async def load_model(request: Request, data: LoadRequest) -> LoadResponse:
+async def load_model(request: Request, data: JSONBody[LoadRequest]) -> LoadResponse:
+    data = await strict_body(request, LoadRequest)
     server = generation_service.server_of(request)
     # Before any file-system check, so a refusal says nothing about what exists on disk.
     for name in (data.model_name, data.adapter_path):
@@ -172,13 +175,12 @@ async def unload_model(request: Request) -> UnloadResponse:
         NDJSON, NDJSON_STREAM, "With streaming: true, one object a line: chunks, then one complete (or error) line"
     ),
 )
-async def generate(request: Request, data: GenerateRequest) -> Union[GenerateResponse, Stream]:
+async def generate(request: Request, data: JSONBody[GenerateRequest]) -> Union[GenerateResponse, Stream]:
+    data = await strict_body(request, GenerateRequest)
     server = generation_service.server_of(request)
-    has_conversation = bool(data.system_prompt or data.history)
+    # Even a bare prompt is a user turn: instruction-tuned models answer properly only through their template.
     messages = _conversation(data)
-    model, tokens = await generation_service.tokenize(
-        request, messages=messages, text=None if has_conversation else data.prompt
-    )
+    model, tokens = await generation_service.tokenize(request, messages=messages)
     job = GenerationJob(
         prompt_tokens=tokens,
         max_tokens=max_tokens_for(data.max_tokens, server),
