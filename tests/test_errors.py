@@ -337,14 +337,12 @@ def test_backend_failure_while_streaming_ends_with_an_error_line(faulty_server):
 BEYOND_VOCABULARY = {"top_k": 100_000}
 
 
-@pytest.mark.xfail(strict=True, reason="top_k beyond the vocabulary fails in the engine step (500)")
 def test_top_k_beyond_the_vocabulary_is_not_a_server_error(tiny_model):
     with test_client(tiny_model) as own:
         response = own.post("/api/model/generate", json={"prompt": "Hi", "max_tokens": 4, **BEYOND_VOCABULARY})
         assert response.status_code < 500, response.text
 
 
-@pytest.mark.xfail(strict=True, reason="a failed engine step leaves MLX's random state broken for sampling")
 def test_sampling_still_works_after_a_failed_engine_step(tiny_model):
     with test_client(tiny_model) as own:  # its own engine thread: the failure poisons that thread's state
         own.post("/api/model/generate", json={"prompt": "Hi", "max_tokens": 4, **BEYOND_VOCABULARY})

@@ -10,6 +10,7 @@ the earlier turns of a conversation) skips that prefix's prefill.
 from __future__ import annotations
 
 import gc
+import os
 from collections import deque
 from typing import Iterable, Optional
 
@@ -17,13 +18,7 @@ import mlx.core as mx
 from mlx_lm import load as mlx_load
 from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import (
-    apply_min_p,
-    apply_top_k,
-    apply_top_p,
-    make_logits_processors,
-    make_sampler,
-)
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler, make_logits_processors
 
 from forgellm import hookimpl
 from forgellm.core.generation import GenerationJob, SamplingParams, TokenOutput
@@ -36,32 +31,46 @@ DEFAULT_PROMPT_CACHE_SIZE = 10  # mlx_lm.server's default
 _CACHE_KEY = "model"
 
 
-def make_seeded_sampler(params: SamplingParams):
-    """A sampler with its own PRNG key, so a seeded request is reproducible even inside a shared batch."""
-    key = mx.random.key(params.seed)
+def _top_k_filter(top_k: int):
+    """mlx-lm's top-k, except that a k covering the whole vocabulary keeps every token instead of failing."""
+
+    def keep(logprobs: mx.array) -> mx.array:
+        # mlx-lm's compiled top-k would raise mid-trace, leaving MLX's random state unusable.
+        return logprobs if top_k >= logprobs.shape[-1] else apply_top_k(logprobs, top_k)
+
+    return keep
+
+
+def make_random_sampler(params: SamplingParams):
+    """Filters, then a draw at the request's temperature; a seeded request draws from its own PRNG key,
+    so it is reproducible even inside a shared batch."""
+    key = mx.random.key(params.seed) if params.seed is not None else None
     filters = []
     if 0 < params.top_p < 1.0:
         filters.append(lambda lp: apply_top_p(lp, params.top_p))
     if params.min_p > 0:
         filters.append(lambda lp: apply_min_p(lp, params.min_p))
     if params.top_k > 0:
-        filters.append(lambda lp: apply_top_k(lp, params.top_k))
+        filters.append(_top_k_filter(params.top_k))
 
     def sample(logprobs: mx.array) -> mx.array:
         nonlocal key
-        key, subkey = mx.random.split(key)
         for keep in filters:
             logprobs = keep(logprobs)
-        return mx.random.categorical(logprobs * (1.0 / params.temperature), key=subkey)
+        scaled = logprobs * (1.0 / params.temperature)
+        if key is None:
+            return mx.random.categorical(scaled)
+        key, subkey = mx.random.split(key)
+        return mx.random.categorical(scaled, key=subkey)
 
     return sample
 
 
 def sampler_for(params: SamplingParams):
-    if params.temperature > 0 and params.seed is not None:
-        return make_seeded_sampler(params)
-    # Greedy requests all share mlx-lm's one greedy sampler, so a batch of them samples in one call.
-    return make_sampler(params.temperature, top_p=params.top_p, min_p=params.min_p, top_k=params.top_k)
+    if params.temperature == 0:
+        # Greedy requests all share mlx-lm's one greedy sampler, so a batch of them samples in one call.
+        return greedy_sampler
+    return make_random_sampler(params)
 
 
 def logits_processors_for(params: SamplingParams) -> list:
@@ -241,6 +250,9 @@ class MlxModel:
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
 
     def create_engine(self, max_batch_size: int):
+        # A failed step can leave MLX's global random state unusable (mlx-lm's compiled samplers trace it),
+        # and the scheduler replaces a failed engine with a new one: start each from a fresh state.
+        mx.random.seed(int.from_bytes(os.urandom(8), "little"))
         if self.batchable:
             return MlxBatchEngine(self.model, self.tokenizer, max_batch_size, self.prompt_cache_size)
         return MlxSequentialEngine(self.model, self.tokenizer)
