@@ -10,7 +10,9 @@ generate routes, documented beside the JSON body of the same 200 response:
   object, and the stream ends with ``data: [DONE]``.
 
 A sequence has no JSON schema of its own in OpenAPI 3.1, so a streaming media type's schema
-describes one item (a line, or an event's data), as is usual for these formats.
+describes one item: an NDJSON line, or one server-sent event. An event is an object whose ``data``
+is a JSON document (``contentMediaType``/``contentSchema``) or the closing ``[DONE]``, as OpenAPI
+3.2's ``itemSchema`` models event streams and as schema-driven tools (schemathesis) read them.
 """
 
 from __future__ import annotations
@@ -182,9 +184,26 @@ def _inlined(schema: dict) -> dict:
     return resolve(schema)
 
 
+def server_sent_event(data_schema: dict) -> dict:
+    """One server-sent event: its data is a JSON document matching data_schema, or the closing [DONE]."""
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "event": {"type": "string"},
+            "data": {
+                "anyOf": [
+                    {"type": "string", "contentMediaType": "application/json", "contentSchema": data_schema},
+                    {"const": "[DONE]"},
+                ]
+            },
+        },
+    }
+
+
 NDJSON_STREAM = any_of(NdjsonChunk, NdjsonComplete, NdjsonError)
-COMPLETION_EVENTS = any_of(CompletionChunk, OpenAIError)
-CHAT_COMPLETION_EVENTS = any_of(ChatCompletionChunk, OpenAIError)
+COMPLETION_EVENTS = server_sent_event(any_of(CompletionChunk, OpenAIError))
+CHAT_COMPLETION_EVENTS = server_sent_event(any_of(ChatCompletionChunk, OpenAIError))
 
 
 def streamed_as(media_type: str, item_schema: dict, description: str) -> type[Operation]:
