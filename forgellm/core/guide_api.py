@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, AsyncIterator, Literal, Optional, Union
+from typing import Annotated, AsyncIterator, Callable, Literal, Optional, Union
 
 import msgspec
 from litestar import Request, get, post
@@ -108,7 +108,16 @@ def _conversation(data: GenerateRequest) -> list[dict]:
 
 def _looks_like_path(model_name: str) -> bool:
     """Hugging Face repo ids are 'name' or 'owner/name'; anything else is meant as a local directory."""
-    return model_name.startswith(("/", ".", "~")) or model_name.count("/") > 1 or Path(model_name).exists()
+    return model_name.startswith(("/", ".", "~")) or model_name.count("/") > 1 or _on_disk(model_name, Path.exists)
+
+
+def _on_disk(name: str, test: Callable[[Path], bool]) -> bool:
+    """test(path) for the name; a name the OS cannot even look up (longer than a file name may be, or ~user
+    for an unknown user) is nothing on disk, not a server error."""
+    try:
+        return test(Path(name).expanduser())
+    except (OSError, RuntimeError):
+        return False
 
 
 @get(
@@ -135,9 +144,9 @@ async def load_model(request: Request, data: JSONBody[LoadRequest]) -> LoadRespo
     for name in (data.model_name, data.adapter_path):
         if name is not None:
             require_allowed(name, server.settings.allow_model)
-    if _looks_like_path(data.model_name) and not Path(data.model_name).expanduser().is_dir():
+    if _looks_like_path(data.model_name) and not _on_disk(data.model_name, Path.is_dir):
         raise bad_request(f"Model directory not found: {data.model_name}")
-    if data.adapter_path is not None and not Path(data.adapter_path).expanduser().is_dir():
+    if data.adapter_path is not None and not _on_disk(data.adapter_path, Path.is_dir):
         raise bad_request(f"Adapter directory not found: {data.adapter_path}")
     server.models.start_load(data.model_name, data.adapter_path)
     return LoadResponse(
