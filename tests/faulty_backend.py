@@ -1,0 +1,92 @@
+"""A fault-injecting backend for tests: the real MLX backend, whose engines fail when a test says so.
+
+Register it in place of the default backend, under the name the server serves from ("mlx")::
+
+    faults = FaultyBackendPlugin()
+    with test_client(model, plugins="no:mlx", extra_plugins={"faulty-mlx": faults}) as client: ...
+
+Generation is real (mlx-lm's batch engine on the loaded model); only these faults are added:
+
+- a prompt holding ``ADD_FAULT`` is refused by the engine as it joins the batch (``add`` raises);
+- while ``faults.step_fault`` is set, every engine step whose batch holds a prompt with ``STEP_FAULT``
+  raises, as a device error in the middle of a batch would. It is set from the start unless the
+  plugin is made with ``step_fault=False``, so a test can first line up the batch and the queue.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from forgellm import hookimpl
+from forgellm.backends.mlx import MlxBackend
+
+ADD_FAULT = "[fault: refuse to start]"
+STEP_FAULT = "[fault: break the batch]"
+ADD_FAULT_MESSAGE = "injected fault: the engine refused the sequence"
+STEP_FAULT_MESSAGE = "injected fault: the device failed mid-batch"
+
+
+class FaultyEngine:
+    def __init__(self, engine, step_fault: threading.Event) -> None:
+        self._engine = engine
+        self._step_fault = step_fault
+        self._breakers: set[int] = set()
+
+    def add(self, seq_id, job):
+        if ADD_FAULT in job.prompt_text:
+            raise RuntimeError(ADD_FAULT_MESSAGE)
+        if STEP_FAULT in job.prompt_text:
+            self._breakers.add(seq_id)
+        return self._engine.add(seq_id, job)
+
+    def step(self):
+        if self._breakers and self._step_fault.is_set():
+            raise RuntimeError(STEP_FAULT_MESSAGE)
+        return self._engine.step()
+
+    def remove(self, seq_ids):
+        seq_ids = list(seq_ids)
+        self._breakers.difference_update(seq_ids)
+        self._engine.remove(seq_ids)
+
+    def __len__(self):
+        return len(self._engine)
+
+    def close(self):
+        self._engine.close()
+
+
+class FaultyModel:
+    """The loaded MLX model; only its engines are wrapped."""
+
+    def __init__(self, model, step_fault: threading.Event) -> None:
+        self._model = model
+        self._step_fault = step_fault
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def create_engine(self, max_batch_size):
+        return FaultyEngine(self._model.create_engine(max_batch_size), self._step_fault)
+
+
+class FaultyBackend:
+    def __init__(self, step_fault: threading.Event) -> None:
+        self._mlx = MlxBackend()
+        self._step_fault = step_fault
+
+    def load(self, model_name, adapter_path):
+        return FaultyModel(self._mlx.load(model_name, adapter_path), self._step_fault)
+
+
+class FaultyBackendPlugin:
+    """Registers the fault-injecting backend as "mlx"; ``step_fault`` switches the mid-batch fault on and off."""
+
+    def __init__(self, *, step_fault: bool = True) -> None:
+        self.step_fault = threading.Event()
+        if step_fault:
+            self.step_fault.set()
+
+    @hookimpl
+    def register_backends(self, register):
+        register("mlx", FaultyBackend(self.step_fault))
