@@ -79,17 +79,6 @@ def test_bad_option_value_is_a_usage_error():
     assert "--log-level" in result.output
 
 
-def assert_clean_exit(code: int, output: str) -> None:
-    """Exit code 0, except for one known MLX fault, which is reported as an expected failure.
-
-    MLX streams created on the engine thread must be released there (mx.clear_streams()) before
-    the process exits; until the scheduler does that, about one exit in five aborts in MLX's
-    static destructors after the graceful shutdown has finished.
-    """
-    if code == -signal.SIGABRT and "terminate called without an active exception" in output:
-        pytest.xfail("MLX aborted at process exit: the engine thread does not call mx.clear_streams()")
-    assert code == 0, output
-
 
 @pytest.fixture(scope="module")
 def started_with_model(tiny_model, tiny_adapter):
@@ -132,6 +121,6 @@ def test_sigterm_shuts_down_cleanly_and_the_log_shows_the_port_opened_before_the
 
     assert "Traceback" not in output
     assert "Application shutdown complete" in output
-    assert_clean_exit(code, output)
+    assert code == 0, output
     # uvicorn prints this once its socket listens; the tiny model's load ends after it.
     assert output.index("Uvicorn running on") < output.index(f"loaded {tiny_model} in"), output

@@ -239,3 +239,29 @@ def test_unicode_prompt_round_trips(client):
     result = generate(client, prompt="Café ☕ — naïve 日本語 🚀", temperature=0, max_tokens=6)
 
     assert result["completion_tokens"] == 6
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_400(tmp_path):
+    """Templates raise on conversations they cannot render (here: no system role); that is the client's input."""
+    from forgellm.testing import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "no-system-role")
+    (model / "chat_template.jinja").write_text(
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    with test_client(model) as strict_client:
+        guide = strict_client.post(
+            "/api/model/generate", json={"prompt": "hi", "system_prompt": "be brief", "max_tokens": 2}
+        )
+        assert guide.status_code == 400
+        assert guide.json() == {
+            "success": False,
+            "error": "The model's chat template rejected the conversation: System role not supported",
+        }
+        openai = strict_client.post(
+            "/v1/chat/completions", json={"messages": [{"role": "system", "content": "x"}], "max_tokens": 2}
+        )
+        assert openai.status_code == 400
+        assert "System role not supported" in openai.json()["error"]["message"]
+        assert strict_client.post("/api/model/generate", json={"prompt": "hi", "max_tokens": 2}).status_code == 200

@@ -150,17 +150,6 @@ curl -X POST -H "Content-Type: application/json" -d '{"prompt": "Hello, world!",
 '''
 
 
-def assert_clean_exit(code: int, output: str) -> None:
-    """Exit code 0, except for one known MLX fault, which is reported as an expected failure.
-
-    MLX streams created on the engine thread must be released there (mx.clear_streams()) before
-    the process exits; until the scheduler does that, about one exit in five aborts in MLX's
-    static destructors after the graceful shutdown has finished.
-    """
-    if code == -signal.SIGABRT and "terminate called without an active exception" in output:
-        pytest.xfail("MLX aborted at process exit: the engine thread does not call mx.clear_streams()")
-    assert code == 0, output
-
 
 def adapted(code: str, server: ServerProcess, model: Path) -> str:
     """The guide's code with only its URL and model name changed."""
@@ -261,4 +250,4 @@ def test_sigint_shuts_down_cleanly(server):
 
     assert "Traceback" not in output
     assert "Application shutdown complete" in output
-    assert_clean_exit(code, output)
+    assert code == 0, output

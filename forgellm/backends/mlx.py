@@ -10,6 +10,7 @@ the earlier turns of a conversation) skips that prefix's prefill.
 from __future__ import annotations
 
 import gc
+import math
 import os
 from collections import deque
 from typing import Iterable, Optional
@@ -18,7 +19,7 @@ import mlx.core as mx
 from mlx_lm import load as mlx_load
 from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler, make_logits_processors
+from mlx_lm.sample_utils import apply_top_k, apply_top_p, greedy_sampler, make_logits_processors
 
 from forgellm import hookimpl
 from forgellm.core.generation import GenerationJob, SamplingParams, TokenOutput
@@ -41,15 +42,33 @@ def _top_k_filter(top_k: int):
     return keep
 
 
+def _min_p_filter(min_p: float):
+    """Keep tokens at least min_p times as likely as the best one.
+
+    Written here rather than mlx-lm's apply_min_p, which checks its bound in Python and so
+    cannot take min_p as an array: each distinct value would be a new compilation.
+    """
+    log_min_p = mx.array(math.log(min_p))
+
+    def keep(logprobs: mx.array) -> mx.array:
+        threshold = logprobs.max(axis=-1, keepdims=True) + log_min_p
+        return mx.where(logprobs >= threshold, logprobs, -mx.inf)
+
+    return keep
+
+
 def make_random_sampler(params: SamplingParams):
     """Filters, then a draw at the request's temperature; a seeded request draws from its own PRNG key,
     so it is reproducible even inside a shared batch."""
     key = mx.random.key(params.seed) if params.seed is not None else None
     filters = []
+    # Values go in as arrays: mlx-lm compiles its filters, and a Python float would make every
+    # distinct value a new compilation (about 0.6 s each, stalling the whole batch).
     if 0 < params.top_p < 1.0:
-        filters.append(lambda lp: apply_top_p(lp, params.top_p))
+        top_p = mx.array(params.top_p)
+        filters.append(lambda lp: apply_top_p(lp, top_p))
     if params.min_p > 0:
-        filters.append(lambda lp: apply_min_p(lp, params.min_p))
+        filters.append(_min_p_filter(params.min_p))
     if params.top_k > 0:
         filters.append(_top_k_filter(params.top_k))
 

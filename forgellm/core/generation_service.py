@@ -12,6 +12,7 @@ import time
 from typing import AsyncIterator, Optional
 
 import anyio
+import jinja2
 from litestar import Request
 
 from forgellm.backends.base import LoadedModel
@@ -41,7 +42,11 @@ async def tokenize(
     """The serving model and the prompt's tokens: raw text as is, messages through the chat template."""
     model = server_of(request).models.require_model()
     if messages is not None and model.has_chat_template:
-        tokens = await anyio.to_thread.run_sync(model.encode_chat, messages)
+        try:
+            tokens = await anyio.to_thread.run_sync(model.encode_chat, messages)
+        except (jinja2.TemplateError, ValueError) as exc:
+            # Templates refuse conversations they cannot render ("roles must alternate"): the client's input.
+            raise bad_request(f"The model's chat template rejected the conversation: {exc}") from None
     else:
         raw = text if messages is None else render_without_template(messages)
         tokens = await anyio.to_thread.run_sync(model.encode, raw)
