@@ -10,7 +10,10 @@ Generation is real (mlx-lm's batch engine on the loaded model); only these fault
 - a prompt holding ``ADD_FAULT`` is refused by the engine as it joins the batch (``add`` raises);
 - while ``faults.step_fault`` is set, every engine step whose batch holds a prompt with ``STEP_FAULT``
   raises, as a device error in the middle of a batch would. It is set from the start unless the
-  plugin is made with ``step_fault=False``, so a test can first line up the batch and the queue.
+  plugin is made with ``step_fault=False``, so a test can first line up the batch and the queue;
+- removing a sequence whose prompt holds ``REMOVE_FAULT`` from the batch (a stop string reached, a
+  client gone) raises;
+- while ``faults.close_fault`` is set, closing an engine (a model swap, shutdown) raises.
 """
 
 from __future__ import annotations
@@ -22,30 +25,38 @@ from forgellm.backends.mlx import MlxBackend
 
 ADD_FAULT = "[fault: refuse to start]"
 STEP_FAULT = "[fault: break the batch]"
+REMOVE_FAULT = "[fault: cannot be removed]"
 ADD_FAULT_MESSAGE = "injected fault: the engine refused the sequence"
 STEP_FAULT_MESSAGE = "injected fault: the device failed mid-batch"
+REMOVE_FAULT_MESSAGE = "injected fault: the engine could not remove the sequence"
+CLOSE_FAULT_MESSAGE = "injected fault: the engine could not be closed"
 
 
 class FaultyEngine:
-    def __init__(self, engine, step_fault: threading.Event) -> None:
+    def __init__(self, engine, plugin: "FaultyBackendPlugin") -> None:
         self._engine = engine
-        self._step_fault = step_fault
+        self._plugin = plugin
         self._breakers: set[int] = set()
+        self._unremovable: set[int] = set()
 
     def add(self, seq_id, job):
         if ADD_FAULT in job.prompt_text:
             raise RuntimeError(ADD_FAULT_MESSAGE)
         if STEP_FAULT in job.prompt_text:
             self._breakers.add(seq_id)
+        if REMOVE_FAULT in job.prompt_text:
+            self._unremovable.add(seq_id)
         return self._engine.add(seq_id, job)
 
     def step(self):
-        if self._breakers and self._step_fault.is_set():
+        if self._breakers and self._plugin.step_fault.is_set():
             raise RuntimeError(STEP_FAULT_MESSAGE)
         return self._engine.step()
 
     def remove(self, seq_ids):
         seq_ids = list(seq_ids)
+        if self._unremovable.intersection(seq_ids):
+            raise RuntimeError(REMOVE_FAULT_MESSAGE)
         self._breakers.difference_update(seq_ids)
         self._engine.remove(seq_ids)
 
@@ -53,40 +64,43 @@ class FaultyEngine:
         return len(self._engine)
 
     def close(self):
+        if self._plugin.close_fault.is_set():
+            raise RuntimeError(CLOSE_FAULT_MESSAGE)
         self._engine.close()
 
 
 class FaultyModel:
     """The loaded MLX model; only its engines are wrapped."""
 
-    def __init__(self, model, step_fault: threading.Event) -> None:
+    def __init__(self, model, plugin: "FaultyBackendPlugin") -> None:
         self._model = model
-        self._step_fault = step_fault
+        self._plugin = plugin
 
     def __getattr__(self, name):
         return getattr(self._model, name)
 
     def create_engine(self, max_batch_size):
-        return FaultyEngine(self._model.create_engine(max_batch_size), self._step_fault)
+        return FaultyEngine(self._model.create_engine(max_batch_size), self._plugin)
 
 
 class FaultyBackend:
-    def __init__(self, step_fault: threading.Event) -> None:
+    def __init__(self, plugin: "FaultyBackendPlugin") -> None:
         self._mlx = MlxBackend()
-        self._step_fault = step_fault
+        self._plugin = plugin
 
     def load(self, model_name, adapter_path):
-        return FaultyModel(self._mlx.load(model_name, adapter_path), self._step_fault)
+        return FaultyModel(self._mlx.load(model_name, adapter_path), self._plugin)
 
 
 class FaultyBackendPlugin:
-    """Registers the fault-injecting backend as "mlx"; ``step_fault`` switches the mid-batch fault on and off."""
+    """Registers the fault-injecting backend as "mlx"; ``step_fault`` and ``close_fault`` switch those faults."""
 
     def __init__(self, *, step_fault: bool = True) -> None:
         self.step_fault = threading.Event()
         if step_fault:
             self.step_fault.set()
+        self.close_fault = threading.Event()
 
     @hookimpl
     def register_backends(self, register):
-        register("mlx", FaultyBackend(self.step_fault))
+        register("mlx", FaultyBackend(self))

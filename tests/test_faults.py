@@ -23,7 +23,14 @@ import pytest
 import uvicorn
 from litestar.testing import TestClient
 
-from faulty_backend import ADD_FAULT, ADD_FAULT_MESSAGE, STEP_FAULT, STEP_FAULT_MESSAGE, FaultyBackendPlugin
+from faulty_backend import (
+    ADD_FAULT,
+    ADD_FAULT_MESSAGE,
+    REMOVE_FAULT,
+    STEP_FAULT,
+    STEP_FAULT_MESSAGE,
+    FaultyBackendPlugin,
+)
 from forgellm.core.app import create_app
 from forgellm.testing import free_port, make_settings, test_client, wait_until_loaded
 
@@ -159,6 +166,57 @@ def test_a_sequence_the_engine_refuses_fails_alone(faulty_server, scheduler):
     assert finished.json()["usage"]["completion_tokens"] == 1000
     send.shutdown()
     assert_ready(faulty_server)
+
+
+# The engine thread survives a failed add() and a failed step(), but not a failed remove() (scheduler.py
+# _step and _drop call it outside any try) nor a failed close() (_swap calls _close_model before its try):
+# the thread dies, /readyz turns 503, and every request after that waits for --request-timeout.
+
+
+ENGINE_THREAD_DIES = pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+
+
+@pytest.fixture()
+def own_faulty_server(tiny_model):
+    """A server of its own (these faults kill its engine thread), with a short timeout so a hang ends."""
+    faults = FaultyBackendPlugin(step_fault=False)
+    with test_client(tiny_model, plugins="no:mlx", extra_plugins={"faulty-mlx": faults}, request_timeout=2) as client:
+        yield client, faults
+
+
+@ENGINE_THREAD_DIES
+@pytest.mark.xfail(strict=True, reason="scheduler.py: an engine whose remove() raises kills the engine thread; "
+                   "every later request times out (504) and /readyz stays 503")
+def test_an_engine_that_fails_to_remove_a_sequence_fails_only_that_request(own_faulty_server):
+    client, _ = own_faulty_server
+    body = {"prompt": f"Once upon a time {REMOVE_FAULT}", "max_tokens": SERVED_TOKENS, "temperature": 0}
+    text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    # Greedy, so the same request generates the same text: a stop string from inside it is reached,
+    # and the scheduler removes the sequence from the batch.
+    stopped = client.post("/v1/completions", json={**body, "stop": text[2:5]})
+
+    assert stopped.status_code in (200, 500), stopped.text  # answered, not left to time out
+    later = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": SERVED_TOKENS})
+    assert later.status_code == 200, later.text
+    assert_ready(client)
+
+
+@ENGINE_THREAD_DIES
+@pytest.mark.xfail(strict=True, reason="scheduler.py: an engine whose close() raises during a model swap kills "
+                   "the engine thread; the load never ends (is_loading stays true) and /readyz stays 503")
+def test_an_engine_that_fails_to_close_does_not_wedge_the_next_load(own_faulty_server, tiny_model):
+    client, faults = own_faulty_server
+    faults.close_fault.set()
+    assert client.post("/api/model/load", json={"model_name": str(tiny_model)}).status_code == 200
+
+    status = wait_until_loaded(client, timeout=3)  # the tiny model loads in well under a second
+
+    faults.close_fault.clear()
+    assert status["is_loading"] is False
+    if not status["loaded"]:  # a failed swap may be reported as a load error; the next load must then serve
+        assert client.post("/api/model/load", json={"model_name": str(tiny_model)}).status_code == 200
+        assert wait_until_loaded(client, timeout=5)["loaded"] is True
+    assert_ready(client)
 
 
 # -- the model cannot load ---------------------------------------------------------------------
