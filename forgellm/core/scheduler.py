@@ -257,12 +257,7 @@ class Scheduler:
         try:
             outputs = self._engine.step()
         except Exception as exc:
-            # The batch's state is unknown now: fail the sequences it held and start a fresh engine.
-            logger.exception("engine step failed; failing %d sequences", len(self._running))
-            failed = [TokenOutput(seq_id, "", error=str(exc) or type(exc).__name__) for seq_id in self._running]
-            self._running.clear()
-            self._engine = self._model.create_engine(self.max_concurrency)
-            self._post(failed)
+            self._reset_engine("step", exc)
             return
         self.steps += 1
         delivered = []
@@ -283,15 +278,34 @@ class Scheduler:
             if finish_reason is not None:
                 del self._running[output.seq_id]
             delivered.append(TokenOutput(output.seq_id, text, finish_reason))
-        if stopped:
-            self._engine.remove(stopped)
         self._post(delivered)
+        if stopped:
+            self._remove(stopped)
 
     def _drop(self, seq_id: int) -> None:
         if self._running.pop(seq_id, None) is not None:
-            self._engine.remove([seq_id])
+            self._remove([seq_id])
         else:
             self._waiting = deque(s for s in self._waiting if s.seq_id != seq_id)
+
+    def _remove(self, seq_ids: list[int]) -> None:
+        try:
+            self._engine.remove(seq_ids)
+        except Exception as exc:
+            self._reset_engine("remove", exc)
+
+    def _reset_engine(self, operation: str, exc: Exception) -> None:
+        """After an engine call fails the batch's state is unknown: fail what it held and start a fresh engine."""
+        logger.exception("engine %s failed; failing %d sequences", operation, len(self._running), exc_info=exc)
+        failed = [TokenOutput(seq_id, "", error=str(exc) or type(exc).__name__) for seq_id in self._running]
+        self._running.clear()
+        self._post(failed)
+        self._close_quietly(self._engine)
+        try:
+            self._engine = self._model.create_engine(self.max_concurrency)
+        except Exception:
+            logger.exception("could not start a fresh engine; requests fail until the next load")
+            self._engine = None
 
     def _swap(self, load: ModelLoader, future: concurrent.futures.Future) -> None:
         self._close_model()
@@ -306,11 +320,19 @@ class Scheduler:
         future.set_result(model)
 
     def _close_model(self) -> None:
-        if self._engine is not None and hasattr(self._engine, "close"):
-            self._engine.close()
-        if self._model is not None:
-            self._model.close()
+        engine, model = self._engine, self._model
         self._model = self._engine = None
+        self._close_quietly(engine)
+        self._close_quietly(model)
+
+    @staticmethod
+    def _close_quietly(resource) -> None:
+        # A failure to free memory must not stop the engine thread (and with it every later request and load).
+        if resource is not None and hasattr(resource, "close"):
+            try:
+                resource.close()
+            except Exception:
+                logger.exception("closing %s failed", type(resource).__name__)
 
     def _post(self, outputs: list[TokenOutput]) -> None:
         cached, self._cached_prompt_tokens = self._cached_prompt_tokens, {}
