@@ -168,9 +168,8 @@ def test_a_sequence_the_engine_refuses_fails_alone(faulty_server, scheduler):
     assert_ready(faulty_server)
 
 
-# The engine thread survives a failed add() and a failed step(), but not a failed remove() (scheduler.py
-# _step and _drop call it outside any try) nor a failed close() (_swap calls _close_model before its try):
-# the thread dies, /readyz turns 503, and every request after that waits for --request-timeout.
+# The engine thread survives every engine call that fails: a failed remove() (a stop string reached, a
+# client gone) is handled as a failed step, and a failed close() (a model swap) is logged and passed over.
 
 
 @pytest.fixture()
@@ -181,7 +180,7 @@ def own_faulty_server(tiny_model):
         yield client, faults
 
 
-def test_an_engine_that_fails_to_remove_a_sequence_fails_only_that_request(own_faulty_server):
+def test_an_engine_that_fails_to_remove_a_sequence_keeps_serving(own_faulty_server):
     client, _ = own_faulty_server
     body = {"prompt": f"Once upon a time {REMOVE_FAULT}", "max_tokens": SERVED_TOKENS, "temperature": 0}
     text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
@@ -189,7 +188,8 @@ def test_an_engine_that_fails_to_remove_a_sequence_fails_only_that_request(own_f
     # and the scheduler removes the sequence from the batch.
     stopped = client.post("/v1/completions", json={**body, "stop": text[2:5]})
 
-    assert stopped.status_code in (200, 500), stopped.text  # answered, not left to time out
+    assert stopped.status_code == 200, stopped.text  # its text was complete before the removal failed
+    assert stopped.json()["choices"][0]["finish_reason"] == "stop"
     later = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": SERVED_TOKENS})
     assert later.status_code == 200, later.text
     assert_ready(client)
@@ -203,10 +203,8 @@ def test_an_engine_that_fails_to_close_does_not_wedge_the_next_load(own_faulty_s
     status = wait_until_loaded(client, timeout=3)  # the tiny model loads in well under a second
 
     faults.close_fault.clear()
-    assert status["is_loading"] is False
-    if not status["loaded"]:  # a failed swap may be reported as a load error; the next load must then serve
-        assert client.post("/api/model/load", json={"model_name": str(tiny_model)}).status_code == 200
-        assert wait_until_loaded(client, timeout=5)["loaded"] is True
+    assert status["loaded"] is True, status
+    assert client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": SERVED_TOKENS}).status_code == 200
     assert_ready(client)
 
 
