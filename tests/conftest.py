@@ -13,6 +13,14 @@ import pytest  # noqa: E402
 from forgellm.testing import build_tiny_adapter, build_tiny_model, test_client  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_config_home(tmp_path_factory):
+    """Keep the developer's ~/.config/forgellm (the auth plugin's default keys file) out of every test."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config-home")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")

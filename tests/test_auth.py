@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from litestar.routes import HTTPRoute
 
-from forgellm import hookimpl
+from identity_probe import IdentityProbe
 from forgellm.plugins.auth.keys_file import add_key
 from forgellm.testing import ServerProcess, test_client
 
@@ -27,23 +27,8 @@ CHALLENGE = 'Bearer realm="forgellm"'
 GENERATE_BODY = {"prompt": "Hello", "max_tokens": 2}
 
 
-class IdentityProbe:
-    """A plugin that remembers the identity each authorized request carried (it never votes)."""
-
-    def __init__(self) -> None:
-        self.identities = []
-
-    @hookimpl
-    def authorize(self, identity, action, request, server):
-        self.identities.append(identity)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def private_config_home(tmp_path_factory):
-    """Keep the developer's ~/.config/forgellm/keys.json (the default keys file) out of these tests."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config-home")))
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import json
 import random
 import shutil
-import threading
-import time
-from typing import Iterator
 
 import httpx
 import pytest
-import uvicorn
 from litestar.testing import TestClient
 
+from live_server import idle, serving, wait_for
 from faulty_backend import (
     ADD_FAULT,
     ADD_FAULT_MESSAGE,
@@ -32,24 +28,13 @@ from faulty_backend import (
     FaultyBackendPlugin,
 )
 from forgellm.core.app import create_app
-from forgellm.testing import free_port, make_settings, test_client, wait_until_loaded
+from forgellm.testing import make_settings, test_client, wait_until_loaded
 
 # Far more tokens than any test waits for: such a generation ends only by a fault or a disconnect.
 ENDLESS = 50_000
 SERVED_TOKENS = 8
 
 
-def wait_for(condition, what: str, timeout: float = 60.0) -> None:
-    """Poll until condition() holds; the deadline only turns a broken server into a failure, not a hang."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
-def idle(scheduler) -> bool:
-    return scheduler.in_flight == 0 and scheduler.active_count == 0 and scheduler.waiting_count == 0
 
 
 def ndjson(response) -> list[dict]:
@@ -244,23 +229,6 @@ def test_a_server_started_on_broken_weights_reports_it_and_stays_up(tiny_model, 
 # -- clients walk away -------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def live_server(tiny_model, **settings) -> Iterator[tuple[str, object]]:
-    """The app under uvicorn on a real socket in this process: (base URL, its scheduler)."""
-    app = create_app(make_settings(model=str(tiny_model), **settings))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started, "uvicorn to start")
-        wait_for(lambda: app.state.server.models.state.loaded, "the model to load")
-        yield f"http://127.0.0.1:{port}", app.state.server.scheduler
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
 STREAMS = [
     ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": ENDLESS, "stream": True}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": ENDLESS, "stream": True}),
@@ -294,7 +262,8 @@ async def streams_then_walk_away(url: str, scheduler) -> list[int]:
 
 
 def test_a_hundred_clients_that_hang_up_mid_stream_leave_nothing_behind(tiny_model):
-    with live_server(tiny_model, max_concurrency=8, max_queue=CLIENTS, max_tokens_cap=ENDLESS) as (url, scheduler):
+    with serving(tiny_model, max_concurrency=8, max_queue=CLIENTS, max_tokens_cap=ENDLESS) as live:
+        url, scheduler = live.url, live.scheduler
         statuses = asyncio.run(asyncio.wait_for(streams_then_walk_away(url, scheduler), timeout=120))
         assert statuses == [200] * CLIENTS
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from forgellm import hookimpl
+from identity_probe import IdentityProbe
 from forgellm.plugins.auth.authenticator import AuthConfigError
 from forgellm.testing import test_client
 
@@ -31,21 +31,8 @@ CHALLENGE = 'Bearer realm="forgellm"'
 LOAD_BODY = {"model_name": "/nowhere/model"}  # past the guard this is a 400, so it probes authorization only
 
 
-class IdentityProbe:
-    def __init__(self) -> None:
-        self.identities = []
-
-    @hookimpl
-    def authorize(self, identity, action, request, server):
-        self.identities.append(identity)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def private_config_home(tmp_path_factory):
-    """Keep the developer's default keys file out of these tests."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config-home")))
-        yield
 
 
 def b64url(data: bytes) -> str:

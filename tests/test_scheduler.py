@@ -11,70 +11,26 @@ import concurrent.futures
 import contextlib
 import json
 import socket
-import threading
-import time
 from typing import Iterator
 
 import httpx
 import pytest
-import uvicorn
 
 from forgellm import hookimpl
 from forgellm.backends.mlx import MlxBackend, MlxModel
-from forgellm.core.app import create_app
 from forgellm.core.plugins import create_plugin_manager, enabled_plugin_names
-from forgellm.testing import free_port, make_settings
+from live_server import LiveServer, idle, serving, wait_for
 
 # Far more tokens than any test waits for: a sequence that is still running is one that was not stopped.
 ENDLESS = 50_000
 
 
-class LiveServer:
-    def __init__(self, app, port: int) -> None:
-        self.app = app
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
-
-    @property
-    def scheduler(self):
-        return self.app.state.server.scheduler
-
-
-@contextlib.contextmanager
-def serving(tiny_model, pm=None, **settings) -> Iterator[LiveServer]:
-    """The app with the model loaded, served by uvicorn on a free port until the block ends."""
-    app = create_app(make_settings(model=str(tiny_model), max_tokens_cap=ENDLESS, **settings), pm)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    live = LiveServer(app, port)
-    try:
-        wait_for(lambda: server.started, "uvicorn to start")
-        wait_for(lambda: app.state.server.models.state.loaded, "the model to load")
-        yield live
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
-def wait_for(condition, what: str, timeout: float = 30.0) -> None:
-    """Poll until condition() holds; a deadline only so that a broken server fails instead of hanging."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
-def idle(scheduler) -> bool:
-    return scheduler.in_flight == 0 and scheduler.active_count == 0 and scheduler.waiting_count == 0
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model):
     """One decode slot and one queue place, so two requests fill the server."""
-    with serving(tiny_model, max_concurrency=1, max_queue=1, max_prompt_tokens=64) as live:
+    with serving(tiny_model, max_tokens_cap=ENDLESS, max_concurrency=1, max_queue=1, max_prompt_tokens=64) as live:
         yield live
 
 
@@ -198,7 +154,7 @@ def test_queued_client_that_disconnects_gives_up_its_place(server, http):
 
 @pytest.fixture(scope="module")
 def impatient_server(tiny_model):
-    with serving(tiny_model, request_timeout=0.5) as live:
+    with serving(tiny_model, max_tokens_cap=ENDLESS, request_timeout=0.5) as live:
         yield live
 
 
@@ -247,7 +203,7 @@ def test_model_that_cannot_batch_is_served_one_sequence_at_a_time(tiny_model):
     names = enabled_plugin_names("no:mlx")
     pm = create_plugin_manager(names, extra_plugins=[("one-at-a-time", OneAtATimePlugin())])
     prompts = ["Once upon a time", "The quick brown fox", "Servers load models"]
-    with serving(tiny_model, pm=pm) as live, httpx.Client(base_url=live.url, timeout=60) as http:
+    with serving(tiny_model, max_tokens_cap=ENDLESS, pm=pm) as live, httpx.Client(base_url=live.url, timeout=60) as http:
         steps_before = live.scheduler.steps
         with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
             responses = list(pool.map(
@@ -258,7 +214,7 @@ def test_model_that_cannot_batch_is_served_one_sequence_at_a_time(tiny_model):
         assert [r.json()["usage"]["completion_tokens"] for r in responses] == [8] * 3
         assert live.scheduler.steps - steps_before == 3 * 8  # one token per step: no batching, no failure
         unbatched = [r.json()["choices"][0]["text"] for r in responses]
-    with serving(tiny_model) as live, httpx.Client(base_url=live.url, timeout=60) as http:
+    with serving(tiny_model, max_tokens_cap=ENDLESS) as live, httpx.Client(base_url=live.url, timeout=60) as http:
         batched = [http.post("/v1/completions", json={"prompt": p, "max_tokens": 8, "temperature": 0})
                    .json()["choices"][0]["text"] for p in prompts]
     assert unbatched == batched

@@ -1,0 +1,55 @@
+"""The app under uvicorn on a real socket inside the test process, for tests that need real
+disconnects yet want to read the scheduler's counters directly."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Iterator
+
+import uvicorn
+
+from forgellm.core.app import create_app
+from forgellm.testing import free_port, make_settings
+
+
+def wait_for(condition, what: str, timeout: float = 60.0) -> None:
+    """Poll until condition() holds; the deadline only turns a broken server into a failure, not a hang."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def idle(scheduler) -> bool:
+    return scheduler.in_flight == 0 and scheduler.active_count == 0 and scheduler.waiting_count == 0
+
+
+class LiveServer:
+    def __init__(self, app, port: int) -> None:
+        self.app = app
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+
+    @property
+    def scheduler(self):
+        return self.app.state.server.scheduler
+
+
+@contextlib.contextmanager
+def serving(model, pm=None, **settings) -> Iterator[LiveServer]:
+    """The app with the model loaded, served by uvicorn on a free port until the block ends."""
+    app = create_app(make_settings(model=str(model), **settings), pm)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, "uvicorn to start")
+        wait_for(lambda: app.state.server.models.state.loaded, "the model to load")
+        yield LiveServer(app, port)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
