@@ -137,6 +137,11 @@ INVALID_GENERATE_BODIES = {
     "history item without content": b'{"prompt": "Hello", "history": [{"role": "user"}]}',
     "history item with unknown role": b'{"prompt": "Hello", "history": [{"role": "robot", "content": "beep"}]}',
     "streaming not a bool": b'{"prompt": "Hello", "streaming": "yes"}',
+    # Litestar decodes bodies in msgspec's lax mode ("10" becomes 10); routes re-read them strictly.
+    "max_tokens a numeric string": b'{"prompt": "Hello", "max_tokens": "2"}',
+    "seed a numeric string": b'{"prompt": "Hello", "max_tokens": 2, "seed": "7"}',
+    "temperature a numeric string": b'{"prompt": "Hello", "max_tokens": 2, "temperature": "0.5"}',
+    "streaming the string true": b'{"prompt": "Hello", "max_tokens": 2, "streaming": "true"}',
 }
 
 
@@ -145,21 +150,6 @@ def test_invalid_generate_request_is_400(client, body):
     response = client.post("/api/model/generate", content=body, headers={"Content-Type": "application/json"})
     assert_envelope(response, 400)
 
-
-# Litestar decodes bodies in msgspec's lax mode, which turns "10" into 10 and "true" into True
-# before the route sees them; the issue asks for a 400, so routes re-read the body strictly.
-LAX_COERCED_BODIES = {
-    "max_tokens a numeric string": b'{"prompt": "Hello", "max_tokens": "2"}',
-    "seed a numeric string": b'{"prompt": "Hello", "max_tokens": 2, "seed": "7"}',
-    "temperature a numeric string": b'{"prompt": "Hello", "max_tokens": 2, "temperature": "0.5"}',
-    "streaming the string true": b'{"prompt": "Hello", "max_tokens": 2, "streaming": "true"}',
-}
-
-
-@pytest.mark.parametrize("body", LAX_COERCED_BODIES.values(), ids=LAX_COERCED_BODIES.keys())
-def test_string_for_a_number_or_bool_is_400(client, body):
-    response = client.post("/api/model/generate", content=body, headers={"Content-Type": "application/json"})
-    assert_envelope(response, 400)
 
 
 def test_invalid_json_says_so(client):

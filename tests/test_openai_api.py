@@ -219,6 +219,8 @@ def test_unknown_model_is_not_found(oai):
         ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
         ("/v1/completions", {"prompt": "x", "max_tokens": 10**6}, "max_tokens"),
         ("/v1/completions", {"prompt": "x", "max_tokens": "ten"}, "max_tokens"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": "10"}, "max_tokens"),  # no lenient coercion
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream": "true"}, "stream"),
         ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
         ("/v1/completions", {"prompt": "x", "stop": ["s"] * 17}, "stop"),
     ],

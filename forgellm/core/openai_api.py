@@ -20,6 +20,7 @@ from forgellm.core import generation_service
 from forgellm.core.access_control import GENERATE, STATUS
 from forgellm.core.errors import ApiError, as_api_error, bad_request, openai_error
 from forgellm.core.generation import Completion, GenerationJob, SamplingParams
+from forgellm.core.request_body import strict_body
 from forgellm.core.guide_api import max_tokens_for, stop_strings
 from forgellm.core.scheduler import SequenceHandle
 from forgellm.core.openapi_docs import (
@@ -193,6 +194,7 @@ async def list_models(request: Request) -> ModelList:
     ),
 )
 async def completions(request: Request, data: JSONBody[CompletionRequest]) -> Union[CompletionResponse, Stream]:
+    data = await strict_body(request, CompletionRequest)
     name = _check_common(request, data)
     if isinstance(data.prompt, list):
         if len(data.prompt) != 1:
@@ -231,6 +233,7 @@ async def completions(request: Request, data: JSONBody[CompletionRequest]) -> Un
     ),
 )
 async def chat_completions(request: Request, data: JSONBody[ChatCompletionRequest]) -> Union[ChatCompletionResponse, Stream]:
+    data = await strict_body(request, ChatCompletionRequest)
     name = _check_common(request, data)
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)} for m in data.messages
