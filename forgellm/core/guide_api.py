@@ -209,7 +209,10 @@ async def generate(request: Request, data: JSONBody[GenerateRequest]) -> Union[G
     if data.streaming:
         # A header, not media_type=: Litestar lets the route's default (JSON) override a Stream's media_type.
         return Stream(_ndjson(request, handle), headers={"Content-Type": "application/x-ndjson"})
-    completion = await generation_service.complete(request, handle)
+    return _response(await generation_service.complete(request, handle))
+
+
+def _response(completion) -> GenerateResponse:
     return GenerateResponse(
         success=True,
         text=completion.text,
@@ -230,20 +233,8 @@ async def _ndjson(request: Request, handle) -> AsyncIterator[str]:
     except Exception as exc:  # the status line is sent already: report the failure in-band
         yield json.dumps({"type": "error", "success": False, "error": as_api_error(exc).message}) + "\n"
         return
-    completion = handle.completion()
-    yield json.dumps(
-        {
-            "type": "complete",
-            "success": True,
-            "text": completion.text,
-            "generation_time": completion.generation_time,
-            "prompt_tokens": completion.usage.prompt_tokens,
-            "completion_tokens": completion.usage.completion_tokens,
-            "total_tokens": completion.usage.total_tokens,
-            "tokens_per_sec": completion.tokens_per_sec,
-            "finish_reason": completion.finish_reason,
-        }
-    ) + "\n"
+    # The complete line is the plain response's body, tagged: one definition of the counts for both.
+    yield json.dumps({"type": "complete", **msgspec.to_builtins(_response(handle.completion()))}) + "\n"
 
 
 ROUTES = [model_status, load_model, unload_model, generate]
