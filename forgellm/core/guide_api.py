@@ -17,7 +17,7 @@ from forgellm.core.errors import as_api_error, bad_request
 from forgellm.core.generation import GenerationJob, SamplingParams
 from forgellm.core.model_manager import require_allowed
 from forgellm.core.request_body import strict_body
-from forgellm.core.openapi_docs import NDJSON, NDJSON_STREAM, envelope_errors, json_body, streamed_as
+from forgellm.core.openapi_docs import NDJSON, any_of, envelope_errors, json_body, streamed_as
 
 NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
 
@@ -77,6 +77,30 @@ class GenerateResponse(msgspec.Struct):
     total_tokens: int
     tokens_per_sec: float
     finish_reason: str
+
+
+class NdjsonChunk(msgspec.Struct):
+    """A streamed line: text as it is generated."""
+
+    type: Literal["chunk"]
+    text: str
+
+
+class NdjsonComplete(GenerateResponse):
+    """The last streamed line of a successful generation: the plain response's body, tagged."""
+
+    type: Literal["complete"]
+
+
+class NdjsonError(msgspec.Struct):
+    """The last streamed line of a generation that failed after the stream began."""
+
+    type: Literal["error"]
+    success: bool  # always false
+    error: str
+
+
+NDJSON_STREAM = any_of(NdjsonChunk, NdjsonComplete, NdjsonError)
 
 
 def stop_strings(stop: Union[str, list[str], None]) -> tuple[str, ...]:

@@ -82,38 +82,6 @@ def json_body(data: Any, description: str) -> dict[int, ResponseSpec]:
     return {200: ResponseSpec(data_container=data, description=description, generate_examples=False)}
 
 
-# -- /api/model/generate with streaming: true ----------------------------------------------------
-
-
-class NdjsonChunk(msgspec.Struct):
-    """Text as it is generated."""
-
-    type: Literal["chunk"]
-    text: str
-
-
-class NdjsonComplete(msgspec.Struct):
-    """The last line of a successful generation: the whole text and its usage."""
-
-    type: Literal["complete"]
-    success: bool
-    text: str
-    generation_time: float
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    tokens_per_sec: float
-    finish_reason: str
-
-
-class NdjsonError(msgspec.Struct):
-    """The last line of a generation that failed after the stream began."""
-
-    type: Literal["error"]
-    success: bool  # always false
-    error: str
-
-
 # -- /v1/completions and /v1/chat/completions with stream: true ----------------------------------
 
 
@@ -201,7 +169,6 @@ def server_sent_event(data_schema: dict) -> dict:
     }
 
 
-NDJSON_STREAM = any_of(NdjsonChunk, NdjsonComplete, NdjsonError)
 COMPLETION_EVENTS = server_sent_event(any_of(CompletionChunk, OpenAIError))
 CHAT_COMPLETION_EVENTS = server_sent_event(any_of(ChatCompletionChunk, OpenAIError))
 
