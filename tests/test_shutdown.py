@@ -11,13 +11,13 @@ import json
 import signal
 import socket
 import threading
-import time
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from forgellm.testing import ServerProcess
+from live_server import wait_for
 
 DRAIN_TIMEOUT = 6  # seconds: ample for FINISHING tokens, while ENDLESS cannot finish in it
 FINISHING = 1000  # about a second of decoding, batched five at a time
@@ -75,13 +75,6 @@ def accepts_connections(port: int) -> bool:
         return False
 
 
-def wait_for(condition, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
 
 def assert_finished_whole(name: str, request: Request) -> None:
     assert request.error is None, f"{name}: {request.error!r}"
@@ -111,7 +104,7 @@ def test_sigterm_closes_the_port_drains_in_flight_requests_and_exits_0(server):
     requests = {name: Request(server.url, path, body) for name, (path, body) in IN_FLIGHT.items()}
     for request in requests.values():
         request.start()
-    wait_for(lambda: active_sequences(server.url) == len(requests), "every request to be generating")
+    wait_for(lambda: active_sequences(server.url) == len(requests), "every request to be generating", timeout=30)
     for name, request in requests.items():
         if request.streamed:
             assert request.first_line.wait(30), f"{name} never began"
@@ -120,7 +113,7 @@ def test_sigterm_closes_the_port_drains_in_flight_requests_and_exits_0(server):
 
     server.process.send_signal(signal.SIGTERM)
 
-    wait_for(lambda: not accepts_connections(server.port), "the port to stop accepting connections")
+    wait_for(lambda: not accepts_connections(server.port), "the port to stop accepting connections", timeout=30)
     assert requests["endless stream"].is_alive(), "the port must close while requests are still in flight"
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/healthz", timeout=5)
