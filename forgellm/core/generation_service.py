@@ -8,7 +8,6 @@ sequence when the client leaves or the request times out.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import AsyncIterator, Optional
 
 import anyio
@@ -83,8 +82,9 @@ async def _account(request: Request, handle: SequenceHandle) -> None:
 
 
 def _deadline(request: Request) -> Optional[float]:
+    """When the request times out, in the event loop's clock (what asyncio.timeout_at takes)."""
     timeout = server_of(request).settings.request_timeout
-    return time.monotonic() + timeout if timeout and timeout > 0 else None
+    return asyncio.get_running_loop().time() + timeout if timeout and timeout > 0 else None
 
 
 def _timed_out(request: Request) -> ApiError:
@@ -105,7 +105,7 @@ async def complete(request: Request, handle: SequenceHandle) -> Completion:
     try:
         await asyncio.wait(
             {finished, disconnected},
-            timeout=None if deadline is None else deadline - time.monotonic(),
+            timeout=None if deadline is None else deadline - asyncio.get_running_loop().time(),
             return_when=asyncio.FIRST_COMPLETED,
         )
     finally:
@@ -126,7 +126,7 @@ async def stream(request: Request, handle: SequenceHandle) -> AsyncIterator[str]
     """Text chunks as they are generated; the sequence is stopped when the client leaves (the generator closes)."""
     deadline = _deadline(request)
     try:
-        async with asyncio.timeout_at(None if deadline is None else _loop_time(deadline)):
+        async with asyncio.timeout_at(deadline):
             async for text in handle.chunks():
                 yield text
     except TimeoutError:
@@ -135,7 +135,3 @@ async def stream(request: Request, handle: SequenceHandle) -> AsyncIterator[str]
         handle.cancel()
         if handle.done or handle.completion_tokens:  # a stream the client abandoned is charged too
             await _account(request, handle)
-
-
-def _loop_time(monotonic_deadline: float) -> float:
-    return asyncio.get_running_loop().time() + (monotonic_deadline - time.monotonic())
