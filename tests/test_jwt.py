@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import time
+import warnings
 
 import jwt
 import pytest
@@ -115,6 +116,14 @@ def test_an_expired_token_within_the_leeway_is_accepted(hs_server):
     assert hs_server.get("/api/model/status", headers=bearer(hs256(exp=int(time.time()) - 10))).status_code == 200
 
 
+def _hs512_with_our_secret() -> str:
+    """The server's own secret under an algorithm it was not configured for."""
+    with warnings.catch_warnings():
+        # PyJWT warns that the secret is short for SHA-512; the server never accepts HS512 anyway.
+        warnings.simplefilter("ignore", jwt.warnings.InsecureKeyLengthWarning)
+        return jwt.encode(claims(), SECRET, algorithm="HS512")
+
+
 @pytest.mark.parametrize(
     "make_token, reason",
     [
@@ -136,7 +145,7 @@ def test_an_expired_token_within_the_leeway_is_accepted(hs_server):
         (lambda: hs256(iss="https://evil.example"), "issuer"),
         (lambda: hs256(iss=None), "no iss claim"),
         (lambda: hs256(nbf=int(time.time()) + 3600), "not valid yet"),
-        (lambda: jwt.encode(claims(), SECRET, algorithm="HS512"), "algorithm is not accepted"),
+        (lambda: _hs512_with_our_secret(), "algorithm is not accepted"),
         (lambda: hs256(scope=["generate"]), "scope claim"),
         (lambda: hs256(scopes="generate"), "scopes claim"),
         (lambda: hmac_signed(SECRET.encode(), b"not json"), "malformed"),
