@@ -73,10 +73,11 @@ def test_disabling_an_unknown_plugin_is_also_an_error():
     assert "unknown plugin nosuch" in result.output
 
 
-def test_bad_option_value_is_a_usage_error():
-    result = invoke("run", "--log-level", "loud")
+@pytest.mark.parametrize(("flag", "value"), [("--log-level", "loud"), ("--prefill-batch-size", "0")])
+def test_bad_option_value_is_a_usage_error(flag, value):
+    result = invoke("run", flag, value)
     assert result.exit_code == 2
-    assert "--log-level" in result.output
+    assert flag in result.output
 
 
 

@@ -12,7 +12,9 @@ import concurrent.futures
 import httpx
 import pytest
 
-from forgellm.testing import ServerProcess
+from forgellm.backends.mlx import EngineTuning, MlxModel
+from forgellm.core.generation import GenerationJob
+from forgellm.testing import ServerProcess, test_client
 
 PROMPTS = [
     "Once upon a time",
@@ -61,6 +63,38 @@ def test_greedy_text_is_the_same_alone_and_batched(client):
     alone = [complete(client, prompt, 24) for prompt in PROMPTS]
     assert complete_all_at_once(client, PROMPTS, 24) == alone
     assert len(set(alone)) == len(PROMPTS)  # different prompts, different texts: a real comparison
+
+
+def steps_to_first_tokens(engine, prompts: list[list[int]]) -> list[int]:
+    """Add the prompts to the engine at once and step it; the step at which each sequence gave its first token."""
+    for seq_id, prompt in enumerate(prompts):
+        engine.add(seq_id, GenerationJob(prompt_tokens=prompt, max_tokens=4))
+    first_step: dict[int, int] = {}
+    step = 0
+    while len(first_step) < len(prompts):
+        step += 1
+        for output in engine.step():
+            first_step.setdefault(output.seq_id, step)
+    return [first_step[seq_id] for seq_id in range(len(prompts))]
+
+
+@pytest.mark.parametrize("prefill_batch_size", [1, 2, 4])
+def test_prefill_batch_size_is_how_many_prompts_start_together(tiny_model, prefill_batch_size):
+    model = MlxModel(str(tiny_model), None, EngineTuning(prefill_batch_size=prefill_batch_size))
+    prompts = [model.encode(prompt) for prompt in PROMPTS[:4]]
+    first_steps = steps_to_first_tokens(model.create_engine(max_batch_size=8), prompts)
+    # Prompts that share a prefill pass give their first tokens in the same step; each later pass, one step on.
+    groups = [first_steps[i:i + prefill_batch_size] for i in range(0, len(prompts), prefill_batch_size)]
+    assert all(len(set(group)) == 1 for group in groups)
+    assert [group[0] for group in groups] == sorted(set(first_steps))
+    assert len(set(first_steps)) == len(groups)
+
+
+@pytest.mark.parametrize("prefill_batch_size", [1, 8])
+def test_greedy_text_does_not_depend_on_the_prefill_batch_size(tiny_model, client, prefill_batch_size):
+    alone = [complete(client, prompt, 16) for prompt in PROMPTS]
+    with test_client(tiny_model, prefill_batch_size=prefill_batch_size) as tuned:
+        assert complete_all_at_once(tuned, PROMPTS, 16) == alone
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,10 @@ import gc
 import math
 import os
 from collections import deque
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
+import click
 import mlx.core as mx
 from mlx_lm import load as mlx_load
 from mlx_lm.generate import BatchGenerator, generate_step
@@ -25,9 +27,13 @@ from forgellm import hookimpl
 from forgellm.core.generation import GenerationJob, SamplingParams, TokenOutput
 from forgellm.core.settings import Option
 
-# How many prompts mlx-lm prefills together; larger batches add little on one device.
-PREFILL_BATCH_SIZE = 8
 DEFAULT_PROMPT_CACHE_SIZE = 10  # mlx_lm.server's default
+# Prompts prefilled together in one pass. On a GPU a pass over several prompts costs little more
+# than one, so batching them brings every first token sooner (8 is mlx_lm.server's default). On
+# the CPU a pass costs in proportion to its tokens, so each prompt added delays the others' first
+# token and saves little: there, pairs.
+GPU_PREFILL_BATCH_SIZE = 8
+CPU_PREFILL_BATCH_SIZE = 2
 # An engine serves one model, so its prompt cache needs no per-model key.
 _CACHE_KEY = "model"
 
@@ -119,17 +125,32 @@ class _Detokenizers:
         self._by_id.pop(seq_id, None)
 
 
+@dataclass(frozen=True)
+class EngineTuning:
+    """How the batch engine trades memory and latency against throughput (--prompt-cache-size, --prefill-batch-size)."""
+
+    prompt_cache_size: int = DEFAULT_PROMPT_CACHE_SIZE
+    prefill_batch_size: Optional[int] = None  # None: the default for the device MLX runs on
+
+    def prefill_batch(self, max_batch_size: int) -> int:
+        size = self.prefill_batch_size
+        if size is None:
+            size = GPU_PREFILL_BATCH_SIZE if mx.default_device().type == mx.DeviceType.gpu else CPU_PREFILL_BATCH_SIZE
+        return min(size, max_batch_size)
+
+
 class MlxBatchEngine:
     """Continuous batching on mlx-lm's BatchGenerator, reusing the KV caches of finished sequences."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int, prompt_cache_size: int = DEFAULT_PROMPT_CACHE_SIZE) -> None:
+    def __init__(self, model, tokenizer, max_batch_size: int, tuning: EngineTuning = EngineTuning()) -> None:
         self._generator = BatchGenerator(
             model,
             stop_tokens=[[t] for t in tokenizer.eos_token_ids],
             completion_batch_size=max_batch_size,
-            prefill_batch_size=min(PREFILL_BATCH_SIZE, max_batch_size),
+            prefill_batch_size=tuning.prefill_batch(max_batch_size),
         )
-        self._prompt_caches = LRUPromptCache(max_size=prompt_cache_size) if prompt_cache_size > 0 else None
+        size = tuning.prompt_cache_size
+        self._prompt_caches = LRUPromptCache(max_size=size) if size > 0 else None
         self._detokenizers = _Detokenizers(tokenizer)
         self._seq_of_uid: dict[int, int] = {}
         self._uid_of_seq: dict[int, int] = {}
@@ -250,10 +271,10 @@ class MlxSequentialEngine:
 class MlxModel:
     """A model and tokenizer loaded by mlx-lm's own loader."""
 
-    def __init__(self, name: str, adapter_path: Optional[str], prompt_cache_size: int = DEFAULT_PROMPT_CACHE_SIZE) -> None:
+    def __init__(self, name: str, adapter_path: Optional[str], tuning: EngineTuning = EngineTuning()) -> None:
         self.name = name
         self.adapter_path = adapter_path
-        self.prompt_cache_size = prompt_cache_size
+        self.tuning = tuning
         self.model, self.tokenizer = mlx_load(name, adapter_path=adapter_path)
         # mlx-lm batches only models whose every cache layer can be merged across sequences.
         self.batchable = all(hasattr(c, "merge") for c in make_prompt_cache(self.model))
@@ -273,7 +294,7 @@ class MlxModel:
         # and the scheduler replaces a failed engine with a new one: start each from a fresh state.
         mx.random.seed(int.from_bytes(os.urandom(8), "little"))
         if self.batchable:
-            return MlxBatchEngine(self.model, self.tokenizer, max_batch_size, self.prompt_cache_size)
+            return MlxBatchEngine(self.model, self.tokenizer, max_batch_size, self.tuning)
         return MlxSequentialEngine(self.model, self.tokenizer)
 
     def close(self) -> None:
@@ -288,10 +309,10 @@ class MlxModel:
 
 
 class MlxBackend:
-    prompt_cache_size = DEFAULT_PROMPT_CACHE_SIZE
+    tuning = EngineTuning()
 
     def load(self, model_name: str, adapter_path: Optional[str]) -> MlxModel:
-        return MlxModel(model_name, adapter_path, self.prompt_cache_size)
+        return MlxModel(model_name, adapter_path, self.tuning)
 
 
 @hookimpl
@@ -302,6 +323,13 @@ def register_options(register):
         "prefix's prefill (0: off).",
         type=int,
         default=DEFAULT_PROMPT_CACHE_SIZE,
+    ))
+    register(Option(
+        "prefill_batch_size",
+        f"Prompts prefilled together in one pass. Larger batches cost each prompt in them the time of "
+        f"the whole pass, which on a GPU is little more than one prompt's and on the CPU grows with every "
+        f"prompt (default: {GPU_PREFILL_BATCH_SIZE} on a GPU, {CPU_PREFILL_BATCH_SIZE} on the CPU).",
+        type=click.IntRange(min=1),
     ))
 
 
@@ -314,4 +342,8 @@ def register_backends(register):
 def startup(server):
     backend = server.backends.get("mlx")
     if isinstance(backend, MlxBackend):
-        backend.prompt_cache_size = getattr(server.settings, "prompt_cache_size", DEFAULT_PROMPT_CACHE_SIZE)
+        settings = server.settings
+        backend.tuning = EngineTuning(
+            prompt_cache_size=getattr(settings, "prompt_cache_size", DEFAULT_PROMPT_CACHE_SIZE),
+            prefill_batch_size=getattr(settings, "prefill_batch_size", None),
+        )
