@@ -1,14 +1,14 @@
 """Serving benchmark: ForgeLLM against mlx_lm.server on the same model, under the same load.
 
-One command, from the repository root with the venv active (about a minute on 2 CPU cores):
+One command, from the repository root with the venv active (about three minutes on 2 CPU cores):
 
     python benchmarks/serve_bench.py
 
 It builds a random-weight Llama (``--model-size small``: hidden 256, 4 layers; ``medium``:
 hidden 512, 8 layers; or bring one with ``--model PATH``), starts ``python -m forgellm run``
 and ``python -m mlx_lm server`` on it, and drives both with the same closed-loop load: at
-each concurrency C (``--concurrency 1,4,8,16``), C clients each send ``--requests-per-client``
-streamed ``/v1/completions`` requests back to back (temperature 0, fixed ``--max-tokens``;
+each concurrency C (``--concurrency 1,4,8,16``), C clients share ``--requests`` (32)
+streamed ``/v1/completions`` requests, each sending its share back to back (temperature 0, fixed ``--max-tokens``;
 the test-kit models never emit EOS, and the benchmark checks that every completion has
 exactly max_tokens tokens). For each C it prints aggregate generated tokens/s, p50/p95
 request latency, p50 time to first token, the CPU time each server process spent per token
@@ -39,6 +39,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import shlex
 import signal
@@ -150,8 +151,11 @@ def forgellm_command(args, path: Path, port: int) -> list[str]:
 
 
 def mlx_lm_command(args, path: Path, port: int) -> list[str]:
-    return [sys.executable, "-m", "mlx_lm", "server", "--model", str(path), "--host", "127.0.0.1",
-            "--port", str(port), "--decode-concurrency", str(args.decode_concurrency), "--log-level", "WARNING"]
+    command = [sys.executable, "-m", "mlx_lm", "server", "--model", str(path), "--host", "127.0.0.1",
+               "--port", str(port), "--decode-concurrency", str(args.decode_concurrency), "--log-level", "WARNING"]
+    for extra in args.mlx_lm_arg:
+        command += shlex.split(extra)
+    return command
 
 
 def parse_headers(pairs: list[str]) -> dict[str, str]:
@@ -386,7 +390,9 @@ def parse_args(argv: Optional[list[str]] = None):
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "forgellm-bench"),
                         help="Where built models are kept between runs.")
     parser.add_argument("--concurrency", default="1,4,8,16", help="Comma-separated client counts.")
-    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--requests", type=int, default=32,
+                        help="Requests per server at each concurrency C, shared by the C clients (rounded up to a "
+                             "multiple of C), so that every level measures about the same number of tokens.")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=1,
                         help="Repeat each concurrency this many times (interleaved) and pool the results.")
@@ -395,6 +401,8 @@ def parse_args(argv: Optional[list[str]] = None):
     parser.add_argument("--plugins", default="", help="Passed to forgellm run --plugins.")
     parser.add_argument("--forgellm-arg", action="append", default=[],
                         help="Extra forgellm run arguments, e.g. --forgellm-arg='--api-key k' (repeatable).")
+    parser.add_argument("--mlx-lm-arg", action="append", default=[],
+                        help="Extra mlx_lm server arguments, e.g. --mlx-lm-arg='--prompt-concurrency 2' (repeatable).")
     parser.add_argument("--header", action="append", default=[],
                         help="NAME:VALUE sent with every request to forgellm (repeatable).")
     parser.add_argument("--no-ceiling", action="store_true", help="Skip the in-process batch_generate ceiling.")
@@ -426,7 +434,7 @@ def sweep(args, path: Path, ours: Server, theirs: Server) -> None:
     for server in (ours, theirs):  # warm both up: first requests pay one-off costs
         asyncio.run(closed_loop(server, 2, 1, 4, first_prompt=0))
     next_prompt = 2
-    print(f"\nclosed loop: {args.requests_per_client} requests per client, max_tokens {args.max_tokens}, "
+    print(f"\nclosed loop: about {args.requests} requests per concurrency, max_tokens {args.max_tokens}, "
           f"{args.rounds} round(s), streamed /v1/completions, temperature 0.\n"
           f"cpu/tok: CPU ms the server process (for the ceiling, this process) used per generated token; "
           f"err: requests that failed (reset, timed out, error status)")
@@ -436,17 +444,18 @@ def sweep(args, path: Path, ours: Server, theirs: Server) -> None:
     for concurrency in levels:
         runs = {server.name: LoadRun(server.name, concurrency) for server in (ours, theirs)}
         top = CeilingRun() if ceiling else None
+        per_client = math.ceil(args.requests / concurrency)
         for round_number in range(args.rounds):
             order = (ours, theirs) if (concurrency + round_number) % 2 else (theirs, ours)  # alternate who goes first
             first = next_prompt
-            next_prompt += concurrency * args.requests_per_client
+            next_prompt += concurrency * per_client
             for server in order:
-                run = asyncio.run(closed_loop(server, concurrency, args.requests_per_client, args.max_tokens, first))
+                run = asyncio.run(closed_loop(server, concurrency, per_client, args.max_tokens, first))
                 check_run(run, args.max_tokens)
                 runs[server.name].add(run)
                 failures.update({f"{server.name} {kind}": count for kind, count in run.failures.items()})
             if ceiling:
-                ceiling.run(top, concurrency, args.requests_per_client, args.max_tokens, first)
+                ceiling.run(top, concurrency, per_client, args.max_tokens, first)
         print_sweep_row(concurrency, top, runs[ours.name], runs[theirs.name])
         theirs_text = {r.prompt_number: r.text for r in runs[theirs.name].results}
         for result in runs[ours.name].results:
