@@ -88,8 +88,8 @@ class FaultyBackend:
         self._mlx = MlxBackend()
         self._plugin = plugin
 
-    def load(self, model_name, adapter_path):
-        return FaultyModel(self._mlx.load(model_name, adapter_path), self._plugin)
+    def load(self, model_name, adapter_path, progress=print):
+        return FaultyModel(self._mlx.load(model_name, adapter_path, progress), self._plugin)
 
 
 class FaultyBackendPlugin:

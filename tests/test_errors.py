@@ -278,8 +278,8 @@ class FaultyBackend:
     def __init__(self) -> None:
         self._mlx = MlxBackend()
 
-    def load(self, model_name, adapter_path):
-        return FaultyModel(self._mlx.load(model_name, adapter_path))
+    def load(self, model_name, adapter_path, progress=print):
+        return FaultyModel(self._mlx.load(model_name, adapter_path, progress))
 
 
 class FaultyBackendPlugin:

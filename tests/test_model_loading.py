@@ -33,10 +33,10 @@ class GatedBackend:
         self.gate.set()
         self._mlx = MlxBackend()
 
-    def load(self, model_name, adapter_path):
+    def load(self, model_name, adapter_path, progress=print):
         if not self.gate.wait(timeout=60):
             raise TimeoutError("the test never opened the load gate")
-        return self._mlx.load(model_name, adapter_path)
+        return self._mlx.load(model_name, adapter_path, progress)
 
 
 class GatedBackendPlugin:

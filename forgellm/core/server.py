@@ -47,7 +47,8 @@ class Server:
         if DEFAULT_BACKEND not in self.backends:
             raise ValueError(f"no {DEFAULT_BACKEND!r} backend is registered; is the mlx plugin disabled?")
         self.scheduler = Scheduler(max_concurrency=settings.max_concurrency, max_queue=settings.max_queue)
-        self.models = ModelManager(self.backends[DEFAULT_BACKEND], self.scheduler)
+        self.backend = self.backends[DEFAULT_BACKEND]
+        self.models = ModelManager(self.backend, self.scheduler)
         self.plugin_state: dict[str, Any] = {}
         self.app: Optional[Any] = None
 
@@ -55,8 +56,9 @@ class Server:
         self.scheduler.start()
         for result in self.hook.startup(server=self):
             await await_me_maybe(result)
-        if self.settings.model:
-            self.models.start_load(self.settings.model, self.settings.adapter)
+        model = self.settings.model or (None if self.settings.no_model else getattr(self.backend, "default_model", None))
+        if model:
+            self.models.start_load(model, self.settings.adapter)
 
     async def shutdown(self) -> None:
         for result in self.hook.shutdown(server=self):

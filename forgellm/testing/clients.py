@@ -75,6 +75,7 @@ def test_client(
     if model is not None:
         settings["model"] = str(model)
         settings["adapter"] = str(adapter) if adapter else None
+    settings.setdefault("no_model", True)  # a test server without a model starts empty, fetching nothing
     extra_plugins = extra_plugins or {}
     effective = make_settings(extra_plugins=extra_plugins, **settings)
     pm = _plugin_manager(enabled_plugin_names(effective.plugins), extra_plugins)
@@ -114,6 +115,8 @@ class ServerProcess:
     - env: extra environment variables (``{"FORGELLM_API_KEY": "k"}``); HF_HUB_OFFLINE=1 is set.
     - wait_ready: wait for ``/readyz`` to answer 200 (a model loaded); with False, only for the
       port to answer, as a server started without ``--model`` never becomes ready.
+    - default_model: without ``--model``, load the backend's default model (which may fetch it);
+      by default such a server starts with no model (``FORGELLM_NO_MODEL=1``).
 
     ``url`` is the base URL. The server's output (stdout and stderr) goes to a temporary file, so
     a chatty server never blocks on a full pipe: read it with ``output()`` at any time, or take it
@@ -121,10 +124,11 @@ class ServerProcess:
     """
 
     def __init__(self, args: Sequence[str] = (), *, env: Optional[dict] = None, port: Optional[int] = None,
-                 scheme: str = "http", wait_ready: bool = True) -> None:
+                 scheme: str = "http", wait_ready: bool = True, default_model: bool = False) -> None:
         self.port = port or free_port()
         self.args = ["--host", "127.0.0.1", "--port", str(self.port), *args]
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        no_model = {} if default_model else {"FORGELLM_NO_MODEL": "1"}
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **no_model, **(env or {})}
         self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.wait_ready = wait_ready
         self.process: Optional[subprocess.Popen] = None

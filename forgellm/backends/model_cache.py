@@ -1,0 +1,66 @@
+"""Where converted and fetched models are kept: one directory per source content, written atomically.
+
+A GGUF file is converted once into ``<cache>/converted/<sha256>-<format>-v<N>/`` and reused on
+every later load. The directory appears under its final name only when complete (written
+beside it under a ``.partial-`` name, then renamed), so an interrupted conversion leaves
+nothing a later load would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Callable, Optional
+
+from forgellm.backends import gguf
+
+# Bumped when the converter's output changes, so directories written by an older one are not reused.
+CONVERTER_VERSION = 1
+
+
+def default_cache_dir() -> pathlib.Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "forgellm"
+
+
+def sha256_of(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def converted_model(
+    source: pathlib.Path,
+    cache_dir: pathlib.Path,
+    weights: gguf.WeightFormat,
+    progress: Callable[[str], None],
+    known_sha256: Optional[str] = None,
+) -> pathlib.Path:
+    """The MLX model directory for a GGUF file, converting it first unless the cache has it."""
+    if not source.is_file():
+        raise FileNotFoundError(f"{source} is not a file")
+    if known_sha256 is None:
+        progress(f"checksumming {source.name}")
+    digest = known_sha256 or sha256_of(source)
+    target = cache_dir / "converted" / f"{digest}-{weights.label}-v{CONVERTER_VERSION}"
+    if (target / "config.json").is_file():
+        progress(f"using the converted model in {target}")
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = pathlib.Path(tempfile.mkdtemp(prefix=f".partial-{target.name}-", dir=target.parent))
+    try:
+        gguf.convert(source, partial, weights, progress)
+        try:
+            partial.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not another process's finished conversion
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    progress(f"converted into {target}")
+    return target
