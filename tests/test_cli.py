@@ -56,7 +56,7 @@ def test_plugins_command_lists_mlx_with_register_backends():
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     mlx = lines.index(f"mlx {__version__} (builtin, enabled)")
-    assert lines[mlx + 1].split() == ["hooks:", "register_backends,", "register_options,", "startup"]
+    assert lines[mlx + 1].split() == ["hooks:", "register_backends,", "register_commands,", "register_options,", "startup"]
 
 
 def test_unknown_plugin_fails_at_start_listing_the_available_ones():

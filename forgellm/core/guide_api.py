@@ -57,7 +57,9 @@ class UnloadResponse(msgspec.Struct):
 class GenerateRequest(msgspec.Struct):
     prompt: str
     max_tokens: Optional[Annotated[int, msgspec.Meta(ge=1)]] = None
-    temperature: Annotated[float, msgspec.Meta(ge=0, le=100)] = 0.7
+    # The guide names no default. Greedy, as mlx_lm.server's default: its clients send no temperature,
+    # and a small model sampled at 0.7 often answers wrongly what it knows.
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=100)] = 0.0
     top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
     top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
     min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
@@ -169,7 +171,10 @@ async def load_model(request: Request, data: JSONBody[LoadRequest]) -> LoadRespo
     for name in (data.model_name, data.adapter_path):
         if name is not None:
             require_allowed(name, server.settings.allow_model)
-    if _looks_like_path(data.model_name) and not _on_disk(data.model_name, Path.is_dir):
+    if data.model_name.lower().endswith(".gguf"):
+        if not _on_disk(data.model_name, Path.is_file):
+            raise bad_request(f"GGUF file not found: {data.model_name}")
+    elif _looks_like_path(data.model_name) and not _on_disk(data.model_name, Path.is_dir):
         raise bad_request(f"Model directory not found: {data.model_name}")
     if data.adapter_path is not None and not _on_disk(data.adapter_path, Path.is_dir):
         raise bad_request(f"Adapter directory not found: {data.adapter_path}")
