@@ -55,6 +55,7 @@ from typing import Iterator, Optional
 
 import httpx
 
+from forgellm.backends.mlx import ModelSources
 from forgellm.testing import build_tiny_model, free_port
 
 # Llama shapes for --model-size; "tiny" is the test suite's model (overhead-bound, not meaningful alone).
@@ -78,7 +79,8 @@ REQUEST_TIMEOUT = 600.0
 
 def model_path(args) -> Path:
     if args.model:
-        return Path(args.model)
+        # A built-in name or GGUF file becomes the converted MLX directory, which both servers load.
+        return Path(ModelSources().resolve(args.model, lambda text: print(f"{args.model}: {text}", flush=True)))
     path = Path(args.cache_dir) / f"bench-llama-{args.model_size}"
     if not (path / "model.safetensors").exists():
         print(f"building the {args.model_size} model in {path} ...", flush=True)
@@ -384,7 +386,8 @@ async def burst(server: Server, clients: int, max_tokens: int, first_prompt: int
 def parse_args(argv: Optional[list[str]] = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", help="An existing MLX model directory (instead of building one).")
+    parser.add_argument("--model", help="An MLX model directory, a GGUF file or a built-in name such as smollm2-135m-instruct "
+                        "(instead of building a random one).")
     parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="small",
                         help="The random Llama to build when --model is not given.")
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "forgellm-bench"),

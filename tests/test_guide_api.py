@@ -41,6 +41,7 @@ def test_status_describes_the_loaded_model(client, tiny_model):
         "model_name": str(tiny_model),
         "adapter_path": None,
         "error": None,
+        "progress": None,
     }
 
 
@@ -124,6 +125,7 @@ def test_unload_frees_the_model_and_generate_then_needs_a_load(tiny_model):
             "model_name": None,
             "adapter_path": None,
             "error": None,
+            "progress": None,
         }
         generate = own.post("/api/model/generate", json={"prompt": "Hello", "max_tokens": 4})
         assert generate.status_code == 400

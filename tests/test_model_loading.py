@@ -33,7 +33,8 @@ class GatedBackend:
         self.gate.set()
         self._mlx = MlxBackend()
 
-    def load(self, model_name, adapter_path, progress=print):
+    def load(self, model_name, adapter_path, progress):
+        progress("waiting for the test's gate")  # status shows it while the load runs
         if not self.gate.wait(timeout=60):
             raise TimeoutError("the test never opened the load gate")
         return self._mlx.load(model_name, adapter_path, progress)
@@ -96,6 +97,10 @@ def test_status_shows_is_loading_as_soon_as_load_returns(tiny_model):
     with gated_server() as (client, backend):
         backend.gate.clear()
         load(client, tiny_model)
+        assert status(client)["is_loading"] is True
+        deadline = time.monotonic() + 10  # the load reaches the backend on the engine thread
+        while status(client)["progress"] is None and time.monotonic() < deadline:
+            time.sleep(0.02)
 
         assert status(client) == {
             "success": True,
@@ -104,6 +109,7 @@ def test_status_shows_is_loading_as_soon_as_load_returns(tiny_model):
             "model_name": str(tiny_model),
             "adapter_path": None,
             "error": None,
+            "progress": "waiting for the test's gate",
         }
         backend.gate.set()
         assert wait_until_loaded(client) == {
@@ -113,6 +119,7 @@ def test_status_shows_is_loading_as_soon_as_load_returns(tiny_model):
             "model_name": str(tiny_model),
             "adapter_path": None,
             "error": None,
+            "progress": None,
         }
         assert greedy(client)
 
@@ -283,6 +290,7 @@ def test_failed_load_ends_not_loaded_with_the_reason(server, tiny_model, tmp_pat
         "model_name": str(tiny_model),
         "adapter_path": None,
         "error": None,
+        "progress": None,
     }
 
 
