@@ -22,13 +22,15 @@ from forgellm.core.settings import Settings
 
 
 def make_settings(*, extra_plugins: Optional[Mapping[str, object]] = None, **overrides: Any) -> Settings:
-    """Every installed plugin's defaults, with overrides (``plugins="auth"``, ``api_key=("k",)``, ...).
+    """Every installed plugin's defaults, with overrides (``plugins="auth"``, ``api_key=("k",)``, ...),
+    and ``no_model=True`` unless given: without ``model`` such a server starts with none loaded.
 
     extra_plugins (name -> plugin object) adds the options of plugins that are not installed,
     such as the one a plugin author is testing. Overriding a setting no plugin declares is a
     TypeError, so a typo in a test fails loudly.
     """
     pm = _plugin_manager(available_plugins(), extra_plugins or {})
+    overrides.setdefault("no_model", True)  # a test server without a model starts empty, fetching nothing
     return Settings.from_options(collect_options(pm), **overrides)
 
 
@@ -75,7 +77,6 @@ def test_client(
     if model is not None:
         settings["model"] = str(model)
         settings["adapter"] = str(adapter) if adapter else None
-    settings.setdefault("no_model", True)  # a test server without a model starts empty, fetching nothing
     extra_plugins = extra_plugins or {}
     effective = make_settings(extra_plugins=extra_plugins, **settings)
     pm = _plugin_manager(enabled_plugin_names(effective.plugins), extra_plugins)
