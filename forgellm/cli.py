@@ -156,7 +156,8 @@ def build_cli() -> click.Group:
         "run",
         callback=partial(_run, options),
         params=[_config_file_option(options), *map(_click_option, options), PRINT_CONFIG_OPTION],
-        help="Start the server. With --model, the port opens at once and the model loads in the background.",
+        help="Start the server. The port opens at once and the model (--model, else the backend's default, "
+        "smollm2-135m-instruct for mlx) loads in the background; --no-model starts with none.",
     )
     cli.add_command(run)
 
