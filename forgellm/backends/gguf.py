@@ -25,7 +25,6 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 # Pre-tokenizers by llama.cpp's name for them (tokenizer.ggml.pre). Each splits text the way the
 # model's original tokenizer did; a wrong split still round-trips text but gives other token ids.
-_GPT2_SPLIT = None  # ByteLevel's own regex
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -167,7 +166,7 @@ def model_config(metadata: dict[str, Any], tensors: dict[str, mx.array], archite
         "rope_traditional": architecture == "llama",
         **special["ids"],
     }
-    if "attention.key_length" in {k.split(".", 1)[1] for k in metadata if k.startswith(architecture + ".")}:
+    if f"{architecture}.attention.key_length" in metadata:
         config["head_dim"] = metadata[f"{architecture}.attention.key_length"]
     scaling = metadata.get(f"{architecture}.rope.scaling.type")
     if scaling == "linear":
@@ -181,12 +180,7 @@ def model_config(metadata: dict[str, Any], tensors: dict[str, mx.array], archite
 
 def _quantization(tensors: dict[str, mx.array]) -> dict[str, Any]:
     """mlx-lm's quantization config: each quantized layer's bits, read from its packed shape."""
-    bits_of = {}
-    for name, scales in tensors.items():
-        if name.endswith(".scales"):
-            layer = name[: -len(".scales")]
-            in_features = scales.shape[-1] * GGUF_GROUP_SIZE
-            bits_of[layer] = tensors[f"{layer}.weight"].shape[-1] * 32 // in_features
+    bits_of = {layer: _bits(tensors, layer) for layer in _quantized_layers(tensors)}
     if not bits_of:
         return {}
     common = Counter(bits_of.values()).most_common(1)[0][0]
@@ -197,8 +191,18 @@ def _quantization(tensors: dict[str, mx.array]) -> dict[str, Any]:
     return config
 
 
+def _quantized_layers(tensors: dict[str, mx.array]) -> set[str]:
+    return {name[: -len(".scales")] for name in tensors if name.endswith(".scales")}
+
+
+def _bits(tensors: dict[str, mx.array], layer: str) -> int:
+    """A quantized layer's bits per weight, from its packed uint32 weight and its per-group scales."""
+    in_features = tensors[f"{layer}.scales"].shape[-1] * GGUF_GROUP_SIZE
+    return tensors[f"{layer}.weight"].shape[-1] * 32 // in_features
+
+
 def _dequantized(tensors: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
-    layers = {name[: -len(".scales")] for name in tensors if name.endswith(".scales")}
+    layers = _quantized_layers(tensors)
     plain = {}
     for name, tensor in tensors.items():
         layer = name.rsplit(".", 1)[0]
@@ -209,7 +213,7 @@ def _dequantized(tensors: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.
                     tensors[f"{layer}.scales"],
                     tensors[f"{layer}.biases"],
                     group_size=GGUF_GROUP_SIZE,
-                    bits=tensor.shape[-1] * 32 // (tensors[f"{layer}.scales"].shape[-1] * GGUF_GROUP_SIZE),
+                    bits=_bits(tensors, layer),
                 )
                 plain[name] = weight.astype(dtype)
         else:

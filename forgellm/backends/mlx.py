@@ -372,8 +372,6 @@ def register_options(register):
         f"prompt (default: {GPU_PREFILL_BATCH_SIZE} on a GPU, {CPU_PREFILL_BATCH_SIZE} on the CPU).",
         type=click.IntRange(min=1),
     ))
-
-
     register(Option(
         "cache_dir",
         "Where built-in models are fetched to and GGUF files converted into MLX directories "
