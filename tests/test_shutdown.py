@@ -19,8 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from forgellm.testing import ServerProcess
 from live_server import wait_for
 
-DRAIN_TIMEOUT = 6  # seconds: ample for FINISHING tokens, while ENDLESS cannot finish in it
-FINISHING = 1000  # about a second of decoding, batched five at a time
+DRAIN_TIMEOUT = 12  # seconds: ample for FINISHING tokens, while ENDLESS cannot finish in it
+FINISHING = 300  # about two seconds of decoding on 2 CPU cores, batched five at a time
 ENDLESS = 1_000_000  # minutes of tokens: a shutdown that waited for it would not end in the test's time
 
 IN_FLIGHT = {
