@@ -14,6 +14,7 @@ import pathlib
 import mlx.core as mx
 import pytest
 
+from forgellm.backends.mlx import automatic_gguf_weights
 from forgellm.backends.model_cache import CONVERTER_VERSION, sha256_of
 from forgellm.testing import test_client, wait_until_loaded
 
@@ -113,7 +114,7 @@ def test_converted_gguf_generates_what_its_source_directory_does(tiny_model, tin
 
 
 def test_conversion_is_cached_by_content_and_reused(tiny_gguf, tmp_path):
-    with test_client(tiny_gguf, cache_dir=str(tmp_path)):
+    with test_client(tiny_gguf, cache_dir=str(tmp_path), gguf_weights="quantized"):
         pass
     converted = tmp_path / "converted" / f"{sha256_of(tiny_gguf)}-quantized-v{CONVERTER_VERSION}"
     assert (converted / "config.json").is_file()
@@ -121,7 +122,7 @@ def test_conversion_is_cached_by_content_and_reused(tiny_gguf, tmp_path):
     written = (converted / "model.safetensors").stat().st_mtime_ns
     copy = tmp_path / "renamed-copy.gguf"
     copy.write_bytes(tiny_gguf.read_bytes())
-    with test_client(copy, cache_dir=str(tmp_path)) as client:
+    with test_client(copy, cache_dir=str(tmp_path), gguf_weights="quantized") as client:
         assert _generate(client)["completion_tokens"] == PROMPT["max_tokens"]
     assert (converted / "model.safetensors").stat().st_mtime_ns == written  # same content: not converted again
 
@@ -175,7 +176,8 @@ def test_corrupt_gguf_is_a_clean_load_error(tiny_gguf, tmp_path, damage):
         client.post("/api/model/load", json={"model_name": str(tiny_gguf)})
         assert wait_until_loaded(client)["loaded"]  # and the next load serves
     converted = tmp_path / "cache" / "converted"
-    assert [p.name for p in converted.iterdir()] == [f"{sha256_of(tiny_gguf)}-quantized-v{CONVERTER_VERSION}"]
+    default_weights = automatic_gguf_weights(tiny_gguf)  # what --gguf-weights auto chose on this machine
+    assert [p.name for p in converted.iterdir()] == [f"{sha256_of(tiny_gguf)}-{default_weights}-v{CONVERTER_VERSION}"]
 
 
 def test_missing_gguf_file_is_a_400_and_a_load_error_at_start(tmp_path):

@@ -10,6 +10,7 @@ the earlier turns of a conversation) skips that prefix's prefill.
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import os
 import pathlib
@@ -25,18 +26,19 @@ from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prom
 from mlx_lm.sample_utils import apply_top_k, apply_top_p, greedy_sampler, make_logits_processors
 
 from forgellm import hookimpl
-from forgellm.backends import builtin_models, gguf
+from forgellm.backends import builtin_models, cpu_blas, gguf
 from forgellm.backends.model_cache import converted_model, default_cache_dir
 from forgellm.core.generation import GenerationJob, SamplingParams, TokenOutput
 from forgellm.core.settings import Option
 
+logger = logging.getLogger("forgellm.mlx")
+
 DEFAULT_PROMPT_CACHE_SIZE = 10  # mlx_lm.server's default
-# Prompts prefilled together in one pass. On a GPU a pass over several prompts costs little more
-# than one, so batching them brings every first token sooner (8 is mlx_lm.server's default). On
-# the CPU a pass costs in proportion to its tokens, so each prompt added delays the others' first
-# token and saves little: there, pairs.
-GPU_PREFILL_BATCH_SIZE = 8
-CPU_PREFILL_BATCH_SIZE = 2
+# Prompts prefilled together in one pass (mlx_lm.server's default). On a GPU a pass over several prompts
+# costs little more than one. On the CPU, measured on SmolLM2-135M with OpenBLAS, a pass of 8 cost 135 ms
+# a prompt against 223 ms for one alone, and passes of 2 instead of 8 served 0.67-0.90 times the tokens/s
+# at 4-16 clients with later first tokens too (benchmarks/README.md).
+DEFAULT_PREFILL_BATCH_SIZE = 8
 # An engine serves one model, so its prompt cache needs no per-model key.
 _CACHE_KEY = "model"
 
@@ -133,13 +135,10 @@ class EngineTuning:
     """How the batch engine trades memory and latency against throughput (--prompt-cache-size, --prefill-batch-size)."""
 
     prompt_cache_size: int = DEFAULT_PROMPT_CACHE_SIZE
-    prefill_batch_size: Optional[int] = None  # None: the default for the device MLX runs on
+    prefill_batch_size: int = DEFAULT_PREFILL_BATCH_SIZE
 
     def prefill_batch(self, max_batch_size: int) -> int:
-        size = self.prefill_batch_size
-        if size is None:
-            size = GPU_PREFILL_BATCH_SIZE if mx.default_device().type == mx.DeviceType.gpu else CPU_PREFILL_BATCH_SIZE
-        return min(size, max_batch_size)
+        return min(self.prefill_batch_size, max_batch_size)
 
 
 class MlxBatchEngine:
@@ -313,11 +312,31 @@ class MlxModel:
         mx.clear_streams()
 
 
-# GGUF weights stay quantized by default, on the CPU too: measured on SmolLM2-135M (benchmarks/README.md),
-# the file's 4-bit weights decode about as fast alone as bf16 and answer as the model should, where
-# dequantizing to bf16 changed greedy answers ("the capital of France" among them).
+# What --gguf-weights auto picks for a GGUF file (benchmarks/README.md has the figures). On the CPU with an
+# optimized BLAS (cpu_blas), float32 weights go through its matrix products: on SmolLM2-135M, prefill about
+# 12 times and decoding twice as fast as MLX's own 4-bit kernels, and dequantizing loses nothing (bf16's
+# rounding changed greedy answers). Without one, and on a GPU, the file's quantization is kept: as fast
+# there, and a quarter of float32's memory. Nor is float32 chosen when it would take more than a quarter
+# of the machine's memory; quantized GGUF files grow at most about 8 times when dequantized.
+GGUF_AUTO = "auto"
 GGUF_KEEP_QUANTIZED = "quantized"
-GGUF_WEIGHT_CHOICES = (GGUF_KEEP_QUANTIZED, "float16", "bfloat16", "float32")
+GGUF_WEIGHT_CHOICES = (GGUF_AUTO, GGUF_KEEP_QUANTIZED, "float16", "bfloat16", "float32")
+FLOAT32_GROWTH = 8
+FLOAT32_MEMORY_SHARE = 0.25
+
+
+def physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def automatic_gguf_weights(source: pathlib.Path) -> str:
+    """The --gguf-weights choice ``auto`` makes for this file on this machine."""
+    on_gpu = mx.default_device().type == mx.DeviceType.gpu
+    if on_gpu or cpu_blas.selected_blas() is None:
+        return GGUF_KEEP_QUANTIZED
+    if source.stat().st_size * FLOAT32_GROWTH > physical_memory() * FLOAT32_MEMORY_SHARE:
+        return GGUF_KEEP_QUANTIZED
+    return "float32"
 
 
 @dataclass(frozen=True)
@@ -325,24 +344,27 @@ class ModelSources:
     """Where names that are not MLX directories or repo ids come from: built-in names and GGUF files."""
 
     cache_dir: pathlib.Path = field(default_factory=default_cache_dir)
-    gguf_weights: str = GGUF_KEEP_QUANTIZED
+    gguf_weights: str = GGUF_AUTO
 
-    @property
-    def weight_format(self) -> gguf.WeightFormat:
-        return gguf.WeightFormat(None if self.gguf_weights == GGUF_KEEP_QUANTIZED else self.gguf_weights)
+    def weight_format(self, source: pathlib.Path) -> gguf.WeightFormat:
+        choice = automatic_gguf_weights(source) if self.gguf_weights == GGUF_AUTO else self.gguf_weights
+        return gguf.WeightFormat(None if choice == GGUF_KEEP_QUANTIZED else choice)
 
     def resolve(self, name: str, progress: Callable[[str], None], fetch_from: Optional[pathlib.Path] = None) -> str:
         """What mlx-lm loads for a model name: a built-in is fetched and converted, a GGUF file converted."""
         builtin = builtin_models.BUILTIN_MODELS.get(name)
         if builtin is not None:
             source = builtin_models.fetch(builtin, self.cache_dir, progress, fetch_from)
-            return str(converted_model(source, self.cache_dir, self.weight_format, progress, builtin.gguf_sha256))
+            return str(self._converted(source, progress, builtin.gguf_sha256))
         path = pathlib.Path(os.path.expanduser(name))
         if path.suffix.lower() == ".gguf":
             if not path.is_file():
                 raise FileNotFoundError(f"GGUF file not found: {name}")
-            return str(converted_model(path, self.cache_dir, self.weight_format, progress))
+            return str(self._converted(path, progress))
         return name
+
+    def _converted(self, source: pathlib.Path, progress: Callable[[str], None], sha256: Optional[str] = None):
+        return converted_model(source, self.cache_dir, self.weight_format(source), progress, sha256)
 
 
 class MlxBackend:
@@ -367,10 +389,10 @@ def register_options(register):
     ))
     register(Option(
         "prefill_batch_size",
-        f"Prompts prefilled together in one pass. Larger batches cost each prompt in them the time of "
-        f"the whole pass, which on a GPU is little more than one prompt's and on the CPU grows with every "
-        f"prompt (default: {GPU_PREFILL_BATCH_SIZE} on a GPU, {CPU_PREFILL_BATCH_SIZE} on the CPU).",
+        "Prompts prefilled together in one pass: larger passes cost less per prompt, but each prompt "
+        "waits for the whole pass before its first token.",
         type=click.IntRange(min=1),
+        default=DEFAULT_PREFILL_BATCH_SIZE,
     ))
     register(Option(
         "cache_dir",
@@ -380,9 +402,10 @@ def register_options(register):
     register(Option(
         "gguf_weights",
         "How a GGUF file's quantized tensors are converted: kept quantized (Q4_0, Q4_1, Q8_0), or "
-        "dequantized to a float type (each kind is converted once and cached).",
+        "dequantized to a float type (each kind is converted once and cached). auto: float32 on the CPU "
+        "with an optimized BLAS when it takes at most a quarter of the memory, else quantized.",
         type=click.Choice(GGUF_WEIGHT_CHOICES),
-        default=GGUF_KEEP_QUANTIZED,
+        default=GGUF_AUTO,
     ))
 
 
@@ -399,7 +422,7 @@ def register_commands(cli):
 )
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=pathlib.Path), envvar="FORGELLM_CACHE_DIR",
               show_envvar=True, help="As `forgellm run --cache-dir`.")
-@click.option("--gguf-weights", type=click.Choice(GGUF_WEIGHT_CHOICES), default=GGUF_KEEP_QUANTIZED,
+@click.option("--gguf-weights", type=click.Choice(GGUF_WEIGHT_CHOICES), default=GGUF_AUTO,
               envvar="FORGELLM_GGUF_WEIGHTS", show_envvar=True, show_default=True, help="As `forgellm run --gguf-weights`.")
 def pull_command(name: str, source: Optional[pathlib.Path], cache_dir: Optional[pathlib.Path], gguf_weights: str) -> None:
     """Fetch and convert a built-in model ahead of time, so `forgellm run --model NAME` needs no network."""
@@ -418,14 +441,26 @@ def register_backends(register):
 
 @hookimpl
 def startup(server):
+    problem = cpu_blas.blas_problem()
+    if problem:
+        raise RuntimeError(problem)
+    if mx.default_device().type == mx.DeviceType.cpu:
+        blas = cpu_blas.selected_blas()
+        if blas:
+            logger.info("MLX runs on the CPU; its matrix products use %s", blas)
+        else:
+            logger.warning(
+                "MLX runs on the CPU with its bundled reference BLAS, which is slow; install OpenBLAS "
+                "(Debian/Ubuntu: apt install libopenblas0-pthread) for much faster prompts"
+            )
     backend = server.backends.get("mlx")
     if isinstance(backend, MlxBackend):
         settings = server.settings
         backend.tuning = EngineTuning(
             prompt_cache_size=getattr(settings, "prompt_cache_size", DEFAULT_PROMPT_CACHE_SIZE),
-            prefill_batch_size=getattr(settings, "prefill_batch_size", None),
+            prefill_batch_size=getattr(settings, "prefill_batch_size", DEFAULT_PREFILL_BATCH_SIZE),
         )
         backend.sources = ModelSources(
             pathlib.Path(settings.cache_dir) if getattr(settings, "cache_dir", None) else default_cache_dir(),
-            getattr(settings, "gguf_weights", GGUF_KEEP_QUANTIZED),
+            getattr(settings, "gguf_weights", GGUF_AUTO),
         )
