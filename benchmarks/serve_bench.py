@@ -55,6 +55,7 @@ from typing import Iterator, Optional
 
 import httpx
 
+from forgellm.backends.cpu_blas import selected_blas
 from forgellm.backends.mlx import ModelSources
 from forgellm.testing import build_tiny_model, free_port
 
@@ -110,10 +111,11 @@ class Server:
 
 
 @contextlib.contextmanager
-def running(name: str, command: list[str], port: int, ready_path: str, headers: dict[str, str]) -> Iterator[Server]:
+def running(name: str, command: list[str], port: int, ready_path: str, headers: dict[str, str],
+            env: Optional[dict[str, str]] = None) -> Iterator[Server]:
     """Start a server process, wait until ready_path answers 200, and stop it (by its pid) at the end."""
     log = tempfile.NamedTemporaryFile("w+", prefix=f"serve-bench-{name}-", suffix=".log", delete=False)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = Server(name, f"http://127.0.0.1:{port}", process.pid, headers)
     try:
@@ -158,6 +160,14 @@ def mlx_lm_command(args, path: Path, port: int) -> list[str]:
     for extra in args.mlx_lm_arg:
         command += shlex.split(extra)
     return command
+
+
+def mlx_lm_env(args) -> dict[str, str]:
+    """mlx_lm.server's environment: with --mlx-lm-blas same, the BLAS ForgeLLM's MLX uses, preloaded."""
+    blas = selected_blas()
+    if args.mlx_lm_blas == "same" and blas:
+        return {"LD_PRELOAD": " ".join(filter(None, [blas, os.environ.get("LD_PRELOAD")]))}
+    return {}
 
 
 def parse_headers(pairs: list[str]) -> dict[str, str]:
@@ -300,10 +310,14 @@ async def closed_loop(server: Server, concurrency: int, requests_per_client: int
     return run
 
 
-def check_run(run: LoadRun, max_tokens: int) -> None:
+def check_run(run: LoadRun, max_tokens: int, exact: bool) -> None:
+    """Every request must have been answered; with a random model (exact), each with max_tokens tokens.
+
+    A real model may end a completion at its end token: both servers decode greedily, so they end the same
+    completions alike (the sweep counts texts that differ), and tok/s counts the tokens really generated."""
     if not run.results:
         raise SystemExit(f"every request to {run.server} failed; the first: {run.first_failure}")
-    wrong = [r for r in run.results if r.completion_tokens != max_tokens]
+    wrong = [r for r in run.results if r.completion_tokens > max_tokens or (exact and r.completion_tokens != max_tokens)]
     if wrong:
         raise SystemExit(f"{run.server} at concurrency {run.concurrency}: {len(wrong)} completions did not have "
                          f"{max_tokens} tokens (the model emitted EOS?); token counts would not be comparable")
@@ -406,6 +420,9 @@ def parse_args(argv: Optional[list[str]] = None):
                         help="Extra forgellm run arguments, e.g. --forgellm-arg='--api-key k' (repeatable).")
     parser.add_argument("--mlx-lm-arg", action="append", default=[],
                         help="Extra mlx_lm server arguments, e.g. --mlx-lm-arg='--prompt-concurrency 2' (repeatable).")
+    parser.add_argument("--mlx-lm-blas", choices=("same", "bundled"), default="same",
+                        help="same: mlx_lm.server's MLX multiplies on the BLAS ForgeLLM's does (the system OpenBLAS, "
+                             "preloaded), so the servers are compared on equal terms; bundled: on MLX's own.")
     parser.add_argument("--header", action="append", default=[],
                         help="NAME:VALUE sent with every request to forgellm (repeatable).")
     parser.add_argument("--no-ceiling", action="store_true", help="Skip the in-process batch_generate ceiling.")
@@ -454,7 +471,7 @@ def sweep(args, path: Path, ours: Server, theirs: Server) -> None:
             next_prompt += concurrency * per_client
             for server in order:
                 run = asyncio.run(closed_loop(server, concurrency, per_client, args.max_tokens, first))
-                check_run(run, args.max_tokens)
+                check_run(run, args.max_tokens, exact=not args.model)
                 runs[server.name].add(run)
                 failures.update({f"{server.name} {kind}": count for kind, count in run.failures.items()})
             if ceiling:
@@ -465,8 +482,9 @@ def sweep(args, path: Path, ours: Server, theirs: Server) -> None:
             if result.prompt_number in theirs_text:
                 compared += 1
                 mismatched += result.text != theirs_text[result.prompt_number]
-    print(f"\nevery completion had {args.max_tokens} tokens; {mismatched} of {compared} greedy completions "
-          f"differed in text between the servers")
+    ended_early = sum(r.completion_tokens < args.max_tokens for r in runs[ours.name].results)
+    print(f"\n{ended_early} completions ended before {args.max_tokens} tokens (at the model's end token) at the last "
+          f"concurrency; {mismatched} of {compared} greedy completions differed in text between the servers")
     if failures:
         print("failed requests: " + ", ".join(f"{k} {v}" for k, v in sorted(failures.items())))
 
@@ -474,11 +492,13 @@ def sweep(args, path: Path, ours: Server, theirs: Server) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     path = model_path(args)
-    print(f"model: {describe_model(path)}; {os.cpu_count()} CPUs", flush=True)
+    print(f"model: {describe_model(path)}; {os.cpu_count()} CPUs; BLAS: {selected_blas() or 'MLX bundled'} "
+          f"(mlx_lm: {'same' if mlx_lm_env(args) else 'MLX bundled'})", flush=True)
     ours_port, theirs_port = free_port(), free_port()
     headers = parse_headers(args.header)
     with running("forgellm", forgellm_command(args, path, ours_port), ours_port, "/readyz", headers) as ours, \
-            running("mlx_lm", mlx_lm_command(args, path, theirs_port), theirs_port, "/health", {}) as theirs:
+            running("mlx_lm", mlx_lm_command(args, path, theirs_port), theirs_port, "/health", {},
+                    mlx_lm_env(args)) as theirs:
         if args.burst:
             for server in (ours, theirs):  # mlx_lm.server loads its model on the first request
                 asyncio.run(closed_loop(server, 1, 1, 4, first_prompt=0))
