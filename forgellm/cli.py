@@ -20,7 +20,12 @@ from forgellm.core.plugins import (
     plugin_hooks,
 )
 from forgellm.core.config_file import ConfigError, effective_config_toml, read_config_file
-from forgellm.core.settings import CORE_OPTIONS, Option, Settings
+from forgellm.core.connection_guard import ConnectionLimits, guarded_protocol, raise_open_file_limit
+from forgellm.core.settings import CORE_OPTIONS, Option, Settings, normalized_root_path
+
+
+# Files the process holds besides its connections: model files, logs, the keys file, Redis, pipes.
+FILES_BESIDES_CONNECTIONS = 64
 
 
 def collect_options(pm: pluggy.PluginManager) -> list[Option]:
@@ -60,12 +65,6 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-
-
-def _normalized_root_path(root_path: str) -> str:
-    """'/llm', 'llm/' and '/llm/' all mean the mount point '/llm'; '' and '/' mean none."""
-    stripped = (root_path or "").strip("/")
-    return "/" + stripped if stripped else ""
 
 
 def _config_file_option(options: list[Option]) -> click.Option:
@@ -116,6 +115,7 @@ def _run(options: list[Option], print_config: bool, **values) -> None:
         click.echo(effective_config_toml(settings), nl=False)
         return
     _configure_logging(settings.log_level)
+    limits = _connection_limits(settings)
     app = create_app(settings, create_plugin_manager(names))
     # uvicorn drains in-flight requests on SIGINT/SIGTERM, then re-raises the signal to the
     # handler it found: make that handler a clean exit, since the shutdown was graceful.
@@ -134,8 +134,22 @@ def _run(options: list[Option], print_config: bool, **values) -> None:
         # uvicorn trusts X-Forwarded-* from 127.0.0.1 unless told otherwise; ForgeLLM trusts only --trusted-proxies.
         proxy_headers=bool(trusted_proxies),
         forwarded_allow_ips=trusted_proxies,
-        root_path=_normalized_root_path(settings.root_path),
+        root_path=normalized_root_path(settings.root_path),
+        http=guarded_protocol(limits),
     )
+
+
+def _connection_limits(settings: Settings) -> ConnectionLimits:
+    """The limits for uvicorn's connections, with --max-connections lowered to fit the open-file limit."""
+    open_files = raise_open_file_limit()
+    fitting = max(1, open_files - FILES_BESIDES_CONNECTIONS)
+    max_connections = settings.max_connections
+    if max_connections > fitting:
+        logging.getLogger("forgellm").warning(
+            "--max-connections %d lowered to %d: the open-file limit is %d", max_connections, fitting, open_files
+        )
+        max_connections = fitting
+    return ConnectionLimits(settings.header_timeout, settings.max_header_size, max_connections)
 
 
 def build_cli() -> click.Group:

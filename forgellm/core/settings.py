@@ -81,6 +81,12 @@ CORE_OPTIONS = (
         multiple=True,
     ),
     Option(
+        "allowed_hosts",
+        "Host name requests may be addressed to (fnmatch pattern, repeatable; * allows any); others are a 400, "
+        "which stops DNS-rebinding pages. IP addresses are always allowed. Unset: localhost names and --host.",
+        multiple=True,
+    ),
+    Option(
         "cors_origin",
         "Origin allowed to call the API from a browser (CORS), repeatable; CORS is off when unset.",
         multiple=True,
@@ -93,6 +99,13 @@ CORE_OPTIONS = (
     Option("no_model", "Without --model, start with no model loaded instead of the default one.", is_flag=True,
            default=False),
     Option("adapter", "LoRA adapter directory to apply to --model."),
+    Option(
+        "load_timeout",
+        "Seconds a model load (a fetch and conversion included) may take before it is given up as failed "
+        "(0: no limit).",
+        type=click.FloatRange(min=0),
+        default=1800.0,
+    ),
     Option(
         "plugins",
         "Comma-separated opt-in plugins to enable (see `forgellm plugins`); no:NAME disables a default one.",
@@ -113,7 +126,28 @@ CORE_OPTIONS = (
         type=int,
         default=256,
     ),
+    Option(
+        "max_inflight_per_client",
+        "Generations one client (an API key or token's subject, else an address) may have queued or running "
+        "at once; more is a 429 until one ends (0: no limit).",
+        type=click.IntRange(min=0),
+        default=64,
+    ),
+    Option(
+        "ipv6_client_prefix",
+        "An anonymous IPv6 client is its address's network of this prefix length for rate and in-flight "
+        "limits (a host is handed a whole /64).",
+        type=click.IntRange(min=1, max=128),
+        default=64,
+    ),
     Option("max_prompt_tokens", "Longest prompt accepted, in tokens; longer is a 400.", type=int, default=8192),
+    Option(
+        "template_timeout",
+        "Seconds a prompt may take to render through the model's chat template and tokenize; longer is a 400 "
+        "and the rendering is abandoned, as it is when the client leaves.",
+        type=click.FloatRange(min=0, min_open=True),
+        default=10.0,
+    ),
     Option(
         "request_timeout",
         "Seconds a generation may take before it is stopped (0: no limit).",
@@ -122,12 +156,38 @@ CORE_OPTIONS = (
     ),
     Option("max_body_size", "Largest request body in bytes; larger is a 413.", type=int, default=1_000_000),
     Option(
+        "max_header_size",
+        "Largest request line and headers in bytes; larger is a 431.",
+        type=click.IntRange(min=1024),
+        default=65536,
+    ),
+    Option(
+        "header_timeout",
+        "Seconds a connection may take to send a request's headers, from when it opens or a request's first "
+        "byte; slower is a 408 and the connection closes (0: no limit).",
+        type=click.FloatRange(min=0),
+        default=10.0,
+    ),
+    Option(
+        "max_connections",
+        "Open connections at most; a new one past that closes the connection idle longest, or is closed "
+        "itself when all are busy. Lowered to fit the open-file limit.",
+        type=click.IntRange(min=1),
+        default=1000,
+    ),
+    Option(
         "drain_timeout",
         "Seconds in-flight requests get to finish on shutdown.",
         type=float,
         default=30.0,
     ),
 )
+
+
+def normalized_root_path(root_path: str) -> str:
+    """'/llm', 'llm/' and '/llm/' all mean the mount point '/llm'; '' and '/' mean none."""
+    stripped = (root_path or "").strip("/")
+    return "/" + stripped if stripped else ""
 
 
 @dataclass(frozen=True)
