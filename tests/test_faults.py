@@ -28,7 +28,7 @@ from faulty_backend import (
     FaultyBackendPlugin,
 )
 from forgellm.core.app import create_app
-from forgellm.testing import make_settings, test_client, wait_until_loaded
+from forgellm.testing import TEST_BASE_URL, make_settings, test_client, wait_until_loaded
 
 # Far more tokens than any test waits for: such a generation ends only by a fault or a disconnect.
 ENDLESS = 50_000
@@ -211,7 +211,7 @@ def test_a_server_started_on_broken_weights_reports_it_and_stays_up(tiny_model, 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model, broken)
     damage(broken)
-    with TestClient(create_app(make_settings(model=str(broken)))) as client:
+    with TestClient(create_app(make_settings(model=str(broken))), base_url=TEST_BASE_URL) as client:
         status = wait_until_loaded(client)
         assert status["loaded"] is False and status["model_name"] == str(broken)
         assert status["error"] and "Traceback" not in status["error"]
@@ -262,7 +262,8 @@ async def streams_then_walk_away(url: str, scheduler) -> list[int]:
 
 
 def test_a_hundred_clients_that_hang_up_mid_stream_leave_nothing_behind(tiny_model):
-    with serving(tiny_model, max_concurrency=8, max_queue=CLIENTS, max_tokens_cap=ENDLESS) as live:
+    with serving(tiny_model, max_concurrency=8, max_queue=CLIENTS, max_tokens_cap=ENDLESS,
+                 max_inflight_per_client=CLIENTS) as live:  # one address plays all the clients
         url, scheduler = live.url, live.scheduler
         statuses = asyncio.run(asyncio.wait_for(streams_then_walk_away(url, scheduler), timeout=120))
         assert statuses == [200] * CLIENTS

@@ -38,7 +38,8 @@ class LoadedModel(Protocol):
         """Tokenize raw text as a prompt."""
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Tokenize a conversation with the model's chat template, ready for the assistant's turn."""
+        """Tokenize a conversation with the model's chat template, ready for the assistant's turn; raise
+        TemplateRefused when the template refuses the conversation."""
 
     def create_engine(self, max_batch_size: int) -> Engine:
         """A fresh engine for this model."""

@@ -43,6 +43,9 @@ class ApiError(Exception):
         self.code = code
 
 
+INVALID_CREDENTIALS = "Invalid API key or token"
+
+
 class Unauthorized(ApiError):
     """Missing or invalid credentials (401, with a WWW-Authenticate challenge)."""
 
@@ -57,6 +60,10 @@ class Forbidden(ApiError):
 
     def __init__(self, message: str) -> None:
         super().__init__(403, message, code="insufficient_scope")
+
+
+class TemplateRefused(ValueError):
+    """A backend's chat template refused to render a conversation ("roles must alternate"): the client's input."""
 
 
 def service_unavailable(message: str, retry_after: int = 1) -> ApiError:
@@ -84,6 +91,8 @@ def as_api_error(exc: Exception) -> ApiError:
         return exc
     if isinstance(exc, UnicodeDecodeError):  # raised while Litestar reads a body that is not UTF-8
         return bad_request("Request body is not valid JSON (it is not UTF-8)")
+    if isinstance(exc, RecursionError) and "deserializing" in str(exc):  # msgspec, on JSON nested too deep
+        return bad_request("Request body is not valid JSON (it is nested too deeply)")
     if isinstance(exc, ValidationException):
         return ApiError(400, _validation_message(exc), code="invalid_request")
     if isinstance(exc, HTTPException):

@@ -18,7 +18,11 @@ class SamplingParams:
 
 @dataclass
 class GenerationJob:
-    """One request's generation: the prompt already tokenized, and how to sample and stop."""
+    """One request's generation: its prompt, and how to sample and stop.
+
+    The before_generate hooks see it before the prompt is tokenized (prompt_tokens still empty), so that
+    limits are checked before any work; a plugin may lower max_tokens (the ratelimit plugin does, to what a
+    client's token budget has left)."""
 
     prompt_tokens: list[int]
     max_tokens: int

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Annotated, AsyncIterator, Callable, Literal, Optional, Union
+from typing import Annotated, AsyncIterator, Literal, Optional, Union
 
 import msgspec
 from litestar import Request, get, post
@@ -15,7 +14,6 @@ from forgellm.core import generation_service
 from forgellm.core.access_control import GENERATE, LOAD, STATUS
 from forgellm.core.errors import as_api_error, bad_request
 from forgellm.core.generation import GenerationJob, SamplingParams
-from forgellm.core.model_manager import require_allowed
 from forgellm.core.request_body import strict_body
 from forgellm.core.openapi_docs import NDJSON, any_of, envelope_errors, json_body, streamed_as
 
@@ -133,20 +131,6 @@ def _conversation(data: GenerateRequest) -> list[dict]:
     return messages
 
 
-def _looks_like_path(model_name: str) -> bool:
-    """Hugging Face repo ids are 'name' or 'owner/name'; anything else is meant as a local directory."""
-    return model_name.startswith(("/", ".", "~")) or model_name.count("/") > 1 or _on_disk(model_name, Path.exists)
-
-
-def _on_disk(name: str, test: Callable[[Path], bool]) -> bool:
-    """test(path) for the name; a name the OS cannot even look up (longer than a file name may be, or ~user
-    for an unknown user) is nothing on disk, not a server error."""
-    try:
-        return test(Path(name).expanduser())
-    except (OSError, RuntimeError):
-        return False
-
-
 @get(
     "/api/model/status",
     opt={"action": STATUS},
@@ -167,18 +151,8 @@ async def model_status(request: Request) -> StatusResponse:
 async def load_model(request: Request, data: JSONBody[LoadRequest]) -> LoadResponse:
     data = await strict_body(request, LoadRequest)
     server = generation_service.server_of(request)
-    # Before any file-system check, so a refusal says nothing about what exists on disk.
-    for name in (data.model_name, data.adapter_path):
-        if name is not None:
-            require_allowed(name, server.settings.allow_model)
-    if data.model_name.lower().endswith(".gguf"):
-        if not _on_disk(data.model_name, Path.is_file):
-            raise bad_request(f"GGUF file not found: {data.model_name}")
-    elif _looks_like_path(data.model_name) and not _on_disk(data.model_name, Path.is_dir):
-        raise bad_request(f"Model directory not found: {data.model_name}")
-    if data.adapter_path is not None and not _on_disk(data.adapter_path, Path.is_dir):
-        raise bad_request(f"Adapter directory not found: {data.adapter_path}")
-    server.models.start_load(data.model_name, data.adapter_path)
+    server.models.check_load_target(data.model_name, data.adapter_path)
+    server.models.start_load(data.model_name, data.adapter_path, from_client=True)
     return LoadResponse(
         success=True,
         message=f"Model {data.model_name} loading started",
@@ -219,9 +193,8 @@ async def generate(request: Request, data: JSONBody[GenerateRequest]) -> Union[G
     server = generation_service.server_of(request)
     # Even a bare prompt is a user turn: instruction-tuned models answer properly only through their template.
     messages = _conversation(data)
-    model, tokens = await generation_service.tokenize(request, messages=messages)
     job = GenerationJob(
-        prompt_tokens=tokens,
+        prompt_tokens=[],
         max_tokens=max_tokens_for(data.max_tokens, server),
         sampling=SamplingParams(
             temperature=data.temperature,
@@ -235,7 +208,7 @@ async def generate(request: Request, data: JSONBody[GenerateRequest]) -> Union[G
         # The whole conversation, as on /v1/chat/completions: a guard must see the system prompt and history too.
         prompt_text="\n".join(message["content"] for message in messages),
     )
-    handle = await generation_service.start(request, model, job)
+    handle = await generation_service.start(request, job, messages=messages)
     if data.streaming:
         # A header, not media_type=: Litestar lets the route's default (JSON) override a Stream's media_type.
         return Stream(_ndjson(request, handle), headers={"Content-Type": "application/x-ndjson"})

@@ -149,11 +149,11 @@ def _check_common(request: Request, data: _SamplingFields) -> str:
     return model.name
 
 
-def _job(request: Request, data: _SamplingFields, tokens: list[int], prompt_text: str, default_max: Optional[int]) -> GenerationJob:
+def _job(request: Request, data: _SamplingFields, prompt_text: str, default_max: Optional[int]) -> GenerationJob:
     server = generation_service.server_of(request)
     requested = data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens
     return GenerationJob(
-        prompt_tokens=tokens,
+        prompt_tokens=[],
         max_tokens=max_tokens_for(requested, server, default_max),
         sampling=SamplingParams(temperature=data.temperature, top_p=data.top_p, seed=data.seed),
         stop=stop_strings(data.stop),
@@ -202,9 +202,8 @@ async def completions(request: Request, data: JSONBody[CompletionRequest]) -> Un
         prompt = data.prompt[0]
     else:
         prompt = data.prompt
-    model, tokens = await generation_service.tokenize(request, text=prompt)
-    job = _job(request, data, tokens, prompt, COMPLETIONS_DEFAULT_MAX_TOKENS)
-    handle = await generation_service.start(request, model, job)
+    job = _job(request, data, prompt, COMPLETIONS_DEFAULT_MAX_TOKENS)
+    handle = await generation_service.start(request, job, text=prompt)
     response_id = f"cmpl-{uuid.uuid4().hex}"
     if data.stream:
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
@@ -238,9 +237,8 @@ async def chat_completions(request: Request, data: JSONBody[ChatCompletionReques
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)} for m in data.messages
     ]
-    model, tokens = await generation_service.tokenize(request, messages=messages)
-    job = _job(request, data, tokens, "\n".join(m["content"] for m in messages), None)
-    handle = await generation_service.start(request, model, job)
+    job = _job(request, data, "\n".join(m["content"] for m in messages), None)
+    handle = await generation_service.start(request, job, messages=messages)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     if data.stream:
         include_usage = bool(data.stream_options and data.stream_options.include_usage)

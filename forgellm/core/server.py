@@ -12,6 +12,7 @@ from typing import Any, Optional
 import pluggy
 
 from forgellm.backends.base import Backend
+from forgellm.core.clients import InFlightLimit
 from forgellm.core.model_manager import ModelManager
 from forgellm.core.plugins import await_me_maybe
 from forgellm.core.scheduler import Scheduler
@@ -48,7 +49,8 @@ class Server:
             raise ValueError(f"no {DEFAULT_BACKEND!r} backend is registered; is the mlx plugin disabled?")
         self.scheduler = Scheduler(max_concurrency=settings.max_concurrency, max_queue=settings.max_queue)
         self.backend = self.backends[DEFAULT_BACKEND]
-        self.models = ModelManager(self.backend, self.scheduler)
+        self.models = ModelManager(self.backend, self.scheduler, settings.load_timeout, settings.allow_model)
+        self.in_flight = InFlightLimit(settings.max_inflight_per_client)
         self.plugin_state: dict[str, Any] = {}
         self.app: Optional[Any] = None
 
@@ -63,4 +65,4 @@ class Server:
     async def shutdown(self) -> None:
         for result in self.hook.shutdown(server=self):
             await await_me_maybe(result)
-        await self.scheduler.stop()
+        await self.scheduler.stop(timeout=self.settings.drain_timeout)

@@ -1,13 +1,16 @@
 """The ``ratelimit`` plugin: generation requests and generated tokens per client, on the ``limits`` library.
 
 What counts: generation requests (the guide's generate, /v1/completions, /v1/chat/completions),
-checked in ``before_generate`` before anything is queued or streamed. Status polls, model
-lists, loads and health probes do not count: the guide's clients poll status every second
-while a model loads, and loading needs the ``models:load`` scope anyway.
+checked in ``before_generate`` before the prompt is even tokenized, so a refused client costs
+next to nothing, and a request refused afterwards (a prompt over the limit, say) has counted.
+Status polls, model lists, loads and health probes do not count: the guide's clients poll
+status every second while a model loads, and loading needs the ``models:load`` scope anyway.
 
-Tokens are counted from real usage after each generation (``after_generate``); a request is
-refused once the budget is spent, so the last request in a window may overshoot it by up to
-its own max_tokens.
+Tokens are reserved at admission and settled at the end: a request reserves its max_tokens,
+lowered to what the client's budget has left after the reservations of its other requests in
+flight (on every replica: the reservations live in the same storage), and generates at most
+that; at the end its real count is charged and the reservation freed. So a burst of concurrent
+requests cannot spend one budget many times over.
 
 The strategy is limits' sliding-window counter: one counter per window (O(1) storage and a
 single round trip to Redis, whatever the token count, unlike the moving window, which stores
@@ -15,8 +18,10 @@ one entry per token), weighted with the previous window so a client cannot doubl
 across a window boundary as it could with a fixed window.
 
 The client is the authenticated subject when an auth plugin identified one, else the client
-address, which is the real one behind a proxy listed in --trusted-proxies. An identity's
-claims may override the limits: ``claims["rate_limit"]`` and ``claims["token_limit"]``.
+address (an IPv6 client's /64), the real one behind a proxy listed in --trusted-proxies
+(``forgellm.core.clients``). An identity's claims may override the limits:
+``claims["rate_limit"]`` and ``claims["token_limit"]``; a claim that is not such a string is
+ignored with a warning.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from limits.errors import ConfigurationError, StorageError
 from limits.storage import storage_from_string
 
 from forgellm import hookimpl
+from forgellm.core.clients import connection_client_key
 from forgellm.core.errors import ApiError, service_unavailable
 from forgellm.core.settings import Option
 
@@ -119,19 +125,12 @@ def redacted(uri: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=user + netloc))
 
 
-def client_key(identity, request) -> str:
-    """Whose budget a request spends: the authenticated subject, else the client address."""
-    if identity is not None:
-        return "subject:" + identity.subject
-    client = request.client
-    return "address:" + (client.host if client else "unknown")
-
-
 class Budgets:
     """Request and token budgets per client, in one limits storage."""
 
     def __init__(self, settings) -> None:
         configured = settings.rate_limit_storage or DEFAULT_STORAGE
+        self.settings = settings
         self.storage_name = redacted(configured)
         uri = _async_storage_uri(configured)
         try:
@@ -142,47 +141,86 @@ class Budgets:
         self.limiter = SlidingWindowCounterRateLimiter(self.storage)
         self.request_limits = parse_limits(settings.rate_limit) if settings.rate_limit else ()
         self.token_limits = parse_limits(settings.token_limit) if settings.token_limit else ()
+        # A reservation outlives its request only if the process died holding it: then until this expires.
+        timeout = settings.request_timeout or 0
+        self.reservation_expiry = int(timeout) + 60 if timeout > 0 else 86400
+        # id(job) -> (client key, tokens reserved, the token limits they count against)
+        self._reservations: dict[int, tuple[str, int, tuple[RateLimitItem, ...]]] = {}
 
     def limits_for(self, identity, claim: str, default: tuple[RateLimitItem, ...]) -> tuple[RateLimitItem, ...]:
-        """The identity's own limit (a key's override, a JWT claim), else the server's."""
+        """The identity's own limit (a key's override, a JWT claim), else the server's; a malformed claim is
+        ignored with a warning."""
         override = identity.claims.get(claim) if identity is not None else None
-        if not override:
+        if override is None or override == "":
             return default
         try:
+            if not isinstance(override, str):
+                raise ValueError(override)
             return parse_limits(override)
         except ValueError:
             logger.warning("ignoring %s=%r of %s: not a rate such as 60/minute", claim, override, identity.subject)
             return default
 
-    async def check(self, identity, request) -> None:
-        """Spend one request; refuse (429) when either budget is spent, before anything is queued."""
-        key = client_key(identity, request)
+    async def admit(self, identity, request, job) -> None:
+        """Reserve the job's tokens and spend one request; refuse (429) when either budget is spent.
+
+        Tokens are reserved up to job.max_tokens (lowered to what the budget has left) before anything is
+        queued, and settled at the end, so concurrent requests cannot spend the same tokens twice."""
+        key = connection_client_key(request, identity, self.settings.ipv6_client_prefix)
+        token_limits = self.limits_for(identity, "token_limit", self.token_limits)
         try:
-            # Tokens first: only tested here, so a refusal for tokens does not also spend a request.
-            for limit in self.limits_for(identity, "token_limit", self.token_limits):
-                if not await self.limiter.test(limit, TOKENS, key):
-                    raise await self._refusal(limit, TOKENS, key, f"Token budget spent: {_describe(limit, 'tokens')}")
+            if token_limits:
+                job.max_tokens = await self._reserve(key, token_limits, job.max_tokens)
+                self._reservations[id(job)] = (key, job.max_tokens, token_limits)
             for limit in self.limits_for(identity, "rate_limit", self.request_limits):
                 if not await self.limiter.hit(limit, REQUESTS, key):
+                    await self.settle(job, 0)
                     raise await self._refusal(limit, REQUESTS, key, f"Too many requests: {_describe(limit, 'requests')}")
         except StorageError as exc:
             logger.error("rate-limit storage %s failed: %s", self.storage_name, exc)
             raise service_unavailable("Rate-limit storage is unavailable; retry shortly", retry_after=5) from None
 
-    async def spend_tokens(self, identity, request, tokens: int) -> None:
-        """Charge generated tokens; a generation that overshoots the budget uses up what is left."""
-        if tokens <= 0:
+    async def _reserve(self, key: str, limits: tuple[RateLimitItem, ...], wanted: int) -> int:
+        """Reserve up to wanted tokens under every limit; return how many (at least one), or refuse with a 429."""
+        reserved_key = f"{PLUGIN}/reserved/{key}"
+        reserved = await self.storage.incr(reserved_key, self.reservation_expiry, amount=wanted)
+        others = reserved - wanted  # held by this client's other generations in flight, on any replica
+        room = None
+        for limit in limits:
+            stats = await self.limiter.get_window_stats(limit, TOKENS, key)
+            left = stats.remaining - others
+            if room is None or left < room[0]:
+                room = (left, limit)
+        granted = min(wanted, room[0])
+        if granted < 1:
+            await self.storage.incr(reserved_key, self.reservation_expiry, amount=-wanted)
+            limit = room[1]
+            raise await self._refusal(limit, TOKENS, key, f"Token budget spent: {_describe(limit, 'tokens')}")
+        if granted < wanted:
+            await self.storage.incr(reserved_key, self.reservation_expiry, amount=granted - wanted)
+        return granted
+
+    async def settle(self, job, tokens: int) -> None:
+        """Charge the tokens a job generated and free the rest of its reservation."""
+        reservation = self._reservations.pop(id(job), None)
+        if reservation is None:
             return
-        key = client_key(identity, request)
+        key, reserved, limits = reservation
         try:
-            for limit in self.limits_for(identity, "token_limit", self.token_limits):
-                if await self.limiter.hit(limit, TOKENS, key, cost=tokens):
-                    continue
-                remaining = (await self.limiter.get_window_stats(limit, TOKENS, key)).remaining
-                if remaining > 0:
-                    await self.limiter.hit(limit, TOKENS, key, cost=min(tokens, remaining))
+            await self.storage.incr(f"{PLUGIN}/reserved/{key}", self.reservation_expiry, amount=-reserved)
+            if tokens > 0:
+                for limit in limits:
+                    await self._charge(limit, key, tokens)
         except StorageError as exc:  # the response is sent: all that is left to do is say so
             logger.error("rate-limit storage %s failed; %d tokens not counted: %s", self.storage_name, tokens, exc)
+
+    async def _charge(self, limit: RateLimitItem, key: str, tokens: int) -> None:
+        if await self.limiter.hit(limit, TOKENS, key, cost=tokens):
+            return
+        # Only at a window's edge can more be generated than the weighted window has left: use up the rest.
+        remaining = (await self.limiter.get_window_stats(limit, TOKENS, key)).remaining
+        if remaining > 0:
+            await self.limiter.hit(limit, TOKENS, key, cost=min(tokens, remaining))
 
     async def _refusal(self, limit: RateLimitItem, kind: str, key: str, message: str) -> ApiError:
         stats = await self.limiter.get_window_stats(limit, kind, key)
@@ -223,9 +261,9 @@ async def startup(server):
 
 @hookimpl
 async def before_generate(identity, request, job, server):
-    await budgets_of(server).check(identity, request)
+    await budgets_of(server).admit(identity, request, job)
 
 
 @hookimpl
 async def after_generate(identity, request, job, usage, server):
-    await budgets_of(server).spend_tokens(identity, request, usage.completion_tokens)
+    await budgets_of(server).settle(job, usage.completion_tokens)
