@@ -19,6 +19,9 @@ from forgellm.backends.model_cache import CONVERTER_VERSION, sha256_of
 from forgellm.testing import test_client, wait_until_loaded
 
 PROMPT = {"prompt": "tell me about tokens", "max_tokens": 12, "temperature": 0}
+# Loads a client asks for are explained (why a file does not load) only where the operator confined them
+# with --allow-model; "*" confines nothing but turns the explanations on.
+EXPLAINED = {"allow_model": ("*",)}
 
 _LAYER_NAMES = {
     "input_layernorm": "attn_norm",
@@ -159,7 +162,7 @@ def test_unsupported_architecture_is_a_load_error_naming_the_supported_ones(tiny
     metadata["general.architecture"] = "mamba"
     other = tmp_path / "mamba.gguf"
     mx.save_gguf(str(other), tensors, metadata)
-    with test_client(cache_dir=str(tmp_path / "cache")) as client:
+    with test_client(cache_dir=str(tmp_path / "cache"), **EXPLAINED) as client:
         error = _load_error(client, other)
     assert "'mamba' is not supported" in error and "llama, qwen2" in error
     assert not any((tmp_path / "cache" / "converted").iterdir())  # nothing half-written stays
@@ -170,7 +173,7 @@ def test_corrupt_gguf_is_a_clean_load_error(tiny_gguf, tmp_path, damage):
     broken = tmp_path / "broken.gguf"
     data = tiny_gguf.read_bytes()
     broken.write_bytes(data[: len(data) // 2] if damage == "truncated" else os.urandom(4096))
-    with test_client(cache_dir=str(tmp_path / "cache")) as client:
+    with test_client(cache_dir=str(tmp_path / "cache"), **EXPLAINED) as client:
         error = _load_error(client, broken)
         assert "broken.gguf is not a readable GGUF file" in error
         client.post("/api/model/load", json={"model_name": str(tiny_gguf)})
@@ -182,7 +185,7 @@ def test_corrupt_gguf_is_a_clean_load_error(tiny_gguf, tmp_path, damage):
 
 def test_missing_gguf_file_is_a_400_and_a_load_error_at_start(tmp_path):
     missing = tmp_path / "absent.gguf"
-    with test_client(cache_dir=str(tmp_path)) as client:
+    with test_client(cache_dir=str(tmp_path), **EXPLAINED) as client:
         response = client.post("/api/model/load", json={"model_name": str(missing)})
         assert response.status_code == 400
         assert response.json() == {"success": False, "error": f"GGUF file not found: {missing}"}

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 import click
+import jinja2
 import mlx.core as mx
 from mlx_lm import load as mlx_load
 from mlx_lm.generate import BatchGenerator, generate_step
@@ -28,6 +29,8 @@ from mlx_lm.sample_utils import apply_top_k, apply_top_p, greedy_sampler, make_l
 from forgellm import hookimpl
 from forgellm.backends import builtin_models, cpu_blas, gguf
 from forgellm.backends.model_cache import converted_model, default_cache_dir
+from forgellm.backends.model_files import check_model_directory
+from forgellm.core.errors import TemplateRefused
 from forgellm.core.generation import GenerationJob, SamplingParams, TokenOutput
 from forgellm.core.settings import Option
 
@@ -39,6 +42,11 @@ DEFAULT_PROMPT_CACHE_SIZE = 10  # mlx_lm.server's default
 # a prompt against 223 ms for one alone, and passes of 2 instead of 8 served 0.67-0.90 times the tokens/s
 # at 4-16 clients with later first tokens too (benchmarks/README.md).
 DEFAULT_PREFILL_BATCH_SIZE = 8
+# Prompt tokens each prompt in the prefill pass advances by per engine step. Every step also decodes one
+# token for the running sequences, so a long prompt is prefilled in slices between their tokens instead
+# of stalling them for its whole length (mlx-lm's default, 2048, left running streams waiting for seconds
+# on a CPU; benchmarks/prefill_stall.py measures it).
+DEFAULT_PREFILL_CHUNK_SIZE = 256
 # An engine serves one model, so its prompt cache needs no per-model key.
 _CACHE_KEY = "model"
 
@@ -132,10 +140,12 @@ class _Detokenizers:
 
 @dataclass(frozen=True)
 class EngineTuning:
-    """How the batch engine trades memory and latency against throughput (--prompt-cache-size, --prefill-batch-size)."""
+    """How the batch engine trades memory and latency against throughput (--prompt-cache-size,
+    --prefill-batch-size, --prefill-chunk-size)."""
 
     prompt_cache_size: int = DEFAULT_PROMPT_CACHE_SIZE
     prefill_batch_size: int = DEFAULT_PREFILL_BATCH_SIZE
+    prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK_SIZE
 
     def prefill_batch(self, max_batch_size: int) -> int:
         return min(self.prefill_batch_size, max_batch_size)
@@ -150,6 +160,7 @@ class MlxBatchEngine:
             stop_tokens=[[t] for t in tokenizer.eos_token_ids],
             completion_batch_size=max_batch_size,
             prefill_batch_size=tuning.prefill_batch(max_batch_size),
+            prefill_step_size=tuning.prefill_chunk_size,
         )
         size = tuning.prompt_cache_size
         self._prompt_caches = LRUPromptCache(max_size=size) if size > 0 else None
@@ -291,7 +302,10 @@ class MlxModel:
         return list(self.tokenizer.encode(text))
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        try:
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        except (jinja2.TemplateError, ValueError) as exc:
+            raise TemplateRefused(str(exc)) from None
 
     def create_engine(self, max_batch_size: int):
         # A failed step can leave MLX's global random state unusable (mlx-lm's compiled samplers trace it),
@@ -374,6 +388,9 @@ class MlxBackend:
 
     def load(self, model_name: str, adapter_path: Optional[str], progress: Callable[[str], None]) -> MlxModel:
         path = self.sources.resolve(model_name, progress)
+        for directory in (path, adapter_path):
+            if directory is not None and os.path.isdir(os.path.expanduser(directory)):
+                check_model_directory(os.path.expanduser(directory))
         progress("loading weights")
         return MlxModel(model_name, adapter_path, self.tuning, path=path)
 
@@ -393,6 +410,13 @@ def register_options(register):
         "waits for the whole pass before its first token.",
         type=click.IntRange(min=1),
         default=DEFAULT_PREFILL_BATCH_SIZE,
+    ))
+    register(Option(
+        "prefill_chunk_size",
+        "Prompt tokens prefilled per engine step for each prompt; running streams get a token between "
+        "slices, so a long prompt does not stall them for its whole length.",
+        type=click.IntRange(min=16),
+        default=DEFAULT_PREFILL_CHUNK_SIZE,
     ))
     register(Option(
         "cache_dir",
@@ -459,6 +483,7 @@ def startup(server):
         backend.tuning = EngineTuning(
             prompt_cache_size=getattr(settings, "prompt_cache_size", DEFAULT_PROMPT_CACHE_SIZE),
             prefill_batch_size=getattr(settings, "prefill_batch_size", DEFAULT_PREFILL_BATCH_SIZE),
+            prefill_chunk_size=getattr(settings, "prefill_chunk_size", DEFAULT_PREFILL_CHUNK_SIZE),
         )
         backend.sources = ModelSources(
             pathlib.Path(settings.cache_dir) if getattr(settings, "cache_dir", None) else default_cache_dir(),

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import dataclasses
 import fnmatch
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 from forgellm.backends.base import Backend, LoadedModel
 from forgellm.core.errors import ApiError, bad_request, service_unavailable
@@ -34,11 +37,16 @@ class ModelState:
 class ModelManager:
     """Loads run on the engine thread after in-flight work drains; a second load while one runs is a 409."""
 
-    def __init__(self, backend: Backend, scheduler: Scheduler) -> None:
+    def __init__(
+        self, backend: Backend, scheduler: Scheduler, load_timeout: float = 0, allow_patterns: Sequence[str] = ()
+    ) -> None:
         self._backend = backend
         self._scheduler = scheduler
+        self._load_timeout = load_timeout
+        self._allow_patterns = tuple(allow_patterns)
         self._state = ModelState()
         self._model: Optional[LoadedModel] = None
+        self._loads = 0  # numbers each load, so the result of one given up on is ignored
 
     @property
     def state(self) -> ModelState:
@@ -56,8 +64,41 @@ class ModelManager:
             "progress": state.progress,
         }
 
-    def start_load(self, model_name: str, adapter_path: Optional[str]) -> concurrent.futures.Future:
-        """Begin loading in the background; status shows is_loading before this returns."""
+    def check_load_target(self, model_name: str, adapter_path: Optional[str]) -> None:
+        """Refuse a load request before it starts: a name --allow-model does not allow (403), a local file or
+        directory that is not there (400).
+
+        Without --allow-model any client that may load can name any path, so a path that is missing and one
+        that exists but does not load get the same answer (here and in status), and nobody can map the disk
+        through load requests; the server's log has the reasons."""
+        for name in (model_name, adapter_path):
+            if name is not None:
+                require_allowed(name, self._allow_patterns)  # before any file-system check
+        missing = None
+        if model_name.lower().endswith(".gguf"):
+            if not _on_disk(model_name, Path.is_file):
+                missing = f"GGUF file not found: {model_name}"
+        elif looks_like_path(model_name) and not _on_disk(model_name, Path.is_dir):
+            missing = f"Model directory not found: {model_name}"
+        if missing is None and adapter_path is not None and not _on_disk(adapter_path, Path.is_dir):
+            missing = f"Adapter directory not found: {adapter_path}"
+        if missing is not None:
+            raise bad_request(missing if self._allow_patterns else _not_loadable(model_name, adapter_path))
+
+    def _opaque(self, model_name: str, adapter_path: Optional[str]) -> bool:
+        """Whether a failure to load this must not say why (a local path, with no --allow-model)."""
+        return not self._allow_patterns and (
+            looks_like_path(model_name) or model_name.lower().endswith(".gguf") or adapter_path is not None
+        )
+
+    def start_load(
+        self, model_name: str, adapter_path: Optional[str], *, from_client: bool = False
+    ) -> concurrent.futures.Future:
+        """Begin loading in the background; status shows is_loading before this returns. A failed load that a
+        client asked for (from_client) is described as check_load_target says; the operator's own, fully.
+
+        Called on the event loop. A load still running after --load-timeout is given up: status shows the
+        error, and when the backend returns at last its model is closed, never served."""
         if self._state.is_loading:
             raise ApiError(
                 409,
@@ -66,25 +107,51 @@ class ModelManager:
             )
         self._state = ModelState(model_name=model_name, adapter_path=adapter_path, is_loading=True)
         self._model = None
+        self._loads += 1
+        number = self._loads
+        given_up = threading.Event()
         started = time.perf_counter()
 
         def report(text: str) -> None:
             logger.info("loading %s: %s", model_name, text)
-            if self._state.is_loading and self._state.model_name == model_name:
+            if self._loads == number and self._state.is_loading:
                 self._state = dataclasses.replace(self._state, progress=text)
 
         def load() -> LoadedModel:
-            return self._backend.load(model_name, adapter_path, report)
+            model = self._backend.load(model_name, adapter_path, report)
+            if given_up.is_set():
+                model.close()
+                raise TimeoutError("given up")
+            return model
 
         future = self._scheduler.swap_model(load)
-        future.add_done_callback(lambda done: self._finish_load(done, model_name, adapter_path, started))
+        opaque = from_client and self._opaque(model_name, adapter_path)
+        future.add_done_callback(lambda done: self._finish_load(done, number, model_name, adapter_path, started, opaque))
+        if self._load_timeout > 0:
+            asyncio.get_running_loop().call_later(self._load_timeout, self._give_up, number, given_up)
         return future
 
-    def _finish_load(self, done: concurrent.futures.Future, model_name, adapter_path, started: float) -> None:
+    def _give_up(self, number: int, given_up: threading.Event) -> None:
+        if self._loads != number or not self._state.is_loading:
+            return
+        given_up.set()
+        self._loads += 1  # whatever that load returns now is stale
+        message = f"TimeoutError: the load did not finish within {self._load_timeout:g}s (--load-timeout)"
+        logger.error("loading %s: %s", self._state.model_name, message)
+        self._state = ModelState(
+            model_name=self._state.model_name, adapter_path=self._state.adapter_path, error=message
+        )
+
+    def _finish_load(
+        self, done: concurrent.futures.Future, number: int, model_name, adapter_path, started, opaque: bool
+    ) -> None:
+        if self._loads != number:
+            return  # given up on, or replaced by a later load
         error = done.exception()
         if error is not None:
             logger.error("loading %s failed: %s", model_name, error)
-            self._state = ModelState(model_name=model_name, adapter_path=adapter_path, error=_describe(error))
+            described = _not_loadable(model_name, adapter_path) if opaque else _describe(error)
+            self._state = ModelState(model_name=model_name, adapter_path=adapter_path, error=described)
             return
         self._model = done.result()
         seconds = time.perf_counter() - started
@@ -130,6 +197,25 @@ def _normalized(name: str) -> str:
     if os.path.isabs(expanded) or expanded.startswith(".") or expanded.count("/") > 1:
         return os.path.abspath(expanded)  # a local path
     return os.path.normpath(expanded)  # a Hugging Face repo id ("owner/name"), or a relative path
+
+
+def looks_like_path(model_name: str) -> bool:
+    """Hugging Face repo ids are 'name' or 'owner/name'; anything else is meant as a local directory."""
+    return model_name.startswith(("/", ".", "~")) or model_name.count("/") > 1 or _on_disk(model_name, Path.exists)
+
+
+def _on_disk(name: str, test: Callable[[Path], bool]) -> bool:
+    """test(path) for the name; a name the OS cannot even look up (longer than a file name may be, or ~user
+    for an unknown user) is nothing on disk, not a server error."""
+    try:
+        return test(Path(name).expanduser())
+    except (OSError, RuntimeError):
+        return False
+
+
+def _not_loadable(model_name: str, adapter_path: Optional[str]) -> str:
+    what = f"Model {model_name}" + (f" with adapter {adapter_path}" if adapter_path else "")
+    return f"{what} was not found or is not loadable"
 
 
 def _describe(error: BaseException) -> str:

@@ -151,12 +151,19 @@ class Scheduler:
         self._thread = threading.Thread(target=self._run, name="forgellm-engine", daemon=True)
         self._thread.start()
 
-    async def stop(self) -> None:
-        """Finish admitted work, free the model, and end the engine thread."""
+    async def stop(self, timeout: Optional[float] = None) -> None:
+        """Finish admitted work, free the model, and end the engine thread; after timeout seconds, give up on a
+        thread that is stuck (in a load that never returns, say): it is a daemon, so the process still exits."""
         if self._thread is None:
             return
         self._inbox.put(("stop",))
-        await asyncio.to_thread(self._thread.join)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while self._thread.is_alive():
+            if deadline is not None and loop.time() > deadline:
+                logger.warning("the engine thread did not stop within %gs; exiting without it", timeout)
+                break
+            await asyncio.sleep(0.02)
         self._thread = None
 
     @property
