@@ -205,7 +205,7 @@ def test_a_load_key_loads_but_cannot_generate(server, file_keys, chat_body):
     guide = server.post("/api/model/generate", json=GENERATE_BODY, headers=headers)
     openai = server.post("/v1/chat/completions", json=chat_body, headers=headers)
 
-    assert load.status_code == 400 and "Model directory not found" in load.json()["error"]
+    assert load.status_code == 400 and "was not found or is not loadable" in load.json()["error"]
     assert guide.status_code == 403 and guide.json() == {"success": False, "error": "Not allowed to generate"}
     assert openai.status_code == 403
     assert openai.json()["error"]["type"] == "permission_error"

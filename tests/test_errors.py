@@ -12,7 +12,7 @@ import pytest
 
 from forgellm import hookimpl
 from forgellm.backends.mlx import MlxBackend
-from forgellm.testing import test_client
+from forgellm.testing import test_client, wait_until_loaded
 
 STACK_TRACE_MARKERS = ("Traceback", 'File "', ".py\", line", "site-packages")
 
@@ -145,6 +145,9 @@ INVALID_GENERATE_BODIES = {
 }
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 @pytest.mark.parametrize("body", INVALID_GENERATE_BODIES.values(), ids=INVALID_GENERATE_BODIES.keys())
 def test_invalid_generate_request_is_400(client, body):
     response = client.post("/api/model/generate", content=body, headers={"Content-Type": "application/json"})
@@ -153,8 +156,17 @@ def test_invalid_generate_request_is_400(client, body):
 
 
 def test_invalid_json_says_so(client):
-    error = assert_envelope(client.post("/api/model/generate", content=b'{"prompt": '), 400)
+    body = b'{"prompt": '
+    error = assert_envelope(client.post("/api/model/generate", content=body, headers=JSON), 400)
     assert "not valid JSON" in error
+
+
+def test_json_nested_a_thousand_deep_is_a_400_not_a_500(client):
+    body = b'{"prompt": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    for path in ("/api/model/generate", "/v1/chat/completions"):
+        response = client.post(path, content=body, headers=JSON)
+        assert response.status_code == 400, response.text
+        assert "nested too deeply" in response.text
 
 
 def test_missing_field_is_named(client):
@@ -212,13 +224,21 @@ def test_invalid_load_request_is_400(empty_server, body):
     assert empty_server.get("/api/model/status").json()["is_loading"] is False
 
 
-def test_load_of_a_missing_directory_is_400(empty_server, tmp_path):
+def test_load_of_a_missing_directory_is_400_and_says_only_what_an_existing_one_would(empty_server, tmp_path):
+    missing, empty = tmp_path / "no-such-model", tmp_path / "empty-dir"
+    empty.mkdir()
+    expected = f"Model {missing} was not found or is not loadable"
+    assert_envelope(empty_server.post("/api/model/load", json={"model_name": str(missing)}), 400, expected)
+    # A directory that exists but does not load: the same words, in status (no --allow-model: any path may be asked).
+    assert empty_server.post("/api/model/load", json={"model_name": str(empty)}).status_code == 200
+    assert wait_until_loaded(empty_server)["error"] == f"Model {empty} was not found or is not loadable"
+
+
+def test_with_allow_model_a_missing_directory_is_named(tmp_path):
     missing = tmp_path / "no-such-model"
-    assert_envelope(
-        empty_server.post("/api/model/load", json={"model_name": str(missing)}),
-        400,
-        f"Model directory not found: {missing}",
-    )
+    with test_client(allow_model=(f"{tmp_path}/*",)) as server:
+        assert_envelope(server.post("/api/model/load", json={"model_name": str(missing)}), 400,
+                        f"Model directory not found: {missing}")
 
 
 def test_load_with_a_missing_adapter_directory_is_400(empty_server, tiny_model, tmp_path):
@@ -226,7 +246,7 @@ def test_load_with_a_missing_adapter_directory_is_400(empty_server, tiny_model, 
     assert_envelope(
         empty_server.post("/api/model/load", json={"model_name": str(tiny_model), "adapter_path": str(missing)}),
         400,
-        f"Adapter directory not found: {missing}",
+        f"Model {tiny_model} with adapter {missing} was not found or is not loadable",
     )
 
 

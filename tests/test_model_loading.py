@@ -22,7 +22,7 @@ from forgellm import hookimpl
 from forgellm.backends.mlx import MlxBackend
 from forgellm.core.app import create_app
 from forgellm.core.plugins import create_plugin_manager
-from forgellm.testing import make_settings, test_client, wait_until_loaded
+from forgellm.testing import TEST_BASE_URL, make_settings, test_client, wait_until_loaded
 
 
 class GatedBackend:
@@ -58,7 +58,7 @@ def gated_server(*, gate_open: bool = True, **settings):
     plugin = GatedBackendPlugin(backend)
     pm = create_plugin_manager([], extra_plugins=[("gated-mlx", plugin)])
     app = create_app(make_settings(plugins="no:mlx", extra_plugins={"gated-mlx": plugin}, **settings), pm)
-    with TestClient(app) as client:
+    with TestClient(app, base_url=TEST_BASE_URL) as client:
         try:
             yield client, backend
         finally:

@@ -12,6 +12,7 @@ from typing import Any, Optional
 from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
 
+from forgellm.core.cross_site import check_anonymous_write
 from forgellm.core.errors import Forbidden
 from forgellm.core.plugins import await_me_maybe
 from forgellm.core.request_context import record_of
@@ -44,6 +45,13 @@ async def access_guard(connection: ASGIConnection, route_handler: BaseRouteHandl
     server = connection.app.state.server
     identity = await await_me_maybe(server.hook.authenticate(request=connection, server=server))
     record_of(connection).identity = identity
+    if identity is None:
+        headers = connection.headers
+        check_anonymous_write(
+            connection.scope["method"], headers.get("host"), headers.get("origin"), headers.get("content-type"),
+            has_body=headers.get("content-length", "0") != "0" or "transfer-encoding" in headers,
+            cors_origins=server.settings.cors_origin,
+        )
     for verdict in server.hook.authorize(identity=identity, action=action, request=connection, server=server):
         if await await_me_maybe(verdict) is False:
             raise Forbidden(f"Not allowed to {action}")

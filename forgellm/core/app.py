@@ -9,15 +9,17 @@ from litestar import Litestar, Router
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Server as OpenAPIServer
 
 from forgellm import __version__
 from forgellm.core import guide_api, health, openai_api
 from forgellm.core.access_control import STATUS, access_guard
+from forgellm.core.cross_site import CrossSiteScreen, HostAllowList
 from forgellm.core.errors import error_response
 from forgellm.core.plugins import create_plugin_manager, enabled_plugin_names
 from forgellm.core.request_context import RequestContextMiddleware
 from forgellm.core.server import Server
-from forgellm.core.settings import Settings
+from forgellm.core.settings import Settings, normalized_root_path
 
 
 def cors_config(origins: Sequence[str]) -> Optional[CORSConfig]:
@@ -61,12 +63,15 @@ def create_app(settings: Settings, pm: Optional[pluggy.PluginManager] = None) ->
             version=__version__,
             path="/docs",
             openapi_router=Router("/docs", route_handlers=[], opt={"action": STATUS}, include_in_schema=False),
+            # Behind a proxy under --root-path, the schema's clients must call the API there.
+            servers=[OpenAPIServer(url=normalized_root_path(settings.root_path) or "/")],
         ),
         cors_config=cors_config(settings.cors_origin),
         state=State({"server": server}),
         logging_config=None,
     )
     # Wrap the whole handler, not one route, so 404s and 405s get a request id and an access-log line.
-    app.asgi_handler = RequestContextMiddleware(app.asgi_handler, server)
+    screen = CrossSiteScreen(app.asgi_handler, HostAllowList(settings.allowed_hosts, settings.host), settings.cors_origin)
+    app.asgi_handler = RequestContextMiddleware(screen, server)
     server.app = app
     return app

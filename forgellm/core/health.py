@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 import msgspec
-from litestar import Request, Response, get
+from litestar import HttpMethod, Request, Response, route
 from litestar.openapi.datastructures import ResponseSpec
 
 
@@ -14,19 +14,25 @@ class Liveness(msgspec.Struct):
 
 
 class Readiness(msgspec.Struct):
+    """Whether to send traffic here; nothing more, since the probes answer without credentials."""
+
     ready: bool
     model_loaded: bool
     engine_alive: bool
-    model_name: Optional[str]
 
 
-@get("/healthz", summary="The process is alive", tags=["operations"])
+# HEAD too: load balancers and uptime checkers often probe with it.
+PROBE_METHODS = [HttpMethod.GET, HttpMethod.HEAD]
+
+
+@route("/healthz", http_method=PROBE_METHODS, summary="The process is alive", tags=["operations"])
 async def healthz() -> Liveness:
     return Liveness(status="ok")
 
 
-@get(
+@route(
     "/readyz",
+    http_method=PROBE_METHODS,
     summary="A model is loaded and the engine thread is running",
     tags=["operations"],
     responses={
@@ -39,7 +45,7 @@ async def readyz(request: Request) -> Response[Readiness]:
     state = server.models.state
     alive = server.scheduler.alive
     ready = state.loaded and alive
-    body = Readiness(ready=ready, model_loaded=state.loaded, engine_alive=alive, model_name=state.model_name)
+    body = Readiness(ready=ready, model_loaded=state.loaded, engine_alive=alive)
     return Response(body, status_code=200 if ready else 503)
 
 

@@ -21,6 +21,8 @@ async def strict_body(request: Request, body_type: type[T]) -> T:
         return msgspec.json.decode(await request.body(), type=body_type, strict=True)
     except msgspec.ValidationError as exc:
         raise bad_request(f"Invalid request: {_readable(str(exc))}") from None
+    except RecursionError:
+        raise bad_request("Request body is not valid JSON (it is nested too deeply)") from None
 
 
 def _readable(message: str) -> str:

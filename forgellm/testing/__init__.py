@@ -31,10 +31,18 @@ A plugin's tests, in full::
 docs/testing-plugins.md says more; examples/forgellm-prompt-guard is a plugin package tested this way.
 """
 
-from forgellm.testing.clients import ServerProcess, free_port, make_settings, test_client, wait_until_loaded
+from forgellm.testing.clients import (
+    TEST_BASE_URL,
+    ServerProcess,
+    free_port,
+    make_settings,
+    test_client,
+    wait_until_loaded,
+)
 from forgellm.testing.tiny_model import build_tiny_adapter, build_tiny_model
 
 __all__ = [
+    "TEST_BASE_URL",
     "ServerProcess",
     "build_tiny_adapter",
     "build_tiny_model",

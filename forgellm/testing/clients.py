@@ -21,6 +21,10 @@ from forgellm.core.plugins import available_plugins, create_plugin_manager, enab
 from forgellm.core.settings import Settings
 
 
+# The in-process client's address: a name under localhost, which the default --allowed-hosts accepts.
+TEST_BASE_URL = "http://testserver.localhost"
+
+
 def make_settings(*, extra_plugins: Optional[Mapping[str, object]] = None, **overrides: Any) -> Settings:
     """Every installed plugin's defaults, with overrides (``plugins="auth"``, ``api_key=("k",)``, ...),
     and ``no_model=True`` unless given: without ``model`` such a server starts with none loaded.
@@ -81,7 +85,7 @@ def test_client(
     effective = make_settings(extra_plugins=extra_plugins, **settings)
     pm = _plugin_manager(enabled_plugin_names(effective.plugins), extra_plugins)
     app = create_app(effective, pm)
-    with TestClient(app) as client:
+    with TestClient(app, base_url=TEST_BASE_URL) as client:
         client.headers.update(headers or {})
         if model is not None:
             _wait_for_model(app.state.server)

@@ -9,7 +9,7 @@ from typing import Optional
 from litestar.datastructures import Headers
 
 from forgellm.core.access_control import Identity
-from forgellm.core.errors import Unauthorized
+from forgellm.core.errors import INVALID_CREDENTIALS, Unauthorized
 from forgellm.core.settings import Settings
 from forgellm.plugins.auth.api_keys import ApiKey, find_key, static_keys
 from forgellm.plugins.auth.credentials import credential_of, looks_like_jwt
@@ -82,4 +82,4 @@ class Authenticator:
             return key.identity()
         if credential.bearer and self.jwt is not None and looks_like_jwt(credential.value):
             return self.jwt.verify(credential.value)
-        raise Unauthorized("Invalid API key or token")
+        raise Unauthorized(INVALID_CREDENTIALS)

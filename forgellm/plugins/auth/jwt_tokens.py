@@ -8,6 +8,7 @@ with the server's RSA public key) never verify.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -17,7 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from forgellm.core.access_control import Identity
-from forgellm.core.errors import Unauthorized
+from forgellm.core.errors import INVALID_CREDENTIALS, Unauthorized
+
+logger = logging.getLogger("forgellm.auth")
 
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 RSA_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
@@ -44,7 +47,10 @@ class JwtConfigError(ValueError):
 
 
 def _invalid(reason: str) -> Unauthorized:
-    return Unauthorized(f"Invalid token: {reason}")
+    """The client hears only that the credential is invalid, as for a wrong API key: why a token failed
+    (expired, wrong issuer, bad signature) tells a prober what the server checks. The log says why."""
+    logger.info("refused a JWT: %s", reason)
+    return Unauthorized(INVALID_CREDENTIALS)
 
 
 def _algorithms_for_public_key(key: Any) -> tuple[str, ...]:

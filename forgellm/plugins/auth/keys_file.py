@@ -171,29 +171,59 @@ def revoke_key(path: Path, name: str) -> None:
         write_records(path, kept)
 
 
+def insecure_reason(path: Path) -> Optional[str]:
+    """Why a server must not trust the keys file, as ssh's StrictModes: the file or its directory is writable
+    by group or others, or owned by a user other than the server's own (or root). None when it is safe."""
+    me = os.geteuid()
+    for target in (path, path.parent):
+        info = os.stat(target)
+        if info.st_uid not in (me, 0):
+            return f"{target} is owned by another user (uid {info.st_uid}); the server runs as uid {me}"
+        if info.st_mode & 0o022:
+            return (f"{target} is writable by group or others (mode {oct(info.st_mode & 0o777)}), so anyone could "
+                    f"add a key; run chmod go-w {target}")
+    return None
+
+
+def read_trusted_records(path: Path) -> list[KeyRecord]:
+    """read_records, for a server: a file that is not safe to trust is refused (KeysFileError)."""
+    try:
+        reason = insecure_reason(path)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise KeysFileError(f"cannot read keys file {path}: {exc.strerror}") from None
+    if reason:
+        raise KeysFileError(f"keys file {path} is refused: {reason}")
+    return read_records(path)
+
+
 class WatchedKeysFile:
     """The keys a running server accepts from the file, re-read whenever the file changes.
 
     Each lookup costs one stat(); a change (``forgellm keys add`` or ``revoke``, which replace
     the file) is seen by the next request, so revocation needs no restart. A file that
-    disappears or becomes invalid accepts no key (fail closed) until it is fixed.
+    disappears, becomes invalid, or becomes writable by others (``insecure_reason``) accepts no
+    key (fail closed) until it is fixed; at startup any of these stops the server.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._signature = self._stat()
-        self._keys = [record.api_key() for record in read_records(path)]  # at startup, errors are fatal
+        self._keys = [record.api_key() for record in read_trusted_records(path)]  # at startup, errors are fatal
         self._racy = self._recent(self._signature)
 
-    def _stat(self) -> Optional[tuple[int, int, int]]:
+    def _stat(self) -> Optional[tuple[int, ...]]:
         try:
-            stat = os.stat(self.path)
+            stat, directory = os.stat(self.path), os.stat(self.path.parent)
         except OSError:
             return None
-        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+        # The owners and modes too: a chmod that makes the file writable by others must be seen at once.
+        return (stat.st_ino, stat.st_mtime_ns, stat.st_size, stat.st_mode, stat.st_uid,
+                directory.st_mode, directory.st_uid)
 
     @staticmethod
-    def _recent(signature: Optional[tuple[int, int, int]]) -> bool:
+    def _recent(signature: Optional[tuple[int, ...]]) -> bool:
         """Whether another write could still go unseen by stat(), as git's "racy clean" entries.
 
         File timestamps are coarse (milliseconds on some filesystems), and a replaced file may
@@ -217,7 +247,7 @@ class WatchedKeysFile:
                 logger.warning("keys file %s is gone: no key from it is accepted", self.path)
             return []
         try:
-            keys = [record.api_key() for record in read_records(self.path)]
+            keys = [record.api_key() for record in read_trusted_records(self.path)]
         except KeysFileError as exc:
             if changed:
                 logger.error("%s; no key from it is accepted until it is fixed", exc)

@@ -1,0 +1,136 @@
+"""What stops a web page from driving a server on the visitor's machine or network.
+
+A page can send requests to ``http://localhost:5001`` from the visitor's browser. Without
+authentication (the default), that would let any site load, unload and generate:
+
+- **DNS rebinding**: the page's own host name is made to resolve to 127.0.0.1, so its requests
+  are same-origin and the page reads the answers. They carry the page's host name in ``Host``,
+  so requests whose ``Host`` is not an allowed name are refused (``--allowed-hosts``; by default
+  the localhost names and the name the server is bound to). An IP address as ``Host`` is always
+  allowed: a rebinding attack needs a name of its own.
+- **Cross-site requests**: a form or ``fetch(..., {mode: "no-cors"})`` can POST without a CORS
+  preflight, as ``text/plain`` or with no body at all. A browser marks such a request with an
+  ``Origin`` header, so an anonymous state-changing request is refused when its ``Origin`` is
+  neither the server's own nor a ``--cors-origin``, or when its body is not ``application/json``.
+
+With an auth plugin on, a page cannot attach the credentials (they travel in headers, never in
+cookies), so the Origin and body checks apply to anonymous requests only; the Host check
+applies to every request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from fnmatch import fnmatchcase
+from typing import Iterable, Optional
+from urllib.parse import urlsplit
+
+from forgellm.core.errors import ApiError, envelope, is_openai_path, openai_error
+
+LOCALHOST_NAMES = ("localhost", "*.localhost", "localhost.localdomain")
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header, without port or IPv6 brackets, lower case."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _is_ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class HostAllowList:
+    """The host names requests may name in ``Host`` (fnmatch patterns; ``*`` allows every name)."""
+
+    def __init__(self, configured: Iterable[str], bound_host: Optional[str]) -> None:
+        patterns = [p.strip().lower() for p in configured if p.strip()]
+        if not patterns:
+            patterns = [*LOCALHOST_NAMES, *([bound_host.lower()] if bound_host else [])]
+        self.patterns = tuple(patterns)
+
+    def allows(self, host: Optional[str]) -> bool:
+        if host is None:
+            return False
+        name = _host_name(host)
+        return _is_ip_address(name) or any(fnmatchcase(name, pattern) for pattern in self.patterns)
+
+
+def check_host(host: Optional[str], allowed: HostAllowList) -> None:
+    if not allowed.allows(host):
+        raise ApiError(400, "Invalid Host header: this server does not answer to that name (--allowed-hosts)",
+                       code="invalid_host")
+
+
+def check_anonymous_write(
+    method: str, host: Optional[str], origin: Optional[str], content_type: Optional[str], has_body: bool,
+    cors_origins: Iterable[str],
+) -> None:
+    """Refuse an unauthenticated state-changing request that a web page could have sent (403 or 415)."""
+    if method in SAFE_METHODS:
+        return
+    if origin is not None and origin not in cors_origins and not _same_origin(origin, host):
+        raise ApiError(403, "Cross-origin requests are refused; list the origin with --cors-origin",
+                       code="cross_origin")
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    if has_body and media_type != "application/json":
+        raise ApiError(415, "Send the request body as application/json (Content-Type: application/json)",
+                       code="unsupported_media_type")
+
+
+def _same_origin(origin: str, host: Optional[str]) -> bool:
+    return host is not None and urlsplit(origin).netloc.lower() == host.strip().lower()
+
+
+def _header(scope, name: bytes) -> Optional[str]:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+class CrossSiteScreen:
+    """ASGI wrapper, before routing: the Host check, and OPTIONS answered 405 unless it is a CORS preflight
+    from an allowed origin (so OPTIONS, like GET, tells nothing of which paths exist)."""
+
+    def __init__(self, app, allowed_hosts: HostAllowList, cors_origins: Iterable[str]) -> None:
+        self._app = app
+        self._allowed_hosts = allowed_hosts
+        self._cors_origins = frozenset(cors_origins)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            error = self._refusal(scope)
+            if error is not None:
+                await self._send(scope, send, error)
+                return
+        await self._app(scope, receive, send)
+
+    def _refusal(self, scope) -> Optional[ApiError]:
+        try:
+            check_host(_header(scope, b"host"), self._allowed_hosts)
+        except ApiError as error:
+            return error
+        if scope["method"] == "OPTIONS" and not self._allowed_preflight(scope):
+            return ApiError(405, "Method not allowed", headers={"Allow": "GET, HEAD, POST"})
+        return None
+
+    def _allowed_preflight(self, scope) -> bool:
+        origin = _header(scope, b"origin")
+        return origin in self._cors_origins and _header(scope, b"access-control-request-method") is not None
+
+    async def _send(self, scope, send, error: ApiError) -> None:
+        shape = openai_error if is_openai_path(scope["path"], scope.get("root_path", "")) else envelope
+        body = json.dumps(shape(error)).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+        await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
