@@ -11,17 +11,17 @@ from functools import partial
 import click
 import pluggy
 
-from forgellm import __version__
-from forgellm.core.plugins import (
+from forgellm.version import __version__
+from forgellm.core.plugin_manager import (
     UnknownPlugin,
     available_plugins,
     create_plugin_manager,
     enabled_plugin_names,
     plugin_hooks,
 )
-from forgellm.core.config_file import ConfigError, effective_config_toml, read_config_file
-from forgellm.core.connection_guard import ConnectionLimits, guarded_protocol, raise_open_file_limit
-from forgellm.core.settings import CORE_OPTIONS, Option, Settings, normalized_root_path
+from forgellm.core.config.config_file import ConfigError, effective_config_toml, read_config_file
+from forgellm.core.http.connection_guard import ConnectionLimits, guarded_protocol, raise_open_file_limit
+from forgellm.core.config.settings import CORE_OPTIONS, Option, Settings, normalized_root_path
 
 
 # Files the process holds besides its connections: model files, logs, the keys file, Redis, pipes.
@@ -102,7 +102,7 @@ PRINT_CONFIG_OPTION = click.Option(
 def _run(options: list[Option], print_config: bool, **values) -> None:
     import uvicorn
 
-    from forgellm.core.app import create_app
+    from forgellm.core.http.app import create_app
 
     settings = Settings(values, tuple(options))
     try:

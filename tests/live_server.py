@@ -10,7 +10,7 @@ from typing import Iterator
 
 import uvicorn
 
-from forgellm.core.app import create_app
+from forgellm.core.http.app import create_app
 from forgellm.testing import free_port, make_settings
 
 

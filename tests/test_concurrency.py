@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from forgellm.backends.mlx import EngineTuning, MlxModel
-from forgellm.core.generation import GenerationJob
+from forgellm.core.engine.generation import GenerationJob
 from forgellm.testing import ServerProcess, test_client
 
 PROMPTS = [

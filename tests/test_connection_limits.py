@@ -1,6 +1,6 @@
 """Connections that never finish their headers, huge headers and socket floods, against `forgellm run`.
 
-Each attack here worked before the connection guard (forgellm/core/connection_guard.py): idle and
+Each attack here worked before the connection guard (forgellm/core/http/connection_guard.py): idle and
 slow-header connections stayed open forever, a 300 MB header was parsed for two minutes, and
 mlx-lm's import lowered the open-file limit to 2048 (and failed under a hard limit below 4096).
 """

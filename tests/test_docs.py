@@ -17,7 +17,7 @@ import pluggy
 import pytest
 
 from forgellm.core import hookspecs
-from forgellm.core.plugins import PROJECT
+from forgellm.core.plugin_manager import PROJECT
 
 PLUGINS_DOC = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 FENCE = re.compile(r"^```(\w*)\s*$")

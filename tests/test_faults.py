@@ -27,7 +27,7 @@ from faulty_backend import (
     STEP_FAULT_MESSAGE,
     FaultyBackendPlugin,
 )
-from forgellm.core.app import create_app
+from forgellm.core.http.app import create_app
 from forgellm.testing import TEST_BASE_URL, make_settings, test_client, wait_until_loaded
 
 # Far more tokens than any test waits for: such a generation ends only by a fault or a disconnect.

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from identity_probe import IdentityProbe
-from forgellm.core.errors import INVALID_CREDENTIALS
+from forgellm import INVALID_CREDENTIALS
 from forgellm.plugins.auth.authenticator import AuthConfigError
 from forgellm.testing import test_client
 

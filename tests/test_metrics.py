@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from forgellm import hookimpl
 from forgellm.cli import build_cli
-from forgellm.core.errors import ApiError, Unauthorized
+from forgellm import ApiError, Unauthorized
 from forgellm.testing import ServerProcess, test_client
 
 

@@ -20,8 +20,8 @@ from litestar.testing import TestClient
 
 from forgellm import hookimpl
 from forgellm.backends.mlx import MlxBackend
-from forgellm.core.app import create_app
-from forgellm.core.plugins import create_plugin_manager
+from forgellm.core.http.app import create_app
+from forgellm.core.plugin_manager import create_plugin_manager
 from forgellm.testing import TEST_BASE_URL, make_settings, test_client, wait_until_loaded
 
 

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from forgellm.cli import build_cli
-from forgellm.core.plugins import available_plugins
+from forgellm.core.plugin_manager import available_plugins
 from forgellm.testing import test_client
 
 PLUGIN_PACKAGE = Path(__file__).parent / "plugin_package"

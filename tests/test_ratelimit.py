@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from forgellm import hookimpl
 from forgellm.cli import build_cli
-from forgellm.core.access_control import Identity
+from forgellm import Identity
 from forgellm.plugins.auth.keys_file import add_key
 from forgellm.testing import ServerProcess, free_port, test_client
 from network_clients import access_log_entry

@@ -18,7 +18,7 @@ import pytest
 
 from forgellm import hookimpl
 from forgellm.backends.mlx import MlxBackend, MlxModel
-from forgellm.core.plugins import create_plugin_manager, enabled_plugin_names
+from forgellm.core.plugin_manager import create_plugin_manager, enabled_plugin_names
 from live_server import LiveServer, idle, serving, wait_for
 
 # Far more tokens than any test waits for: a sequence that is still running is one that was not stopped.

@@ -29,8 +29,8 @@ from schemathesis.checks import (
 )
 
 from forgellm import hookimpl
-from forgellm.core.app import create_app
-from forgellm.core.plugins import create_plugin_manager, enabled_plugin_names
+from forgellm.core.http.app import create_app
+from forgellm.core.plugin_manager import create_plugin_manager, enabled_plugin_names
 from forgellm.testing import make_settings, test_client
 
 ADMIN_KEY = "schema-fuzz-admin-key"

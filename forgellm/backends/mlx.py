@@ -26,13 +26,10 @@ from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import apply_top_k, apply_top_p, greedy_sampler, make_logits_processors
 
-from forgellm import hookimpl
+from forgellm import GenerationJob, Option, SamplingParams, Settings, TemplateRefused, TokenOutput, hookimpl
 from forgellm.backends import builtin_models, cpu_blas, gguf
 from forgellm.backends.model_cache import converted_model, default_cache_dir
 from forgellm.backends.model_files import check_model_directory
-from forgellm.core.errors import TemplateRefused
-from forgellm.core.generation import GenerationJob, SamplingParams, TokenOutput
-from forgellm.core.settings import Option
 
 logger = logging.getLogger("forgellm.mlx")
 
@@ -382,9 +379,28 @@ class ModelSources:
 
 
 class MlxBackend:
-    tuning = EngineTuning()
-    sources = ModelSources()
-    default_model = builtin_models.DEFAULT_MODEL
+    """Loads models with mlx-lm (after fetching a built-in name and converting a GGUF file)."""
+
+    default_model: Optional[str] = builtin_models.DEFAULT_MODEL
+
+    def __init__(self, tuning: EngineTuning = EngineTuning(), sources: Optional[ModelSources] = None) -> None:
+        self.tuning = tuning
+        self.sources = sources or ModelSources()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> MlxBackend:
+        cache_dir = settings.get("cache_dir")
+        return cls(
+            EngineTuning(
+                prompt_cache_size=settings.get("prompt_cache_size", DEFAULT_PROMPT_CACHE_SIZE),
+                prefill_batch_size=settings.get("prefill_batch_size", DEFAULT_PREFILL_BATCH_SIZE),
+                prefill_chunk_size=settings.get("prefill_chunk_size", DEFAULT_PREFILL_CHUNK_SIZE),
+            ),
+            ModelSources(
+                pathlib.Path(cache_dir) if cache_dir else default_cache_dir(),
+                settings.get("gguf_weights", GGUF_AUTO),
+            ),
+        )
 
     def load(self, model_name: str, adapter_path: Optional[str], progress: Callable[[str], None]) -> MlxModel:
         path = self.sources.resolve(model_name, progress)
@@ -459,8 +475,8 @@ def pull_command(name: str, source: Optional[pathlib.Path], cache_dir: Optional[
 
 
 @hookimpl
-def register_backends(register):
-    register("mlx", MlxBackend())
+def register_backends(register, settings):
+    register("mlx", MlxBackend.from_settings(settings))
 
 
 @hookimpl
@@ -468,7 +484,7 @@ def startup(server):
     problem = cpu_blas.blas_problem()
     if problem:
         raise RuntimeError(problem)
-    if mx.default_device().type == mx.DeviceType.cpu:
+    if isinstance(server.backend, MlxBackend) and mx.default_device().type == mx.DeviceType.cpu:
         blas = cpu_blas.selected_blas()
         if blas:
             logger.info("MLX runs on the CPU; its matrix products use %s", blas)
@@ -477,15 +493,3 @@ def startup(server):
                 "MLX runs on the CPU with its bundled reference BLAS, which is slow; install OpenBLAS "
                 "(Debian/Ubuntu: apt install libopenblas0-pthread) for much faster prompts"
             )
-    backend = server.backends.get("mlx")
-    if isinstance(backend, MlxBackend):
-        settings = server.settings
-        backend.tuning = EngineTuning(
-            prompt_cache_size=getattr(settings, "prompt_cache_size", DEFAULT_PROMPT_CACHE_SIZE),
-            prefill_batch_size=getattr(settings, "prefill_batch_size", DEFAULT_PREFILL_BATCH_SIZE),
-            prefill_chunk_size=getattr(settings, "prefill_chunk_size", DEFAULT_PREFILL_CHUNK_SIZE),
-        )
-        backend.sources = ModelSources(
-            pathlib.Path(settings.cache_dir) if getattr(settings, "cache_dir", None) else default_cache_dir(),
-            getattr(settings, "gguf_weights", GGUF_AUTO),
-        )

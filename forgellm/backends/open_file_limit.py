@@ -4,7 +4,7 @@ Importing ``mlx_lm.utils`` sets RLIMIT_NOFILE to (2048, 4096) for the whole proc
 higher soft limit, so a server holding some 2,000 connections fails to accept more, and where the
 hard limit is below 4096 the import itself fails (only root may raise a hard limit). So mlx-lm is
 imported here with that one change skipped; the server raises the soft limit to the hard one
-itself when it starts (``forgellm.core.connection_guard``).
+itself when it starts (``forgellm.core.http.connection_guard``).
 """
 
 from __future__ import annotations

@@ -1,28 +1,12 @@
-"""API errors and their two wire shapes: the guide's envelope and OpenAI's error object."""
+"""The errors a client sees: a status, a message, optional headers and a machine-readable code.
+
+Each API dialect puts them on the wire in its own shape (its ``protocol`` module);
+``forgellm.core.http.errors`` turns any other exception into one of these.
+"""
 
 from __future__ import annotations
 
-import logging
-from typing import Mapping
-
-from litestar import Request, Response
-from litestar.exceptions import HTTPException, ValidationException
-
-logger = logging.getLogger("forgellm")
-
-OPENAI_PREFIX = "/v1"
-
-_OPENAI_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    409: "conflict_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "server_overloaded",
-}
+from typing import Mapping, Optional
 
 
 class ApiError(Exception):
@@ -33,8 +17,8 @@ class ApiError(Exception):
         status_code: int,
         message: str,
         *,
-        headers: Mapping[str, str] | None = None,
-        code: str | None = None,
+        headers: Optional[Mapping[str, str]] = None,
+        code: Optional[str] = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
@@ -72,66 +56,3 @@ def service_unavailable(message: str, retry_after: int = 1) -> ApiError:
 
 def bad_request(message: str) -> ApiError:
     return ApiError(400, message, code="invalid_request")
-
-
-def _validation_message(exc: ValidationException) -> str:
-    problems = exc.extra if isinstance(exc.extra, list) else []
-    parts = []
-    for problem in problems:
-        if isinstance(problem, dict) and problem.get("message"):
-            key = problem.get("key")
-            located = key and key != "data"  # "data" is Litestar's name for the whole body
-            parts.append(f"{problem['message']} (field: {key})" if located else str(problem["message"]))
-    return "Invalid request: " + ("; ".join(parts) if parts else str(exc.detail))
-
-
-def as_api_error(exc: Exception) -> ApiError:
-    """Translate any exception into the ApiError the client will see; never leaks internals."""
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, UnicodeDecodeError):  # raised while Litestar reads a body that is not UTF-8
-        return bad_request("Request body is not valid JSON (it is not UTF-8)")
-    if isinstance(exc, RecursionError) and "deserializing" in str(exc):  # msgspec, on JSON nested too deep
-        return bad_request("Request body is not valid JSON (it is nested too deeply)")
-    if isinstance(exc, ValidationException):
-        return ApiError(400, _validation_message(exc), code="invalid_request")
-    if isinstance(exc, HTTPException):
-        detail = exc.detail
-        if exc.status_code == 404:
-            detail = "Not found"
-        elif exc.status_code == 405:
-            detail = "Method not allowed"
-        elif exc.status_code == 413:
-            detail = "Request body too large"
-        elif exc.status_code == 400:
-            detail = f"Request body is not valid JSON ({detail})"
-        return ApiError(exc.status_code, detail, headers=exc.headers)
-    logger.error("unhandled error", exc_info=exc)
-    return ApiError(500, "Internal server error", code="internal_error")
-
-
-def envelope(error: ApiError) -> dict:
-    return {"success": False, "error": error.message}
-
-
-def openai_error(error: ApiError) -> dict:
-    return {
-        "error": {
-            "message": error.message,
-            "type": _OPENAI_TYPES.get(error.status_code, "server_error"),
-            "param": None,
-            "code": error.code,
-        }
-    }
-
-
-def is_openai_path(path: str, root_path: str = "") -> bool:
-    path = path[len(root_path) :] if root_path and path.startswith(root_path) else path
-    return path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/")
-
-
-def error_response(request: Request, exc: Exception) -> Response:
-    """Litestar exception handler: the envelope everywhere, OpenAI's shape under /v1."""
-    error = as_api_error(exc)
-    shape = openai_error if is_openai_path(request.scope["path"], request.scope.get("root_path", "")) else envelope
-    return Response(shape(error), status_code=error.status_code, headers=error.headers)

@@ -16,9 +16,7 @@ from datetime import datetime, timezone
 
 import click
 
-from forgellm import hookimpl
-from forgellm.core.request_context import RequestRecord
-from forgellm.core.settings import Option
+from forgellm import Option, RequestRecord, hookimpl
 
 PLUGIN = "logging"
 

@@ -30,11 +30,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric, StateSetMetricFamily
 from prometheus_client.exposition import choose_encoder
 
-from forgellm import hookimpl
-from forgellm.core import health
-from forgellm.core.access_control import ADMIN
-from forgellm.core.openapi_docs import envelope_errors
-from forgellm.core.request_context import RequestRecord, record_of
+from forgellm import ADMIN, RequestRecord, hookimpl, record_of
+from forgellm.core.api.guide.routes import guide_errors
+from forgellm.core.http import health
 
 PLUGIN = "metrics"
 UNMATCHED_ROUTE = "unmatched"
@@ -147,7 +145,7 @@ def metrics_of(server) -> ServerMetrics:
         "Needs the admin action when an auth plugin is on."
     ),
     tags=["operations"],
-    responses=envelope_errors(401, 403),
+    responses=guide_errors(401, 403),
 )
 async def metrics(request: Request) -> Response[str]:
     encode, content_type = choose_encoder(request.headers.get("accept", ""))

@@ -39,10 +39,8 @@ from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import ConfigurationError, StorageError
 from limits.storage import storage_from_string
 
-from forgellm import hookimpl
+from forgellm import ApiError, Option, hookimpl, service_unavailable
 from forgellm.core.clients import connection_client_key
-from forgellm.core.errors import ApiError, service_unavailable
-from forgellm.core.settings import Option
 
 logger = logging.getLogger("forgellm.ratelimit")
 
@@ -267,3 +265,9 @@ async def before_generate(identity, request, job, server):
 @hookimpl
 async def after_generate(identity, request, job, usage, server):
     await budgets_of(server).settle(job, usage.completion_tokens)
+
+
+@hookimpl
+def register_cors_headers(expose):
+    for name in ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "RateLimit-Policy"):
+        expose(name)

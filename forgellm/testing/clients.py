@@ -16,9 +16,9 @@ import httpx
 from litestar.testing import TestClient
 
 from forgellm.cli import collect_options
-from forgellm.core.app import create_app
-from forgellm.core.plugins import available_plugins, create_plugin_manager, enabled_plugin_names
-from forgellm.core.settings import Settings
+from forgellm.core.http.app import create_app
+from forgellm.core.plugin_manager import available_plugins, create_plugin_manager, enabled_plugin_names
+from forgellm.core.config.settings import Settings
 
 
 # The in-process client's address: a name under localhost, which the default --allowed-hosts accepts.

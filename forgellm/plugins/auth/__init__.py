@@ -49,3 +49,9 @@ def authorize(identity, action, request, server):
     if identity is None or not permits(identity.scopes, action):
         return False
     return None
+
+
+@hookimpl
+def register_cors_headers(allow):
+    allow("Authorization")
+    allow("X-API-Key")

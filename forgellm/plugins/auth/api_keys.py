@@ -9,7 +9,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
-from forgellm.core.access_control import Identity
+from forgellm import Identity
 from forgellm.plugins.auth.scopes import ALL_SCOPES
 
 # The prefix lets secret scanners (and people) recognise a leaked ForgeLLM key.

@@ -8,9 +8,7 @@ from typing import Optional
 
 from litestar.datastructures import Headers
 
-from forgellm.core.access_control import Identity
-from forgellm.core.errors import INVALID_CREDENTIALS, Unauthorized
-from forgellm.core.settings import Settings
+from forgellm import INVALID_CREDENTIALS, Identity, Settings, Unauthorized
 from forgellm.plugins.auth.api_keys import ApiKey, find_key, static_keys
 from forgellm.plugins.auth.credentials import credential_of, looks_like_jwt
 from forgellm.plugins.auth.jwt_tokens import JwtVerifier

@@ -8,7 +8,7 @@ from typing import Optional
 
 from litestar.datastructures import Headers
 
-from forgellm.core.errors import Unauthorized
+from forgellm import Unauthorized
 
 AUTHORIZATION = "authorization"
 API_KEY_HEADER = "x-api-key"

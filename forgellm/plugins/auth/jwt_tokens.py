@@ -17,8 +17,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from forgellm.core.access_control import Identity
-from forgellm.core.errors import INVALID_CREDENTIALS, Unauthorized
+from forgellm import INVALID_CREDENTIALS, Identity, Unauthorized
 
 logger = logging.getLogger("forgellm.auth")
 

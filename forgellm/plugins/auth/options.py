@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from forgellm.core.settings import Option
+from forgellm import Option
 
 AUTH_OPTIONS = (
     Option(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import AbstractSet
 
-from forgellm.core.access_control import ADMIN, GENERATE, LOAD, STATUS
+from forgellm import ADMIN, GENERATE, LOAD, STATUS
 
 GENERATE_SCOPE = "generate"  # /api/model/generate, /v1/completions, /v1/chat/completions
 LOAD_SCOPE = "models:load"  # /api/model/load, /api/model/unload

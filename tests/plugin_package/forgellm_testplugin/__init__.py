@@ -2,9 +2,7 @@
 
 from litestar import Request, get
 
-from forgellm import hookimpl
-from forgellm.core.errors import ApiError
-from forgellm.core.settings import Option
+from forgellm import ApiError, Option, hookimpl
 
 
 @get("/testplugin/hello")

@@ -19,9 +19,7 @@ from typing import Any
 
 import click
 
-from forgellm import hookimpl
-from forgellm.core.errors import ApiError
-from forgellm.core.settings import Option
+from forgellm import ApiError, Option, hookimpl
 
 PLUGIN = "prompt-guard"  # the entry point's name: server.plugin_state is keyed by it
 REFUSAL_CODE = "content_policy_violation"  # the code OpenAI's API gives a refused prompt

@@ -47,7 +47,7 @@ class PluginInfo:
 
 
 def _builtin(name: str, module: str, default: bool) -> PluginInfo:
-    from forgellm import __version__
+    from forgellm.version import __version__
 
     return PluginInfo(name, __version__, default, "builtin", lambda: importlib.import_module(module))
 

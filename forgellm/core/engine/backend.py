@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Optional, Protocol
 
-from forgellm.core.generation import GenerationJob, TokenOutput
+from forgellm.core.engine.generation import GenerationJob, TokenOutput
 
 
 class Engine(Protocol):

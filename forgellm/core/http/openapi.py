@@ -1,9 +1,9 @@
 """What the OpenAPI schema (/docs/openapi.json) says beyond the route handlers' signatures.
 
 Litestar derives request bodies and JSON responses from the msgspec Structs that routes take and
-return. This module adds what a signature cannot say: the error bodies a route may answer with
-(the guide's envelope on /api, OpenAI's error object on /v1), and the streaming variants of the
-generate routes, documented beside the JSON body of the same 200 response:
+return. These helpers add what a signature cannot say, from the same Structs each API's
+``protocol`` module defines: the error bodies a route may answer with, and the streaming
+variants of the generate routes, documented beside the JSON body of the same 200 response:
 
 - ``application/x-ndjson`` (``/api/model/generate`` with ``streaming: true``): one JSON object a line;
 - ``text/event-stream`` (``/v1/...`` with ``stream: true``): each event's ``data:`` holds one JSON
@@ -18,7 +18,7 @@ is a JSON document (``contentMediaType``/``contentSchema``) or the closing ``[DO
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any
 
 import msgspec
 from litestar.openapi.datastructures import ResponseSpec
@@ -31,10 +31,12 @@ EVENT_STREAM = "text/event-stream"
 ERROR_DESCRIPTIONS = {
     400: "Invalid request: malformed JSON, a field out of range, an empty or too long prompt, or no model loaded",
     401: "Missing or invalid credentials (an auth plugin is on); see the WWW-Authenticate header",
-    403: "The credentials lack the scope this route needs, a plugin refused the request, or the model is not allowed",
+    403: "The credentials lack the scope this route needs, a plugin refused the request, the model is not allowed, "
+         "or a request without credentials came from another web origin",
     404: "The model named in the request is not the one this server serves",
     409: "A model is loading already; wait for it to finish",
     413: "The request body is larger than the server accepts (--max-body-size)",
+    415: "A request without credentials sent a body that is not application/json",
     429: "A rate or token limit is reached (ratelimit plugin); see the Retry-After header",
     500: "The generation failed inside the engine",
     503: "The server is at capacity or the model is loading; retry after the Retry-After header's seconds",
@@ -42,94 +44,18 @@ ERROR_DESCRIPTIONS = {
 }
 
 
-class ErrorEnvelope(msgspec.Struct):
-    """The integration guide's error body, on every route outside /v1."""
-
-    success: bool  # always false
-    error: str
-
-
-class OpenAIErrorDetail(msgspec.Struct):
-    message: str
-    type: str
-    param: None
-    code: Optional[str]
-
-
-class OpenAIError(msgspec.Struct):
-    """OpenAI's error body, on every /v1 route."""
-
-    error: OpenAIErrorDetail
-
-
-def envelope_errors(*statuses: int) -> dict[int, ResponseSpec]:
-    """Response specs for these statuses, answered in the guide's envelope."""
-    return {status: _error_spec(status, ErrorEnvelope) for status in statuses}
-
-
-def openai_errors(*statuses: int) -> dict[int, ResponseSpec]:
-    """Response specs for these statuses, answered in OpenAI's error shape."""
-    return {status: _error_spec(status, OpenAIError) for status in statuses}
-
-
-def _error_spec(status: int, body: type) -> ResponseSpec:
-    return ResponseSpec(data_container=body, description=ERROR_DESCRIPTIONS[status], generate_examples=False)
+def error_responses(body: type, *statuses: int) -> dict[int, ResponseSpec]:
+    """Response specs for these statuses, answered with this error body (an API's error shape)."""
+    return {
+        status: ResponseSpec(data_container=body, description=ERROR_DESCRIPTIONS[status], generate_examples=False)
+        for status in statuses
+    }
 
 
 def json_body(data: Any, description: str) -> dict[int, ResponseSpec]:
     """The 200 response of a route that answers JSON or a stream: its JSON body (the stream is added by
     ``streamed_as``)."""
     return {200: ResponseSpec(data_container=data, description=description, generate_examples=False)}
-
-
-# -- /v1/completions and /v1/chat/completions with stream: true ----------------------------------
-
-
-class StreamUsage(msgspec.Struct):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class CompletionChunkChoice(msgspec.Struct):
-    index: int
-    text: str
-    logprobs: None
-    finish_reason: Optional[Literal["stop", "length"]]
-
-
-class CompletionChunk(msgspec.Struct):
-    """One /v1/completions event; the last, with stream_options.include_usage, has no choices and the usage."""
-
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChunkChoice]
-    usage: Optional[StreamUsage] = None
-
-
-class ChatDelta(msgspec.Struct):
-    role: Optional[Literal["assistant"]] = None
-    content: Optional[str] = None
-
-
-class ChatChunkChoice(msgspec.Struct):
-    index: int
-    delta: ChatDelta
-    logprobs: None
-    finish_reason: Optional[Literal["stop", "length"]]
-
-
-class ChatCompletionChunk(msgspec.Struct):
-    """One /v1/chat/completions event; the last, with stream_options.include_usage, has no choices and the usage."""
-
-    id: str
-    object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Optional[StreamUsage] = None
 
 
 def any_of(*types: type) -> dict:
@@ -167,10 +93,6 @@ def server_sent_event(data_schema: dict) -> dict:
             },
         },
     }
-
-
-COMPLETION_EVENTS = server_sent_event(any_of(CompletionChunk, OpenAIError))
-CHAT_COMPLETION_EVENTS = server_sent_event(any_of(ChatCompletionChunk, OpenAIError))
 
 
 def streamed_as(media_type: str, item_schema: dict, description: str) -> type[Operation]:

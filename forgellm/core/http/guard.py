@@ -6,39 +6,23 @@ routes without an action (health probes) are public.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
 
-from forgellm.core.cross_site import check_anonymous_write
 from forgellm.core.errors import Forbidden
-from forgellm.core.plugins import await_me_maybe
-from forgellm.core.request_context import record_of
-
-STATUS = "status"  # read-only model information: any authenticated client
-GENERATE = "generate"
-LOAD = "load"
-ADMIN = "admin"
-ACTIONS = (STATUS, GENERATE, LOAD, ADMIN)
+from forgellm.core.http.cross_site import check_anonymous_write
+from forgellm.core.http.request_context import record_of
+from forgellm.core.identity import Identity
+from forgellm.core.plugin_manager import await_me_maybe
 
 
-@dataclass(frozen=True)
-class Identity:
-    """Who made a request, as an authentication plugin established it."""
-
-    subject: str
-    scopes: frozenset[str] = frozenset()
-    method: str = "unknown"  # "api_key", "jwt", ...
-    claims: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
-
-
-def identity_of(connection: ASGIConnection) -> Optional[Identity]:
+def identity_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Optional[Identity]:
     return record_of(connection).identity
 
 
-async def access_guard(connection: ASGIConnection, route_handler: BaseRouteHandler) -> None:
+async def access_guard(connection: ASGIConnection[Any, Any, Any, Any], route_handler: BaseRouteHandler) -> None:
     action = route_handler.opt.get("action")
     if action is None:
         return

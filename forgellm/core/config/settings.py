@@ -107,6 +107,11 @@ CORE_OPTIONS = (
         default=1800.0,
     ),
     Option(
+        "backend",
+        "The registered backend that loads and runs models (see `forgellm plugins` for the plugins that register one).",
+        default="mlx",
+    ),
+    Option(
         "plugins",
         "Comma-separated opt-in plugins to enable (see `forgellm plugins`); no:NAME disables a default one.",
         default="",

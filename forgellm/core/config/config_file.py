@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping
 import click
 import tomli_w
 
-from forgellm.core.settings import Option, Settings
+from forgellm.core.config.settings import Option, Settings
 
 CORE_PLUGIN = "core"
 CORE_TABLE = "server"

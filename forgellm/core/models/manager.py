@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from forgellm.backends.base import Backend, LoadedModel
+from forgellm.core.engine.backend import Backend, LoadedModel
 from forgellm.core.errors import ApiError, bad_request, service_unavailable
-from forgellm.core.scheduler import Scheduler
+from forgellm.core.engine.scheduler import Scheduler
 
 logger = logging.getLogger("forgellm.models")
 

@@ -16,12 +16,14 @@ import queue
 import threading
 import time
 from collections import deque
-from typing import AsyncIterator, Callable, Optional
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, Optional
 
-from forgellm.backends.base import Engine, LoadedModel
+from forgellm.core.engine.backend import Engine, LoadedModel
+from forgellm.core.engine.commands import Add, Cancel, Command, ModelLoader, Stop, Swap
+from forgellm.core.engine.generation import Completion, GenerationJob, TokenOutput, Usage
+from forgellm.core.engine.stop_strings import StopMatcher
 from forgellm.core.errors import ApiError, service_unavailable
-from forgellm.core.generation import Completion, GenerationJob, TokenOutput, Usage
-from forgellm.core.stop_strings import StopMatcher
 
 logger = logging.getLogger("forgellm.scheduler")
 
@@ -119,9 +121,6 @@ class _Sequence:
         self.stops = StopMatcher(job.stop)
 
 
-ModelLoader = Callable[[], Optional[LoadedModel]]
-
-
 class Scheduler:
     """Admission control on the asyncio side, continuous batching on the engine thread."""
 
@@ -156,7 +155,7 @@ class Scheduler:
         thread that is stuck (in a load that never returns, say): it is a daemon, so the process still exits."""
         if self._thread is None:
             return
-        self._inbox.put(("stop",))
+        self._inbox.put(Stop())
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while self._thread.is_alive():
@@ -181,17 +180,17 @@ class Scheduler:
             raise service_unavailable("Server is at capacity; retry shortly")
         handle = SequenceHandle(next(self._ids), job, self)
         self._handles[handle.seq_id] = handle
-        self._inbox.put(("add", handle.seq_id, job))
+        self._inbox.put(Add(handle.seq_id, job))
         return handle
 
     def cancel(self, seq_id: int) -> None:
         if self._handles.pop(seq_id, None) is not None:
-            self._inbox.put(("cancel", seq_id))
+            self._inbox.put(Cancel(seq_id))
 
-    def swap_model(self, load: ModelLoader) -> concurrent.futures.Future:
+    def swap_model(self, load: ModelLoader) -> concurrent.futures.Future[Optional[LoadedModel]]:
         """Replace the model once admitted work is done; load returns the new model, or None to unload."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put(("swap", load, future))
+        future: concurrent.futures.Future[Optional[LoadedModel]] = concurrent.futures.Future()
+        self._inbox.put(Swap(load, future))
         return future
 
     def _deliver(self, outputs: list[TokenOutput], cached_prompt_tokens: dict[int, int]) -> None:
@@ -209,25 +208,24 @@ class Scheduler:
 
     # -- engine thread ---------------------------------------------------------------------
     def _run(self) -> None:
-        swaps: deque = deque()
+        swaps: deque[Swap] = deque()
         stopping = False
         while True:
             busy = bool(self._running or self._waiting)
             for command in self._commands(block=not (busy or swaps or stopping)):
-                kind = command[0]
-                if kind == "add":
-                    self._waiting.append(_Sequence(command[1], command[2]))
-                elif kind == "cancel":
-                    self._drop(command[1])
-                elif kind == "swap":
-                    swaps.append(command[1:])
+                if isinstance(command, Add):
+                    self._waiting.append(_Sequence(command.seq_id, command.job))
+                elif isinstance(command, Cancel):
+                    self._drop(command.seq_id)
+                elif isinstance(command, Swap):
+                    swaps.append(command)
                 else:
                     stopping = True
             self._admit()
             if self._running:
                 self._step()
             elif swaps and not self._waiting:
-                self._swap(*swaps.popleft())
+                self._swap(swaps.popleft())
             elif stopping and not self._waiting:
                 break
             self._update_counts()
@@ -235,7 +233,7 @@ class Scheduler:
         if self._release_thread is not None:
             self._release_thread()
 
-    def _commands(self, block: bool):
+    def _commands(self, block: bool) -> Iterator[Command]:
         if block:
             yield self._inbox.get()
         while True:
@@ -314,7 +312,8 @@ class Scheduler:
             logger.exception("could not start a fresh engine; requests fail until the next load")
             self._engine = None
 
-    def _swap(self, load: ModelLoader, future: concurrent.futures.Future) -> None:
+    def _swap(self, swap: Swap) -> None:
+        load, future = swap.load, swap.future
         self._close_model()
         try:
             model = load()

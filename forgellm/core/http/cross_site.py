@@ -21,12 +21,14 @@ applies to every request.
 from __future__ import annotations
 
 import ipaddress
-import json
 from fnmatch import fnmatchcase
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 from urllib.parse import urlsplit
 
-from forgellm.core.errors import ApiError, envelope, is_openai_path, openai_error
+import msgspec
+
+from forgellm.core.errors import ApiError
+from forgellm.core.http.errors import ErrorShapes
 
 LOCALHOST_NAMES = ("localhost", "*.localhost", "localhost.localdomain")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -101,10 +103,13 @@ class CrossSiteScreen:
     """ASGI wrapper, before routing: the Host check, and OPTIONS answered 405 unless it is a CORS preflight
     from an allowed origin (so OPTIONS, like GET, tells nothing of which paths exist)."""
 
-    def __init__(self, app, allowed_hosts: HostAllowList, cors_origins: Iterable[str]) -> None:
+    def __init__(
+        self, app: Any, allowed_hosts: HostAllowList, cors_origins: Iterable[str], error_shapes: ErrorShapes
+    ) -> None:
         self._app = app
         self._allowed_hosts = allowed_hosts
         self._cors_origins = frozenset(cors_origins)
+        self._error_shapes = error_shapes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
@@ -128,8 +133,8 @@ class CrossSiteScreen:
         return origin in self._cors_origins and _header(scope, b"access-control-request-method") is not None
 
     async def _send(self, scope, send, error: ApiError) -> None:
-        shape = openai_error if is_openai_path(scope["path"], scope.get("root_path", "")) else envelope
-        body = json.dumps(shape(error)).encode()
+        shape = self._error_shapes.for_path(scope["path"], scope.get("root_path", ""))
+        body = msgspec.json.encode(shape(error))
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
         await send({"type": "http.response.start", "status": error.status_code, "headers": headers})

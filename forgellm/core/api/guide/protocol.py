@@ -1,0 +1,128 @@
+"""The integration guide's wire format: every body its routes take or send, streamed lines and errors too.
+
+These Structs are the one definition of each shape: the routes decode and encode them, the NDJSON
+stream is encoded from them line by line, and the OpenAPI schema is generated from them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional, Self, Union
+
+import msgspec
+
+from forgellm.core.engine.generation import Completion
+from forgellm.core.errors import ApiError
+from forgellm.core.http.openapi import any_of
+
+NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class ErrorEnvelope(msgspec.Struct):
+    """The integration guide's error body, on every route outside the other APIs' prefixes."""
+
+    success: bool  # always false
+    error: str
+
+
+def error_body(error: ApiError) -> ErrorEnvelope:
+    return ErrorEnvelope(success=False, error=error.message)
+
+
+class Message(msgspec.Struct):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class StatusResponse(msgspec.Struct):
+    success: bool
+    loaded: bool
+    is_loading: bool
+    model_name: Optional[str]
+    adapter_path: Optional[str]
+    error: Optional[str]
+    progress: Optional[str]  # what a running load is doing; null otherwise
+
+
+class LoadRequest(msgspec.Struct):
+    model_name: NonEmptyStr
+    adapter_path: Optional[NonEmptyStr] = None
+
+
+class LoadResponse(msgspec.Struct):
+    success: bool
+    message: str
+    model_name: str
+    adapter_path: Optional[str]
+
+
+class UnloadResponse(msgspec.Struct):
+    success: bool
+    message: str
+
+
+class GenerateRequest(msgspec.Struct):
+    prompt: str
+    max_tokens: Optional[Annotated[int, msgspec.Meta(ge=1)]] = None
+    # The guide names no default. Greedy, as mlx_lm.server's default: its clients send no temperature,
+    # and a small model sampled at 0.7 often answers wrongly what it knows.
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=100)] = 0.0
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
+    top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
+    min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    repetition_penalty: Optional[Annotated[float, msgspec.Meta(gt=0, le=100)]] = None
+    seed: Optional[Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]] = None
+    stop: Union[str, list[str], None] = None
+    system_prompt: Optional[str] = None
+    history: Optional[list[Message]] = None
+    streaming: bool = False
+
+
+class GenerateResponse(msgspec.Struct):
+    success: bool
+    text: str
+    generation_time: float
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    tokens_per_sec: float
+    finish_reason: str
+
+    @classmethod
+    def of(cls, completion: Completion) -> Self:
+        usage = completion.usage
+        return cls(
+            success=True,
+            text=completion.text,
+            generation_time=completion.generation_time,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+            tokens_per_sec=completion.tokens_per_sec,
+            finish_reason=completion.finish_reason,
+        )
+
+
+class NdjsonChunk(msgspec.Struct, tag_field="type", tag="chunk"):
+    """A streamed line: text as it is generated."""
+
+    text: str
+
+
+class NdjsonComplete(GenerateResponse, tag_field="type", tag="complete"):
+    """The last streamed line of a successful generation: the plain response's body, tagged."""
+
+
+class NdjsonError(msgspec.Struct, tag_field="type", tag="error"):
+    """The last streamed line of a generation that failed after the stream began."""
+
+    success: bool  # always false
+    error: str
+
+
+NDJSON_STREAM = any_of(NdjsonChunk, NdjsonComplete, NdjsonError)
+
+_encoder = msgspec.json.Encoder()
+
+
+def ndjson_line(line: Union[NdjsonChunk, NdjsonComplete, NdjsonError]) -> bytes:
+    return _encoder.encode(line) + b"\n"

@@ -1,0 +1,147 @@
+"""The integration guide's routes: /api/model/status, /load, /unload and /generate, in the guide's envelope.
+
+Each handler translates between the guide's wire format (``protocol``) and the server: generate
+builds a GenerationRequest for the one pipeline and encodes what it returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Union
+
+from litestar import Request, Router, get, post
+from litestar.di import NamedDependency
+from litestar.params import JSONBody
+from litestar.response import Stream
+
+from forgellm.core.api.guide.protocol import (
+    NDJSON_STREAM,
+    ErrorEnvelope,
+    GenerateRequest,
+    GenerateResponse,
+    LoadRequest,
+    LoadResponse,
+    Message,
+    NdjsonChunk,
+    NdjsonComplete,
+    NdjsonError,
+    StatusResponse,
+    UnloadResponse,
+    error_body,
+    ndjson_line,
+)
+from forgellm.core.api.pipeline import Caller, Generation, GenerationRequest, GenerationService
+from forgellm.core.engine.generation import SamplingParams
+from forgellm.core.http.errors import as_api_error, exception_handler
+from forgellm.core.http.openapi import NDJSON, error_responses, json_body, streamed_as
+from forgellm.core.http.strict_body import strict_body
+from forgellm.core.identity import GENERATE, LOAD, STATUS
+from forgellm.core.server import Server
+
+
+def guide_errors(*statuses: int) -> dict[int, Any]:
+    return error_responses(ErrorEnvelope, *statuses)
+
+
+@get("/api/model/status", opt={"action": STATUS}, summary="The model's load state", responses=guide_errors(401, 403))
+async def model_status(server: NamedDependency[Server]) -> StatusResponse:
+    return StatusResponse(**server.models.status())
+
+
+@post(
+    "/api/model/load",
+    opt={"action": LOAD},
+    status_code=200,
+    summary="Start loading a model in the background",
+    responses=guide_errors(400, 401, 403, 409, 413, 415),
+)
+async def load_model(request: Request[Any, Any, Any], data: JSONBody[LoadRequest], server: NamedDependency[Server]) -> LoadResponse:
+    data = await strict_body(request, LoadRequest)
+    server.models.check_load_target(data.model_name, data.adapter_path)
+    server.models.start_load(data.model_name, data.adapter_path, from_client=True)
+    return LoadResponse(
+        success=True,
+        message=f"Model {data.model_name} loading started",
+        model_name=data.model_name,
+        adapter_path=data.adapter_path,
+    )
+
+
+@post(
+    "/api/model/unload",
+    opt={"action": LOAD},
+    status_code=200,
+    summary="Unload the model and free its memory",
+    responses=guide_errors(401, 403, 409, 415),
+)
+async def unload_model(server: NamedDependency[Server]) -> UnloadResponse:
+    name = server.models.state.model_name
+    server.models.unload()
+    return UnloadResponse(success=True, message=f"Model {name} unloaded" if name else "No model was loaded")
+
+
+@post(
+    "/api/model/generate",
+    opt={"action": GENERATE},
+    status_code=200,
+    summary="Generate text",
+    responses={
+        **json_body(GenerateResponse, "The generation; with streaming: true, an NDJSON stream instead"),
+        **guide_errors(400, 401, 403, 413, 415, 429, 500, 503, 504),
+    },
+    operation_class=streamed_as(
+        NDJSON, NDJSON_STREAM, "With streaming: true, one object a line: chunks, then one complete (or error) line"
+    ),
+)
+async def generate(
+    request: Request[Any, Any, Any],
+    data: JSONBody[GenerateRequest],
+    caller: NamedDependency[Caller],
+    generations: NamedDependency[GenerationService],
+) -> Union[GenerateResponse, Stream]:
+    data = await strict_body(request, GenerateRequest)
+    generation = await generations.start(caller, _generation_request(data))
+    if data.streaming:
+        # A header, not media_type=: Litestar lets the route's default (JSON) override a Stream's media_type.
+        return Stream(_ndjson(generation), headers={"Content-Type": NDJSON})
+    return GenerateResponse.of(await generation.complete())
+
+
+def _generation_request(data: GenerateRequest) -> GenerationRequest:
+    # Even a bare prompt is a user turn: instruction-tuned models answer properly only through their template.
+    history = [Message("system", data.system_prompt)] if data.system_prompt else []
+    history += [*(data.history or ()), Message("user", data.prompt)]
+    stop = data.stop if data.stop is None or isinstance(data.stop, list) else [data.stop]
+    return GenerationRequest(
+        messages=[{"role": message.role, "content": message.content} for message in history],
+        max_tokens=data.max_tokens,
+        sampling=SamplingParams(
+            temperature=data.temperature,
+            top_p=data.top_p,
+            top_k=data.top_k,
+            min_p=data.min_p,
+            repetition_penalty=data.repetition_penalty,
+            seed=data.seed,
+        ),
+        stop=tuple(stop or ()),
+    )
+
+
+async def _ndjson(generation: Generation) -> AsyncIterator[bytes]:
+    """The guide's streaming format: chunk lines, then one complete line (or one error line)."""
+    try:
+        async for text in generation.text():
+            yield ndjson_line(NdjsonChunk(text=text))
+    except Exception as exc:  # the status line is sent already: report the failure in-band
+        yield ndjson_line(NdjsonError(success=False, error=as_api_error(exc).message))
+        return
+    yield ndjson_line(NdjsonComplete.of(generation.completion()))
+
+
+def guide_router() -> Router:
+    """The guide's routes, answering errors in its envelope."""
+    return Router(
+        "/",
+        route_handlers=[model_status, load_model, unload_model, generate],
+        exception_handlers={Exception: exception_handler(error_body)},
+    )

@@ -1,0 +1,244 @@
+"""The one generation pipeline every API dialect uses.
+
+A route translates its dialect's request into a ``GenerationRequest`` and hands it, with the
+``Caller`` (who asks, and how to tell when they leave), to the ``GenerationService``. The service
+checks it, admits it (the caller's in-flight limit, then the plugins' ``before_generate`` hooks,
+so rate limits come before any work), renders and tokenizes the prompt against the serving model
+(bounded by --template-timeout, abandoned when the caller leaves), and queues it. It returns a
+``Generation``: the route either awaits the whole ``Completion`` or iterates the text as it is
+generated, and encodes either in its dialect. Either way the plugins' ``after_generate`` hooks
+account for the job exactly once, and a caller that leaves or outlasts --request-timeout stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+from forgellm.core.engine.backend import LoadedModel
+from forgellm.core.engine.generation import Completion, GenerationJob, SamplingParams, Usage
+from forgellm.core.engine.scheduler import SequenceHandle
+from forgellm.core.errors import ApiError, TemplateRefused, bad_request, service_unavailable
+from forgellm.core.http.request_context import RequestRecord
+from forgellm.core.identity import Identity
+from forgellm.core.interruptible import run_interruptibly
+from forgellm.core.plugin_manager import await_me_maybe
+
+if TYPE_CHECKING:
+    from forgellm.core.server import Server
+
+MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What every dialect asks of the engine, in neutral terms: a raw prompt or a conversation, and limits."""
+
+    prompt: Optional[str] = None  # raw text, tokenized as it is
+    messages: Optional[list[dict[str, Any]]] = None  # a conversation, rendered with the model's chat template
+    max_tokens: Optional[int] = None  # None: default_max_tokens
+    default_max_tokens: Optional[int] = None  # the dialect's default; None: --default-max-tokens
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    model: Optional[str] = None  # the model the client named; None: whichever serves
+
+    @property
+    def prompt_text(self) -> str:
+        """The whole prompt as text, for plugins that inspect it: every message, system prompt and history too."""
+        if self.messages is not None:
+            return "\n".join(str(message.get("content") or "") for message in self.messages)
+        return self.prompt or ""
+
+
+@dataclass
+class Caller:
+    """Who asks, as the pipeline needs to know them; built by the HTTP layer for each request."""
+
+    identity: Optional[Identity]
+    client_key: str  # whose in-flight limit the request counts against
+    record: RequestRecord  # what the access log will say about the request
+    disconnected: Callable[[], Awaitable[None]]  # completes when the client goes away
+    request: Any  # the framework's request, handed to the plugin hooks as they receive it
+
+
+def render_without_template(messages: list[dict[str, Any]]) -> str:
+    """A conversation as plain text, for models that have no chat template."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return str(messages[0]["content"])
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n".join(lines) + "\nAssistant:"
+
+
+class Generation:
+    """One admitted generation: await ``complete()``, or iterate ``text()``; not both."""
+
+    def __init__(self, service: GenerationService, caller: Caller, model: LoadedModel, handle: SequenceHandle) -> None:
+        self._service = service
+        self._caller = caller
+        self.model_name = model.name
+        self.handle = handle
+
+    @property
+    def cached_prompt_tokens(self) -> int:
+        """Prompt tokens whose KV the engine reused from an earlier request instead of computing them."""
+        return self.handle.cached_prompt_tokens
+
+    async def complete(self) -> Completion:
+        """The whole generation; stopped if the client disconnects or the timeout passes."""
+        handle, deadline = self.handle, self._service.deadline()
+        finished = asyncio.ensure_future(handle.wait())
+        disconnected = asyncio.ensure_future(self._caller.disconnected())
+        try:
+            await asyncio.wait(
+                {finished, disconnected},
+                timeout=None if deadline is None else deadline - asyncio.get_running_loop().time(),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            finished.cancel()
+            disconnected.cancel()
+            handle.cancel()  # no-op when it finished
+            await self._service.account(self._caller, handle)  # stopped early: charged what it generated
+        if not handle.done:
+            if disconnected.done():
+                raise ApiError(499, "Client closed the request")
+            raise self._service.timed_out()
+        return handle.completion()
+
+    async def text(self) -> AsyncIterator[str]:
+        """Text as it is generated, one chunk per engine step; stopped when the iteration is closed (the client
+        left) or the timeout passes."""
+        try:
+            async with asyncio.timeout_at(self._service.deadline()):
+                async for text in self.handle.chunks():
+                    yield text
+        except TimeoutError:
+            raise self._service.timed_out() from None
+        finally:
+            self.handle.cancel()
+            await self._service.account(self._caller, self.handle)  # a stream the client abandoned is charged
+
+    def completion(self) -> Completion:
+        """The finished generation, once ``text()`` is exhausted."""
+        return self.handle.completion()
+
+
+class GenerationService:
+    """The pipeline, one per server."""
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+
+    async def start(self, caller: Caller, request: GenerationRequest) -> Generation:
+        """Check, admit, tokenize and queue a generation. Every refusal happens before any body is sent.
+
+        Once the before_generate hooks have run, after_generate runs exactly once for the job: here, with no
+        tokens, when the job is refused later; else when it ends."""
+        server = self._server
+        model = server.models.require_model()
+        if request.model is not None and request.model != model.name:
+            raise ApiError(
+                404, f"The model '{request.model}' is not loaded; this server serves '{model.name}'",
+                code="model_not_found",
+            )
+        job = GenerationJob(
+            prompt_tokens=[],
+            max_tokens=self._max_tokens(request),
+            sampling=request.sampling,
+            stop=self._stop_strings(request.stop),
+            prompt_text=request.prompt_text,
+        )
+        server.in_flight.acquire(caller.client_key)
+        try:
+            hooks = server.hook.before_generate(identity=caller.identity, request=caller.request, job=job, server=server)
+            for result in hooks:
+                await await_me_maybe(result)
+        except BaseException:
+            server.in_flight.release(caller.client_key)
+            raise
+        try:
+            job.prompt_tokens = await self._tokenize(caller, model, request)
+            if not job.prompt_tokens:
+                raise bad_request("The prompt is empty")
+            limit = server.settings.max_prompt_tokens
+            if len(job.prompt_tokens) > limit:
+                raise bad_request(f"The prompt is {len(job.prompt_tokens)} tokens; the limit is {limit}")
+            if server.models.current is not model:
+                raise service_unavailable("The model changed while the request was prepared; retry")
+            caller.record.prompt_tokens = len(job.prompt_tokens)
+            return Generation(self, caller, model, server.scheduler.submit(job))
+        except BaseException:
+            await self._finish(caller, job, Usage(len(job.prompt_tokens), 0))
+            raise
+
+    def _max_tokens(self, request: GenerationRequest) -> int:
+        settings = self._server.settings
+        cap = settings.max_tokens_cap
+        if request.max_tokens is None:
+            return min(request.default_max_tokens or settings.default_max_tokens, cap)
+        if request.max_tokens > cap:
+            raise bad_request(f"max_tokens must be at most {cap}")
+        return request.max_tokens
+
+    @staticmethod
+    def _stop_strings(stops: tuple[str, ...]) -> tuple[str, ...]:
+        if len(stops) > MAX_STOP_STRINGS:
+            raise bad_request(f"At most {MAX_STOP_STRINGS} stop strings are allowed")
+        return tuple(stop for stop in stops if stop)
+
+    async def _tokenize(self, caller: Caller, model: LoadedModel, request: GenerationRequest) -> list[int]:
+        """The prompt's tokens, rendered on a thread that is abandoned when the client leaves or the template outlasts
+        --template-timeout."""
+        work: Callable[..., list[int]]
+        if request.messages is not None and model.has_chat_template:
+            work, argument = model.encode_chat, request.messages
+        else:
+            work = model.encode
+            argument = request.prompt if request.messages is None else render_without_template(request.messages)
+        timeout = self._server.settings.template_timeout
+        rendering = asyncio.ensure_future(run_interruptibly(work, argument, timeout=timeout))
+        disconnected = asyncio.ensure_future(caller.disconnected())
+        try:
+            await asyncio.wait({rendering, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            disconnected.cancel()
+            if not rendering.done():
+                rendering.cancel()  # interrupts the rendering thread
+        if not rendering.done() or rendering.cancelled():
+            raise ApiError(499, "Client closed the request")
+        try:
+            return rendering.result()
+        except TimeoutError:
+            raise bad_request(f"Rendering the prompt took longer than {timeout:g}s (--template-timeout)") from None
+        except TemplateRefused as exc:
+            raise bad_request(f"The model's chat template rejected the conversation: {exc}") from None
+
+    async def account(self, caller: Caller, handle: SequenceHandle) -> None:
+        record = caller.record
+        record.completion_tokens = handle.completion_tokens
+        if handle.first_token_at is not None:
+            record.time_to_first_token_ms = (handle.first_token_at - handle.submitted_at) * 1000
+        await self._finish(caller, handle.job, handle.usage)
+
+    async def _finish(self, caller: Caller, job: GenerationJob, usage: Usage) -> None:
+        """The end of an admitted job: after_generate for the plugins, and the client's in-flight slot freed."""
+        server = self._server
+        try:
+            hooks = server.hook.after_generate(
+                identity=caller.identity, request=caller.request, job=job, usage=usage, server=server
+            )
+            for result in hooks:
+                await await_me_maybe(result)
+        finally:
+            server.in_flight.release(caller.client_key)
+
+    def deadline(self) -> Optional[float]:
+        """When a generation starting now times out, in the event loop's clock (what asyncio.timeout_at takes)."""
+        timeout = self._server.settings.request_timeout
+        return asyncio.get_running_loop().time() + timeout if timeout and timeout > 0 else None
+
+    def timed_out(self) -> ApiError:
+        seconds = self._server.settings.request_timeout
+        return ApiError(504, f"Generation took longer than the {seconds:g}s request timeout", code="timeout")

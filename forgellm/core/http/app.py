@@ -1,0 +1,88 @@
+"""The app factory: a Litestar app over the core routes, plugin routes and plugin hooks."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import pluggy
+from litestar import Litestar, Router
+from litestar.config.cors import CORSConfig
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Server as OpenAPIServer
+
+from forgellm.core.api.guide.protocol import error_body as guide_error_body
+from forgellm.core.api.guide.routes import guide_router
+from forgellm.core.api.openai.protocol import PREFIX as OPENAI_PREFIX
+from forgellm.core.api.openai.protocol import error_body as openai_error_body
+from forgellm.core.api.openai.routes import openai_router
+from forgellm.core.config.settings import Settings, normalized_root_path
+from forgellm.core.http import health
+from forgellm.core.http.cross_site import CrossSiteScreen, HostAllowList
+from forgellm.core.http.dependencies import dependencies
+from forgellm.core.http.errors import ErrorShapes
+from forgellm.core.http.guard import access_guard
+from forgellm.core.http.request_context import RequestContextMiddleware
+from forgellm.core.identity import STATUS
+from forgellm.core.plugin_manager import create_plugin_manager, enabled_plugin_names
+from forgellm.core.server import Server
+from forgellm.version import __version__
+
+# Headers every browser client may send and read; plugins add theirs (register_cors_headers).
+CORS_REQUEST_HEADERS = ("Content-Type", "X-Request-ID")
+CORS_RESPONSE_HEADERS = ("X-Request-ID", "Retry-After")
+
+
+def cors_config(origins: Sequence[str], pm: pluggy.PluginManager) -> Optional[CORSConfig]:
+    """Browser access for the configured origins only; no origins, no CORS headers at all."""
+    if not origins:
+        return None
+    allowed, exposed = list(CORS_REQUEST_HEADERS), list(CORS_RESPONSE_HEADERS)
+    pm.hook.register_cors_headers(allow=allowed.append, expose=exposed.append)
+    return CORSConfig(
+        allow_origins=list(origins),
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=allowed,
+        # Credentials travel in headers, never cookies, so the browser need not send cookies.
+        allow_credentials=False,
+        expose_headers=exposed,
+    )
+
+
+def create_app(settings: Settings, pm: Optional[pluggy.PluginManager] = None) -> Litestar:
+    """Build the server for these settings; pm defaults to the plugins ``settings.plugins`` enables."""
+    if pm is None:
+        pm = create_plugin_manager(enabled_plugin_names(settings.plugins))
+    server = Server(settings, pm)
+    handlers: list[Any] = [guide_router(), openai_router(), *health.ROUTES]
+    pm.hook.register_routes(register=handlers.append, server=server)
+    # Answers to requests that matched no route, or were refused before routing, take their API's shape.
+    error_shapes = ErrorShapes(default=guide_error_body)
+    error_shapes.register(OPENAI_PREFIX, openai_error_body)
+    app = Litestar(
+        route_handlers=handlers,
+        guards=[access_guard],
+        dependencies=dependencies(server),
+        exception_handlers={Exception: error_shapes.handler()},
+        on_startup=[server.startup],
+        on_shutdown=[server.shutdown],
+        request_max_body_size=settings.max_body_size,
+        # The schema and its viewers need the same credentials as status (any authenticated client).
+        openapi_config=OpenAPIConfig(
+            title="ForgeLLM",
+            version=__version__,
+            path="/docs",
+            openapi_router=Router("/docs", route_handlers=[], opt={"action": STATUS}, include_in_schema=False),
+            # Behind a proxy under --root-path, the schema's clients must call the API there.
+            servers=[OpenAPIServer(url=normalized_root_path(settings.root_path) or "/")],
+        ),
+        cors_config=cors_config(settings.cors_origin, pm),
+        state=State({"server": server}),
+        logging_config=None,
+    )
+    # Wrap the whole handler, not one route, so 404s and 405s get a request id and an access-log line.
+    hosts = HostAllowList(settings.allowed_hosts, settings.host)
+    screen = CrossSiteScreen(app.asgi_handler, hosts, settings.cors_origin, error_shapes)
+    app.asgi_handler = RequestContextMiddleware(screen, server)  # type: ignore[method-assign]
+    server.app = app
+    return app
