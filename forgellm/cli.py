@@ -21,27 +21,12 @@ from forgellm.core.plugin_manager import (
 )
 from forgellm.core.config.config_file import ConfigError, effective_config_toml, read_config_file
 from forgellm.core.http.connection_guard import ConnectionLimits, guarded_protocol, raise_open_file_limit
-from forgellm.core.config.settings import CORE_OPTIONS, Option, Settings, normalized_root_path
+from forgellm.core.config.options import collect_options
+from forgellm.core.config.settings import Option, Settings, normalized_root_path
 
 
 # Files the process holds besides its connections: model files, logs, the keys file, Redis, pipes.
 FILES_BESIDES_CONNECTIONS = 64
-
-
-def collect_options(pm: pluggy.PluginManager) -> list[Option]:
-    """The core's options, then every plugin's, each tagged with the plugin that declared it."""
-    options = {option.name: option for option in CORE_OPTIONS}
-
-    def register(option: Option, *, plugin: str) -> None:
-        if option.name in options:
-            raise click.ClickException(
-                f"plugin {plugin!r} declares option --{option.name}, which {options[option.name].plugin!r} already has"
-            )
-        options[option.name] = Option(**{**option.__dict__, "plugin": plugin})
-
-    for impl in pm.hook.register_options.get_hookimpls():
-        impl.function(register=partial(register, plugin=impl.plugin_name))
-    return list(options.values())
 
 
 def _click_option(option: Option) -> click.Option:

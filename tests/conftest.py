@@ -14,6 +14,17 @@ from forgellm.testing import build_tiny_adapter, build_tiny_model, test_client  
 
 
 @pytest.fixture(scope="session", autouse=True)
+def responses_match_the_schema():
+    """Every in-process test server checks each response against its own OpenAPI schema, extra keys
+    forbidden: the wire types and the schema cannot drift apart unnoticed."""
+    import forgellm.testing.clients
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(forgellm.testing.clients, "CHECK_SCHEMA_BY_DEFAULT", True)
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def private_config_home(tmp_path_factory):
     """Keep the developer's ~/.config/forgellm (the auth plugin's default keys file) out of every test."""
     with pytest.MonkeyPatch.context() as patch:

@@ -1,9 +1,9 @@
-"""A fault-injecting backend for tests: the real MLX backend, whose engines fail when a test says so.
+"""The one backend double of the tests: the real MLX backend, with the faults a test switches on.
 
-Register it in place of the default backend, under the name the server serves from ("mlx")::
+Serve with it through the test kit's ``backend=``::
 
-    faults = FaultyBackendPlugin()
-    with test_client(model, plugins="no:mlx", extra_plugins={"faulty-mlx": faults}) as client: ...
+    faults = Faults()
+    with test_client(model, backend=faults.backend) as client: ...
 
 Generation is real (mlx-lm's batch engine on the loaded model); only these faults are added:
 
@@ -13,14 +13,17 @@ Generation is real (mlx-lm's batch engine on the loaded model); only these fault
   plugin is made with ``step_fault=False``, so a test can first line up the batch and the queue;
 - removing a sequence whose prompt holds ``REMOVE_FAULT`` from the batch (a stop string reached, a
   client gone) raises;
-- while ``faults.close_fault`` is set, closing an engine (a model swap, shutdown) raises.
+- while ``faults.close_fault`` is set, closing an engine (a model swap, shutdown) raises;
+- while ``faults.load_gate`` is clear, a load waits for it (status shows it waiting);
+- with ``Faults(batchable=False)``, models are served one sequence at a time, as models whose KV
+  cache cannot be merged are.
 """
 
 from __future__ import annotations
 
 import threading
 
-from forgellm import hookimpl
+from forgellm import Settings
 from forgellm.backends.mlx import MlxBackend
 
 ADD_FAULT = "[fault: refuse to start]"
@@ -33,9 +36,9 @@ CLOSE_FAULT_MESSAGE = "injected fault: the engine could not be closed"
 
 
 class FaultyEngine:
-    def __init__(self, engine, plugin: "FaultyBackendPlugin") -> None:
+    def __init__(self, engine, faults: "Faults") -> None:
         self._engine = engine
-        self._plugin = plugin
+        self._plugin = faults
         self._breakers: set[int] = set()
         self._unremovable: set[int] = set()
 
@@ -72,9 +75,9 @@ class FaultyEngine:
 class FaultyModel:
     """The loaded MLX model; only its engines are wrapped."""
 
-    def __init__(self, model, plugin: "FaultyBackendPlugin") -> None:
+    def __init__(self, model, faults: "Faults") -> None:
         self._model = model
-        self._plugin = plugin
+        self._plugin = faults
 
     def __getattr__(self, name):
         return getattr(self._model, name)
@@ -84,23 +87,33 @@ class FaultyModel:
 
 
 class FaultyBackend:
-    def __init__(self, plugin: "FaultyBackendPlugin") -> None:
-        self._mlx = MlxBackend()
-        self._plugin = plugin
+    def __init__(self, mlx: MlxBackend, faults: "Faults") -> None:
+        self._mlx = mlx
+        self._faults = faults
+        self.default_model = mlx.default_model
 
     def load(self, model_name, adapter_path, progress=print):
-        return FaultyModel(self._mlx.load(model_name, adapter_path, progress), self._plugin)
+        if not self._faults.load_gate.is_set():
+            progress("waiting for the test's gate")  # status shows it while the load runs
+            if not self._faults.load_gate.wait(timeout=60):
+                raise TimeoutError("the test never opened the load gate")
+        model = self._mlx.load(model_name, adapter_path, progress)
+        if not self._faults.batchable:
+            model.batchable = False
+        return FaultyModel(model, self._faults)
 
 
-class FaultyBackendPlugin:
-    """Registers the fault-injecting backend as "mlx"; ``step_fault`` and ``close_fault`` switch those faults."""
+class Faults:
+    """The switches of one FaultyBackend; ``backend`` is what the test kit's ``backend=`` takes."""
 
-    def __init__(self, *, step_fault: bool = True) -> None:
+    def __init__(self, *, step_fault: bool = True, batchable: bool = True) -> None:
         self.step_fault = threading.Event()
         if step_fault:
             self.step_fault.set()
         self.close_fault = threading.Event()
+        self.load_gate = threading.Event()
+        self.load_gate.set()
+        self.batchable = batchable
 
-    @hookimpl
-    def register_backends(self, register):
-        register("mlx", FaultyBackend(self))
+    def backend(self, settings: Settings) -> FaultyBackend:
+        return FaultyBackend(MlxBackend.from_settings(settings), self)

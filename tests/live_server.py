@@ -10,8 +10,7 @@ from typing import Iterator
 
 import uvicorn
 
-from forgellm.core.http.app import create_app
-from forgellm.testing import free_port, make_settings
+from forgellm.testing import create_test_app, free_port
 
 
 def wait_for(condition, what: str, timeout: float = 60.0) -> None:
@@ -39,9 +38,10 @@ class LiveServer:
 
 
 @contextlib.contextmanager
-def serving(model, pm=None, **settings) -> Iterator[LiveServer]:
-    """The app with the model loaded, served by uvicorn on a free port until the block ends."""
-    app = create_app(make_settings(model=str(model), **settings), pm)
+def serving(model, backend=None, **settings) -> Iterator[LiveServer]:
+    """The app with the model loaded (by backend, as the test kit's test_client takes it), served by
+    uvicorn on a free port until the block ends."""
+    app = create_test_app(model, backend=backend, **settings)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)

@@ -10,8 +10,7 @@ import json
 
 import pytest
 
-from forgellm import hookimpl
-from forgellm.backends.mlx import MlxBackend
+from faulty_backend import STEP_FAULT, STEP_FAULT_MESSAGE, Faults
 from forgellm.testing import test_client, wait_until_loaded
 
 STACK_TRACE_MARKERS = ("Traceback", 'File "', ".py\", line", "site-packages")
@@ -252,74 +251,16 @@ def test_load_with_a_missing_adapter_directory_is_400(empty_server, tiny_model, 
 
 # -- backend failure ---------------------------------------------------------------------------
 
-FAULT_TRIGGER = "please fail now"
-
-
-class FaultyEngine:
-    """The real MLX engine, except that a step holding a FAULT_TRIGGER prompt raises, as a broken device would."""
-
-    def __init__(self, engine) -> None:
-        self._engine = engine
-        self._doomed: set[int] = set()
-
-    def add(self, seq_id, job):
-        if FAULT_TRIGGER in job.prompt_text:
-            self._doomed.add(seq_id)
-        self._engine.add(seq_id, job)
-
-    def step(self):
-        if self._doomed:
-            raise RuntimeError("injected device fault")
-        return self._engine.step()
-
-    def remove(self, seq_ids):
-        self._doomed.difference_update(seq_ids)
-        self._engine.remove(seq_ids)
-
-    def __len__(self):
-        return len(self._engine)
-
-    def close(self):
-        self._engine.close()
-
-
-class FaultyModel:
-    def __init__(self, model) -> None:
-        self._model = model
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def create_engine(self, max_batch_size):
-        return FaultyEngine(self._model.create_engine(max_batch_size))
-
-
-class FaultyBackend:
-    def __init__(self) -> None:
-        self._mlx = MlxBackend()
-
-    def load(self, model_name, adapter_path, progress=print):
-        return FaultyModel(self._mlx.load(model_name, adapter_path, progress))
-
-
-class FaultyBackendPlugin:
-    """Registers the MLX backend under its usual name, with fault injection on its engines."""
-
-    @hookimpl
-    def register_backends(self, register):
-        register("mlx", FaultyBackend())
-
-
 @pytest.fixture(scope="module")
 def faulty_server(tiny_model):
-    with test_client(tiny_model, plugins="no:mlx", extra_plugins={"faulty-mlx": FaultyBackendPlugin()}) as c:
+    with test_client(tiny_model, backend=Faults().backend) as c:
         yield c
 
 
 def test_backend_failure_is_500_and_the_server_keeps_serving(faulty_server):
-    failed = faulty_server.post("/api/model/generate", json={"prompt": FAULT_TRIGGER, "max_tokens": 4})
+    failed = faulty_server.post("/api/model/generate", json={"prompt": STEP_FAULT, "max_tokens": 4})
     error = assert_envelope(failed, 500)
-    assert "injected device fault" in error
+    assert STEP_FAULT_MESSAGE in error
 
     after = faulty_server.post("/api/model/generate", json={"prompt": "Hello", "max_tokens": 4})
     assert after.status_code == 200
@@ -329,12 +270,12 @@ def test_backend_failure_is_500_and_the_server_keeps_serving(faulty_server):
 
 def test_backend_failure_while_streaming_ends_with_an_error_line(faulty_server):
     response = faulty_server.post(
-        "/api/model/generate", json={"prompt": FAULT_TRIGGER, "max_tokens": 4, "streaming": True}
+        "/api/model/generate", json={"prompt": STEP_FAULT, "max_tokens": 4, "streaming": True}
     )
     assert response.status_code == 200  # the status line went out before the failure
     last = json.loads(response.text.splitlines()[-1])
     assert last["type"] == "error" and last["success"] is False
-    assert "injected device fault" in last["error"]
+    assert STEP_FAULT_MESSAGE in last["error"]
     assert not any(marker in response.text for marker in STACK_TRACE_MARKERS)
 
     after = faulty_server.post("/api/model/generate", json={"prompt": "Hello", "max_tokens": 4, "streaming": True})

@@ -16,7 +16,6 @@ import shutil
 
 import httpx
 import pytest
-from litestar.testing import TestClient
 
 from live_server import idle, serving, wait_for
 from faulty_backend import (
@@ -25,10 +24,9 @@ from faulty_backend import (
     REMOVE_FAULT,
     STEP_FAULT,
     STEP_FAULT_MESSAGE,
-    FaultyBackendPlugin,
+    Faults,
 )
-from forgellm.core.http.app import create_app
-from forgellm.testing import TEST_BASE_URL, make_settings, test_client, wait_until_loaded
+from forgellm.testing import test_client, wait_until_loaded
 
 # Far more tokens than any test waits for: such a generation ends only by a fault or a disconnect.
 ENDLESS = 50_000
@@ -58,7 +56,7 @@ def assert_ready(client) -> None:
 
 @pytest.fixture(scope="module")
 def faults():
-    return FaultyBackendPlugin(step_fault=False)
+    return Faults(step_fault=False)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +64,7 @@ def faulty_server(tiny_model, faults):
     """Two decode slots, so a test can line up exactly who shares the batch and who waits."""
     with test_client(
         tiny_model,
-        plugins="no:mlx",
-        extra_plugins={"faulty-mlx": faults},
+        backend=faults.backend,
         max_concurrency=2,
         max_queue=8,
         max_tokens_cap=ENDLESS,
@@ -160,8 +157,8 @@ def test_a_sequence_the_engine_refuses_fails_alone(faulty_server, scheduler):
 @pytest.fixture()
 def own_faulty_server(tiny_model):
     """A server of its own (these faults break its engine), with a short timeout so a hang would end."""
-    faults = FaultyBackendPlugin(step_fault=False)
-    with test_client(tiny_model, plugins="no:mlx", extra_plugins={"faulty-mlx": faults}, request_timeout=2) as client:
+    faults = Faults(step_fault=False)
+    with test_client(tiny_model, backend=faults.backend, request_timeout=2) as client:
         yield client, faults
 
 
@@ -211,7 +208,7 @@ def test_a_server_started_on_broken_weights_reports_it_and_stays_up(tiny_model, 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model, broken)
     damage(broken)
-    with TestClient(create_app(make_settings(model=str(broken))), base_url=TEST_BASE_URL) as client:
+    with test_client(broken, wait_for_model=False) as client:
         status = wait_until_loaded(client)
         assert status["loaded"] is False and status["model_name"] == str(broken)
         assert status["error"] and "Traceback" not in status["error"]

@@ -16,53 +16,22 @@ import time
 import weakref
 
 import pytest
-from litestar.testing import TestClient
 
-from forgellm import hookimpl
-from forgellm.backends.mlx import MlxBackend
-from forgellm.core.http.app import create_app
-from forgellm.core.plugin_manager import create_plugin_manager
-from forgellm.testing import TEST_BASE_URL, make_settings, test_client, wait_until_loaded
-
-
-class GatedBackend:
-    """The MLX backend, but a load starts only once the gate is open."""
-
-    def __init__(self) -> None:
-        self.gate = threading.Event()
-        self.gate.set()
-        self._mlx = MlxBackend()
-
-    def load(self, model_name, adapter_path, progress):
-        progress("waiting for the test's gate")  # status shows it while the load runs
-        if not self.gate.wait(timeout=60):
-            raise TimeoutError("the test never opened the load gate")
-        return self._mlx.load(model_name, adapter_path, progress)
-
-
-class GatedBackendPlugin:
-    def __init__(self, backend: GatedBackend) -> None:
-        self.backend = backend
-
-    @hookimpl
-    def register_backends(self, register):
-        register("mlx", self.backend)
+from faulty_backend import Faults
+from forgellm.testing import test_client, wait_until_loaded
 
 
 @contextlib.contextmanager
 def gated_server(*, gate_open: bool = True, **settings):
-    """An in-process server whose loads wait for backend.gate; yields (client, backend)."""
-    backend = GatedBackend()
+    """An in-process server whose loads wait for faults.load_gate; yields (client, faults)."""
+    faults = Faults()
     if not gate_open:
-        backend.gate.clear()
-    plugin = GatedBackendPlugin(backend)
-    pm = create_plugin_manager([], extra_plugins=[("gated-mlx", plugin)])
-    app = create_app(make_settings(plugins="no:mlx", extra_plugins={"gated-mlx": plugin}, **settings), pm)
-    with TestClient(app, base_url=TEST_BASE_URL) as client:
+        faults.load_gate.clear()
+    with test_client(backend=faults.backend, wait_for_model=False, **settings) as client:
         try:
-            yield client, backend
+            yield client, faults
         finally:
-            backend.gate.set()  # the engine thread must finish any held load before it can stop
+            faults.load_gate.set()  # the engine thread must finish any held load before it can stop
 
 
 def status(client) -> dict:
@@ -95,7 +64,7 @@ def assert_503_while_loading(response) -> None:
 
 def test_status_shows_is_loading_as_soon_as_load_returns(tiny_model):
     with gated_server() as (client, backend):
-        backend.gate.clear()
+        backend.load_gate.clear()
         load(client, tiny_model)
         assert status(client)["is_loading"] is True
         deadline = time.monotonic() + 10  # the load reaches the backend on the engine thread
@@ -111,7 +80,7 @@ def test_status_shows_is_loading_as_soon_as_load_returns(tiny_model):
             "error": None,
             "progress": "waiting for the test's gate",
         }
-        backend.gate.set()
+        backend.load_gate.set()
         assert wait_until_loaded(client) == {
             "success": True,
             "loaded": True,
@@ -144,14 +113,14 @@ def test_model_given_at_start_loads_while_the_server_already_answers(tiny_model)
         assert client.get("/readyz").status_code == 503
         assert_503_while_loading(client.post("/api/model/generate", json={"prompt": "Hi"}))
 
-        backend.gate.set()
+        backend.load_gate.set()
         assert wait_until_loaded(client)["loaded"] is True
         assert client.get("/readyz").status_code == 200
 
 
 def test_generate_during_a_load_is_503_with_retry_after(tiny_model):
     with gated_server() as (client, backend):
-        backend.gate.clear()
+        backend.load_gate.clear()
         load(client, tiny_model)
 
         assert_503_while_loading(client.post("/api/model/generate", json={"prompt": "Hi", "max_tokens": 4}))
@@ -166,7 +135,7 @@ def test_generate_during_a_load_is_503_with_retry_after(tiny_model):
 def test_a_second_load_during_a_load_is_refused_with_409(tiny_model, tiny_model_without_template):
     """Concurrent loads are refused, not queued: the client that asked second learns it at once."""
     with gated_server() as (client, backend):
-        backend.gate.clear()
+        backend.load_gate.clear()
         load(client, tiny_model)
 
         second = client.post("/api/model/load", json={"model_name": str(tiny_model_without_template)})
@@ -179,7 +148,7 @@ def test_a_second_load_during_a_load_is_refused_with_409(tiny_model, tiny_model_
         assert unload.status_code == 409
         assert unload.json()["success"] is False
 
-        backend.gate.set()
+        backend.load_gate.set()
         final = wait_until_loaded(client)
         assert final["loaded"] is True and final["model_name"] == str(tiny_model)
 
@@ -189,7 +158,7 @@ def test_swap_shows_the_new_model_loading_until_it_serves(tiny_model, tiny_model
         load(client, tiny_model)
         assert wait_until_loaded(client)["loaded"] is True
 
-        backend.gate.clear()
+        backend.load_gate.clear()
         load(client, tiny_model_without_template)
         during = status(client)
         assert during["loaded"] is False
@@ -197,7 +166,7 @@ def test_swap_shows_the_new_model_loading_until_it_serves(tiny_model, tiny_model
         assert during["model_name"] == str(tiny_model_without_template)
         assert_503_while_loading(client.post("/api/model/generate", json={"prompt": "Hi", "max_tokens": 4}))
 
-        backend.gate.set()
+        backend.load_gate.set()
         after = wait_until_loaded(client)
         assert after["loaded"] is True and after["model_name"] == str(tiny_model_without_template)
         assert greedy(client)
@@ -220,7 +189,7 @@ def test_generation_in_flight_finishes_before_a_swap(tiny_model, tiny_model_with
         deadline = time.monotonic() + 30
         while scheduler.in_flight == 0 and worker.is_alive() and time.monotonic() < deadline:
             time.sleep(0.005)
-        backend.gate.clear()
+        backend.load_gate.clear()
         load(client, tiny_model_without_template)
         assert worker.is_alive(), "the generation ended before the swap was asked for; make it longer"
         worker.join(timeout=60)
@@ -229,7 +198,7 @@ def test_generation_in_flight_finishes_before_a_swap(tiny_model, tiny_model_with
         assert response.status_code == 200, response.text
         assert response.json()["completion_tokens"] == 300
         assert response.json()["finish_reason"] == "length"
-        backend.gate.set()
+        backend.load_gate.set()
         assert wait_until_loaded(client)["model_name"] == str(tiny_model_without_template)
 
 

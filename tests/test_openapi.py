@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
-from jsonschema import Draft202012Validator
 from litestar.routes import HTTPRoute
 from openapi_spec_validator import validate as validate_openapi
 
 from forgellm.testing import test_client, wait_until_loaded
+from forgellm.testing.schema_check import ResponseSchemaCheck, media_type
 
 GENERATE = "/api/model/generate"
 CHAT = "/v1/chat/completions"
@@ -33,39 +34,28 @@ def spec(served):
     return response.json()
 
 
-def media_type(response) -> str:
-    return response.headers["content-type"].split(";")[0].strip()
-
-
-def items(response) -> list:
-    """The JSON values a response carries: its body, or each line of NDJSON, or each event of SSE ({"data": ...})."""
-    kind = media_type(response)
-    if kind == "application/x-ndjson":
-        return [json.loads(line) for line in response.text.splitlines() if line]
-    if kind == "text/event-stream":
-        events = [line[len("data: "):] for line in response.text.splitlines() if line.startswith("data: ")]
-        assert events[-1] == "[DONE]"
-        return [{"data": event} for event in events]
-    if kind == "text/plain":
-        return [response.text]
-    return [response.json()]
-
-
 def conforms(spec: dict, method: str, path: str, response) -> None:
     """The response's status and media type are declared for the route, and every item fits the schema."""
-    operation = spec["paths"][path][method.lower()]
-    declared = operation["responses"].get(str(response.status_code))
-    assert declared is not None, f"{method} {path} does not declare status {response.status_code}"
-    content = declared["content"]
-    assert media_type(response) in content, f"{method} {path} {response.status_code}: {media_type(response)} undeclared"
-    schema = content[media_type(response)]["schema"]
-    validator = Draft202012Validator({**schema, "components": spec["components"]})
-    for item in items(response):
-        validator.validate(item)
-        if media_type(response) == "text/event-stream" and item["data"] != "[DONE]":
-            # jsonschema reads contentSchema as an annotation only: check each event's JSON data against it.
-            data_schema = schema["properties"]["data"]["anyOf"][0]["contentSchema"]
-            Draft202012Validator(data_schema).validate(json.loads(item["data"]))
+    check = ResponseSchemaCheck(spec)
+    assert check.declared(method, path, response) is not None, (
+        f"{method} {path} does not declare {response.status_code} {media_type(response)}")
+    check.check(method, path, response)
+
+
+def test_a_key_the_schema_does_not_declare_fails_the_check(served, spec):
+    check = ResponseSchemaCheck(spec)
+    plain = served.post(GENERATE, json={"prompt": "hi", "max_tokens": 2})
+    drifted = httpx.Response(200, json={**plain.json(), "surprise": 1}, request=plain.request)
+    with pytest.raises(AssertionError, match="surprise"):
+        check.check("POST", GENERATE, drifted)
+    stream = served.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True})
+    first, *rest = stream.text.split("\n\n", 1)
+    event = json.loads(first[len("data: "):])
+    event["choices"][0]["delta"]["surprise"] = "x"
+    drifted = httpx.Response(200, text=f"data: {json.dumps(event)}\n\n{rest[0]}", request=stream.request,
+                             headers={"content-type": "text/event-stream"})
+    with pytest.raises(AssertionError, match="surprise"):
+        check.check("POST", CHAT, drifted)
 
 
 def test_the_schema_is_valid_openapi_3_1(spec):

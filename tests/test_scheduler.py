@@ -16,9 +16,8 @@ from typing import Iterator
 import httpx
 import pytest
 
-from forgellm import hookimpl
-from forgellm.backends.mlx import MlxBackend, MlxModel
-from forgellm.core.plugin_manager import create_plugin_manager, enabled_plugin_names
+
+from faulty_backend import Faults
 from live_server import LiveServer, idle, serving, wait_for
 
 # Far more tokens than any test waits for: a sequence that is still running is one that was not stopped.
@@ -184,26 +183,10 @@ def test_request_timeout_ends_a_stream_with_an_error_event(impatient_server):
     wait_for(lambda: idle(scheduler), "the timed-out sequence to leave the batch")
 
 
-class OneAtATimeBackend(MlxBackend):
-    """mlx-lm's own loader and model, flagged as having a KV cache that cannot be batched."""
-
-    def load(self, model_name, adapter_path, progress=print):
-        model = MlxModel(model_name, adapter_path)
-        model.batchable = False
-        return model
-
-
-class OneAtATimePlugin:
-    @hookimpl
-    def register_backends(self, register):
-        register("mlx", OneAtATimeBackend())
-
-
 def test_model_that_cannot_batch_is_served_one_sequence_at_a_time(tiny_model):
-    names = enabled_plugin_names("no:mlx")
-    pm = create_plugin_manager(names, extra_plugins=[("one-at-a-time", OneAtATimePlugin())])
+    one_at_a_time = Faults(step_fault=False, batchable=False)  # a KV cache that cannot be merged
     prompts = ["Once upon a time", "The quick brown fox", "Servers load models"]
-    with serving(tiny_model, max_tokens_cap=ENDLESS, pm=pm) as live, httpx.Client(base_url=live.url, timeout=60) as http:
+    with serving(tiny_model, max_tokens_cap=ENDLESS, backend=one_at_a_time.backend) as live, httpx.Client(base_url=live.url, timeout=60) as http:
         steps_before = live.scheduler.steps
         with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
             responses = list(pool.map(

@@ -29,9 +29,7 @@ from schemathesis.checks import (
 )
 
 from forgellm import hookimpl
-from forgellm.core.http.app import create_app
-from forgellm.core.plugin_manager import create_plugin_manager, enabled_plugin_names
-from forgellm.testing import make_settings, test_client
+from forgellm.testing import create_test_app, test_client
 
 ADMIN_KEY = "schema-fuzz-admin-key"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -70,9 +68,9 @@ def serve_the_tiny_model(tiny_model):
 def fuzzed_schema(plugins: str = "", **options):
     """The schema /docs/openapi.json serves, bound to a new app: schemathesis starts the app's lifespan at the
     first request of a test and ends it with the test."""
-    pm = create_plugin_manager(enabled_plugin_names(plugins), extra_plugins=[("load-at-startup", LOAD_AT_STARTUP)])
     # schemathesis' ASGI transport addresses the app as "testserver".
-    app = create_app(make_settings(plugins=plugins, allowed_hosts=("testserver",), **SMALL, **options), pm)
+    app = create_test_app(plugins=plugins, extra_plugins={"load-at-startup": LOAD_AT_STARTUP},
+                          allowed_hosts=("testserver",), **SMALL, **options)
     schema = schemathesis.openapi.from_dict(app.openapi_schema.to_schema())
     schema.app = app  # what schemathesis.openapi.from_asgi sets: requests go through the ASGI transport
     return schema

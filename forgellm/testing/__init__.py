@@ -34,6 +34,7 @@ docs/testing-plugins.md says more; examples/forgellm-prompt-guard is a plugin pa
 from forgellm.testing.clients import (
     TEST_BASE_URL,
     ServerProcess,
+    create_test_app,
     free_port,
     make_settings,
     test_client,
@@ -45,6 +46,7 @@ __all__ = [
     "TEST_BASE_URL",
     "ServerProcess",
     "build_tiny_adapter",
+    "create_test_app",
     "build_tiny_model",
     "free_port",
     "make_settings",

@@ -10,15 +10,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import httpx
+from litestar import Litestar
 from litestar.testing import TestClient
 
-from forgellm.cli import collect_options
+from forgellm import Backend, Settings, hookimpl
+from forgellm.core.config.options import collect_options
 from forgellm.core.http.app import create_app
 from forgellm.core.plugin_manager import available_plugins, create_plugin_manager, enabled_plugin_names
-from forgellm.core.config.settings import Settings
+from forgellm.testing.schema_check import ResponseSchemaCheck
 
 
 # The in-process client's address: a name under localhost, which the default --allowed-hosts accepts.
@@ -56,6 +58,71 @@ def wait_until_loaded(client, timeout: float = 60.0) -> dict:
     raise TimeoutError("the model did not finish loading")
 
 
+TEST_BACKEND = "test"
+
+
+class BackendPlugin:
+    """Registers one backend as "test" (select it with ``backend="test"``): a Backend, or a function of the
+    settings returning one, such as a double wrapping ``MlxBackend.from_settings(settings)``."""
+
+    def __init__(self, backend: Union[Backend, Callable[[Settings], Backend]]) -> None:
+        self._backend = backend
+
+    @hookimpl
+    def register_backends(self, register: Callable[[str, Backend], None], settings: Settings) -> None:
+        backend = self._backend
+        register(TEST_BACKEND, backend if hasattr(backend, "load") else backend(settings))  # type: ignore[operator]
+
+
+BackendChoice = Union[str, Backend, Callable[[Settings], Backend], None]
+
+
+def with_backend(backend: BackendChoice, extra_plugins: Mapping[str, object], settings: dict) -> Mapping[str, object]:
+    """The extra plugins and settings that serve with this backend: a registered backend's name, a Backend, or
+    a function of the settings returning one (None: the default backend)."""
+    if backend is None:
+        return extra_plugins
+    if isinstance(backend, str):
+        settings["backend"] = backend
+        return extra_plugins
+    settings["backend"] = TEST_BACKEND
+    return {**extra_plugins, "test-backend": BackendPlugin(backend)}
+
+
+def create_test_app(
+    model: Optional[os.PathLike | str] = None,
+    *,
+    adapter: Optional[os.PathLike | str] = None,
+    extra_plugins: Optional[Mapping[str, object]] = None,
+    backend: BackendChoice = None,
+    **settings: Any,
+) -> Litestar:
+    """The app test_client serves (same arguments), for serving it some other way (uvicorn on a socket)."""
+    if model is not None:
+        settings["model"] = str(model)
+        settings["adapter"] = str(adapter) if adapter else None
+    extra_plugins = with_backend(backend, extra_plugins or {}, settings)
+    effective = make_settings(extra_plugins=extra_plugins, **settings)
+    return create_app(effective, _plugin_manager(enabled_plugin_names(effective.plugins), extra_plugins))
+
+
+# Whether test_client checks every response against the server's OpenAPI schema (ResponseSchemaCheck)
+# when not told either way; ForgeLLM's own suite turns it on for every test (tests/conftest.py).
+CHECK_SCHEMA_BY_DEFAULT = False
+
+
+class SchemaCheckedTestClient(TestClient):  # type: ignore[type-arg]
+    """Litestar's TestClient, whose every (non-streamed) response is checked against the app's schema."""
+
+    schema_check: Optional[ResponseSchemaCheck] = None
+
+    def request(self, method: str, url: Any, *args: Any, **kwargs: Any) -> httpx.Response:  # type: ignore[override]
+        response = super().request(method, url, *args, **kwargs)
+        if self.schema_check is not None:
+            self.schema_check.check(method, response.url.path, response)
+        return response
+
+
 @contextlib.contextmanager
 def test_client(
     model: Optional[os.PathLike | str] = None,
@@ -63,31 +130,38 @@ def test_client(
     adapter: Optional[os.PathLike | str] = None,
     headers: Optional[dict] = None,
     extra_plugins: Optional[Mapping[str, object]] = None,
+    backend: BackendChoice = None,
+    wait_for_model: bool = True,
+    check_schema: Optional[bool] = None,
     **settings: Any,
 ) -> Iterator[TestClient]:
     """An in-process server (Litestar's TestClient, real HTTP semantics without a socket).
 
     - model: a model directory (``build_tiny_model``); it is loaded before the block runs, and a
-      failed load raises. Without it the server starts with no model, as ``forgellm run`` does.
+      failed load raises (with wait_for_model=False the block starts while it loads). Without it
+      the server starts with no model, as ``forgellm run`` does.
     - headers: sent with every request (``{"Authorization": "Bearer ..."}``).
     - extra_plugins: plugin objects to register by name, whether or not they are installed:
       ``extra_plugins={"prompt-guard": forgellm_prompt_guard}``. They are always enabled.
+    - backend: serve with this backend instead of the MLX one: the name a plugin registered it
+      under, a Backend, or a function of the settings returning one
+      (``lambda settings: Wrapped(MlxBackend.from_settings(settings))``).
     - settings: any option of the core or a plugin, by name: ``plugins="auth,metrics"``,
       ``max_queue=4``, ``prompt_guard_pattern=("secret",)``.
+
+    - check_schema: check every response (JSON bodies, NDJSON lines, server-sent events) against the
+      server's own OpenAPI schema, with keys the schema does not declare forbidden
+      (``ResponseSchemaCheck``); default ``CHECK_SCHEMA_BY_DEFAULT``.
 
     The client's responses are complete when returned (streams included), so it cannot hold a
     stream open while sending another request; use ``ServerProcess`` for that.
     """
-    if model is not None:
-        settings["model"] = str(model)
-        settings["adapter"] = str(adapter) if adapter else None
-    extra_plugins = extra_plugins or {}
-    effective = make_settings(extra_plugins=extra_plugins, **settings)
-    pm = _plugin_manager(enabled_plugin_names(effective.plugins), extra_plugins)
-    app = create_app(effective, pm)
-    with TestClient(app, base_url=TEST_BASE_URL) as client:
+    app = create_test_app(model, adapter=adapter, extra_plugins=extra_plugins, backend=backend, **settings)
+    with SchemaCheckedTestClient(app, base_url=TEST_BASE_URL) as client:
+        if CHECK_SCHEMA_BY_DEFAULT if check_schema is None else check_schema:
+            client.schema_check = ResponseSchemaCheck(app.openapi_schema.to_schema())
         client.headers.update(headers or {})
-        if model is not None:
+        if model is not None and wait_for_model:
             _wait_for_model(app.state.server)
         yield client
 
