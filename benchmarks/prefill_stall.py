@@ -25,8 +25,13 @@ from forgellm.testing import ServerProcess, build_tiny_model
 
 MODEL_SIZES = {
     "tiny": {},
-    "small": {"hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 688,
-              "num_attention_heads": 8, "num_key_value_heads": 4},
+    "small": {
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "intermediate_size": 688,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+    },
 }
 
 
@@ -35,6 +40,7 @@ async def measure(url: str, prompt_tokens: int) -> dict:
     long_window: dict[str, float] = {}
 
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+
         async def running_stream() -> None:
             body = {"prompt": "stream", "max_tokens": 100000, "streaming": True}
             async with client.stream("POST", "/api/model/generate", json=body) as response:
@@ -89,13 +95,23 @@ def main() -> None:
     print(f"model: {path}; a running stream, then a {args.prompt_tokens}-word prompt, then an 8-token request")
     print("chunk | prompt tokens | long prompt s | stream's longest gap s | tokens meanwhile | short request s")
     for chunk in (int(c) for c in args.chunk_sizes.split(",")):
-        server_args = ["--model", str(path), "--prefill-chunk-size", str(chunk),
-                       "--max-prompt-tokens", str(args.prompt_tokens * 2), "--max-tokens-cap", "100000"]
+        server_args = [
+            "--model",
+            str(path),
+            "--prefill-chunk-size",
+            str(chunk),
+            "--max-prompt-tokens",
+            str(args.prompt_tokens * 2),
+            "--max-tokens-cap",
+            "100000",
+        ]
         with ServerProcess(server_args) as server:
             result = asyncio.run(measure(server.url, args.prompt_tokens))
-        print(f"{chunk:5d} | {result['prompt_tokens']:13d} | {result['long_prompt_s']:13.2f} | "
-              f"{result['max_gap_s']:22.2f} | {result['tokens_during']:16d} | {result['short_latency_s']:15.2f}",
-              flush=True)
+        print(
+            f"{chunk:5d} | {result['prompt_tokens']:13d} | {result['long_prompt_s']:13.2f} | "
+            f"{result['max_gap_s']:22.2f} | {result['tokens_during']:16d} | {result['short_latency_s']:15.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

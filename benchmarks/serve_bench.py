@@ -33,6 +33,7 @@ same load::
 
 Timings are wall-clock and noisy on a shared machine: run it on a quiet one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,9 +50,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
 
 import httpx
 
@@ -62,10 +63,20 @@ from forgellm.testing import build_tiny_model, free_port
 # Llama shapes for --model-size; "tiny" is the test suite's model (overhead-bound, not meaningful alone).
 MODEL_SIZES = {
     "tiny": {},
-    "small": {"hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 688,
-              "num_attention_heads": 8, "num_key_value_heads": 4},
-    "medium": {"hidden_size": 512, "num_hidden_layers": 8, "intermediate_size": 1376,
-               "num_attention_heads": 8, "num_key_value_heads": 4},
+    "small": {
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "intermediate_size": 688,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+    },
+    "medium": {
+        "hidden_size": 512,
+        "num_hidden_layers": 8,
+        "intermediate_size": 1376,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+    },
 }
 
 # Each prompt starts with its own number, and no number is sent twice to a server: mlx_lm.server keeps the
@@ -77,6 +88,7 @@ REQUEST_TIMEOUT = 600.0
 
 
 # -- the model ----------------------------------------------------------------------------------
+
 
 def model_path(args) -> Path:
     if args.model:
@@ -91,11 +103,14 @@ def model_path(args) -> Path:
 
 def describe_model(path: Path) -> str:
     config = json.loads((path / "config.json").read_text())
-    return (f"{path} (hidden {config.get('hidden_size')}, {config.get('num_hidden_layers')} layers, "
-            f"vocab {config.get('vocab_size')})")
+    return (
+        f"{path} (hidden {config.get('hidden_size')}, {config.get('num_hidden_layers')} layers, "
+        f"vocab {config.get('vocab_size')})"
+    )
 
 
 # -- the servers --------------------------------------------------------------------------------
+
 
 @dataclass
 class Server:
@@ -111,8 +126,14 @@ class Server:
 
 
 @contextlib.contextmanager
-def running(name: str, command: list[str], port: int, ready_path: str, headers: dict[str, str],
-            env: Optional[dict[str, str]] = None) -> Iterator[Server]:
+def running(
+    name: str,
+    command: list[str],
+    port: int,
+    ready_path: str,
+    headers: dict[str, str],
+    env: dict[str, str] | None = None,
+) -> Iterator[Server]:
     """Start a server process, wait until ready_path answers 200, and stop it (by its pid) at the end."""
     log = tempfile.NamedTemporaryFile("w+", prefix=f"serve-bench-{name}-", suffix=".log", delete=False)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
@@ -144,9 +165,22 @@ def running(name: str, command: list[str], port: int, ready_path: str, headers: 
 
 
 def forgellm_command(args, path: Path, port: int) -> list[str]:
-    command = [sys.executable, "-m", "forgellm", "run", "--host", "127.0.0.1", "--port", str(port),
-               "--model", str(path), "--max-concurrency", str(args.decode_concurrency),
-               "--log-level", "warning"]
+    command = [
+        sys.executable,
+        "-m",
+        "forgellm",
+        "run",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model",
+        str(path),
+        "--max-concurrency",
+        str(args.decode_concurrency),
+        "--log-level",
+        "warning",
+    ]
     if args.plugins:
         command += ["--plugins", args.plugins]
     for extra in args.forgellm_arg:
@@ -155,8 +189,22 @@ def forgellm_command(args, path: Path, port: int) -> list[str]:
 
 
 def mlx_lm_command(args, path: Path, port: int) -> list[str]:
-    command = [sys.executable, "-m", "mlx_lm", "server", "--model", str(path), "--host", "127.0.0.1",
-               "--port", str(port), "--decode-concurrency", str(args.decode_concurrency), "--log-level", "WARNING"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlx_lm",
+        "server",
+        "--model",
+        str(path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--decode-concurrency",
+        str(args.decode_concurrency),
+        "--log-level",
+        "WARNING",
+    ]
     for extra in args.mlx_lm_arg:
         command += shlex.split(extra)
     return command
@@ -182,11 +230,12 @@ def parse_headers(pairs: list[str]) -> dict[str, str]:
 
 # -- one request --------------------------------------------------------------------------------
 
+
 @dataclass
 class Result:
     prompt_number: int
     latency: float
-    ttft: Optional[float]
+    ttft: float | None
     completion_tokens: int
     text: str
 
@@ -207,8 +256,13 @@ def failure_kind(exc: BaseException) -> str:
 
 async def streamed_completion(client: httpx.AsyncClient, server: Server, n: int, max_tokens: int) -> Result:
     """One streamed /v1/completions request for prompt number n, timed from sending to [DONE]."""
-    body = {"prompt": PROMPT.format(n=n), "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": PROMPT.format(n=n),
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     started = time.perf_counter()
     ttft = None
     text = []
@@ -219,7 +273,7 @@ async def streamed_completion(client: httpx.AsyncClient, server: Server, n: int,
         async for line in response.aiter_lines():
             if not line.startswith("data: "):
                 continue
-            payload = line[len("data: "):]
+            payload = line[len("data: ") :]
             if payload == "[DONE]":
                 break
             chunk = json.loads(payload)
@@ -239,6 +293,7 @@ async def streamed_completion(client: httpx.AsyncClient, server: Server, n: int,
 
 # -- closed-loop load ---------------------------------------------------------------------------
 
+
 @dataclass
 class LoadRun:
     """One or more closed-loop runs of one server at one concurrency, pooled."""
@@ -249,9 +304,9 @@ class LoadRun:
     cpu: float = 0.0  # server CPU seconds used during the runs
     results: list[Result] = field(default_factory=list)
     failures: Counter = field(default_factory=Counter)
-    first_failure: Optional[str] = None
+    first_failure: str | None = None
 
-    def add(self, other: "LoadRun") -> None:
+    def add(self, other: LoadRun) -> None:
         self.wall += other.wall
         self.cpu += other.cpu
         self.results += other.results
@@ -285,12 +340,14 @@ def quantile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
 
 
-async def closed_loop(server: Server, concurrency: int, requests_per_client: int, max_tokens: int,
-                      first_prompt: int) -> LoadRun:
+async def closed_loop(
+    server: Server, concurrency: int, requests_per_client: int, max_tokens: int, first_prompt: int
+) -> LoadRun:
     """concurrency clients, each sending its requests back to back, with prompt numbers from first_prompt on."""
     run = LoadRun(server.name, concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT, limits=limits) as client:
+
         async def one_client(index: int) -> None:
             for k in range(requests_per_client):
                 try:
@@ -317,13 +374,18 @@ def check_run(run: LoadRun, max_tokens: int, exact: bool) -> None:
     completions alike (the sweep counts texts that differ), and tok/s counts the tokens really generated."""
     if not run.results:
         raise SystemExit(f"every request to {run.server} failed; the first: {run.first_failure}")
-    wrong = [r for r in run.results if r.completion_tokens > max_tokens or (exact and r.completion_tokens != max_tokens)]
+    wrong = [
+        r for r in run.results if r.completion_tokens > max_tokens or (exact and r.completion_tokens != max_tokens)
+    ]
     if wrong:
-        raise SystemExit(f"{run.server} at concurrency {run.concurrency}: {len(wrong)} completions did not have "
-                         f"{max_tokens} tokens (the model emitted EOS?); token counts would not be comparable")
+        raise SystemExit(
+            f"{run.server} at concurrency {run.concurrency}: {len(wrong)} completions did not have "
+            f"{max_tokens} tokens (the model emitted EOS?); token counts would not be comparable"
+        )
 
 
 # -- the in-process ceiling ---------------------------------------------------------------------
+
 
 @dataclass
 class CeilingRun:
@@ -349,23 +411,31 @@ class Ceiling:
         self.model, self.tokenizer = load(str(path))
         self.run(CeilingRun(), 2, 1, 4, 0)  # warm up
 
-    def run(self, into: CeilingRun, concurrency: int, requests_per_client: int, max_tokens: int,
-            first_prompt: int) -> None:
+    def run(
+        self, into: CeilingRun, concurrency: int, requests_per_client: int, max_tokens: int, first_prompt: int
+    ) -> None:
         from mlx_lm.generate import batch_generate
 
         count = concurrency * requests_per_client
         prompts = [self.tokenizer.encode(PROMPT.format(n=n)) for n in range(first_prompt, first_prompt + count)]
         cpu_before = time.process_time()
         started = time.perf_counter()
-        response = batch_generate(self.model, self.tokenizer, prompts, max_tokens=max_tokens,
-                                  completion_batch_size=concurrency, prefill_batch_size=min(8, concurrency),
-                                  return_token_ids=True)
+        response = batch_generate(
+            self.model,
+            self.tokenizer,
+            prompts,
+            max_tokens=max_tokens,
+            completion_batch_size=concurrency,
+            prefill_batch_size=min(8, concurrency),
+            return_token_ids=True,
+        )
         into.wall += time.perf_counter() - started
         into.cpu += time.process_time() - cpu_before
         into.tokens += sum(len(ids) for ids in response.token_ids)
 
 
 # -- burst --------------------------------------------------------------------------------------
+
 
 async def burst(server: Server, clients: int, max_tokens: int, first_prompt: int) -> Counter:
     """clients requests at the same instant, each on its own new connection; count how each ended."""
@@ -376,8 +446,11 @@ async def burst(server: Server, clients: int, max_tokens: int, first_prompt: int
         async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT) as client:
             await gate.wait()
             try:
-                response = await client.post(server.url + "/v1/completions", headers=server.headers, json={
-                    "prompt": PROMPT.format(n=first_prompt + n), "max_tokens": max_tokens, "temperature": 0})
+                response = await client.post(
+                    server.url + "/v1/completions",
+                    headers=server.headers,
+                    json={"prompt": PROMPT.format(n=first_prompt + n), "max_tokens": max_tokens, "temperature": 0},
+                )
             except Exception as exc:
                 outcomes[failure_kind(exc)] += 1
             else:
@@ -397,55 +470,102 @@ async def burst(server: Server, clients: int, max_tokens: int, first_prompt: int
 
 # -- main ---------------------------------------------------------------------------------------
 
-def parse_args(argv: Optional[list[str]] = None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", help="An MLX model directory, a GGUF file or a built-in name such as smollm2-135m-instruct "
-                        "(instead of building a random one).")
-    parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="small",
-                        help="The random Llama to build when --model is not given.")
-    parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "forgellm-bench"),
-                        help="Where built models are kept between runs.")
+
+def parse_args(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--model",
+        help="An MLX model directory, a GGUF file or a built-in name such as smollm2-135m-instruct "
+        "(instead of building a random one).",
+    )
+    parser.add_argument(
+        "--model-size",
+        choices=sorted(MODEL_SIZES),
+        default="small",
+        help="The random Llama to build when --model is not given.",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=os.path.join(tempfile.gettempdir(), "forgellm-bench"),
+        help="Where built models are kept between runs.",
+    )
     parser.add_argument("--concurrency", default="1,4,8,16", help="Comma-separated client counts.")
-    parser.add_argument("--requests", type=int, default=32,
-                        help="Requests per server at each concurrency C, shared by the C clients (rounded up to a "
-                             "multiple of C), so that every level measures about the same number of tokens.")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=32,
+        help="Requests per server at each concurrency C, shared by the C clients (rounded up to a "
+        "multiple of C), so that every level measures about the same number of tokens.",
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="Repeat each concurrency this many times (interleaved) and pool the results.")
-    parser.add_argument("--decode-concurrency", type=int, default=32,
-                        help="Both servers' decode batch size (--max-concurrency / --decode-concurrency).")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="Repeat each concurrency this many times (interleaved) and pool the results.",
+    )
+    parser.add_argument(
+        "--decode-concurrency",
+        type=int,
+        default=32,
+        help="Both servers' decode batch size (--max-concurrency / --decode-concurrency).",
+    )
     parser.add_argument("--plugins", default="", help="Passed to forgellm run --plugins.")
-    parser.add_argument("--forgellm-arg", action="append", default=[],
-                        help="Extra forgellm run arguments, e.g. --forgellm-arg='--api-key k' (repeatable).")
-    parser.add_argument("--mlx-lm-arg", action="append", default=[],
-                        help="Extra mlx_lm server arguments, e.g. --mlx-lm-arg='--prompt-concurrency 2' (repeatable).")
-    parser.add_argument("--mlx-lm-blas", choices=("same", "bundled"), default="same",
-                        help="same: mlx_lm.server's MLX multiplies on the BLAS ForgeLLM's does (the system OpenBLAS, "
-                             "preloaded), so the servers are compared on equal terms; bundled: on MLX's own.")
-    parser.add_argument("--header", action="append", default=[],
-                        help="NAME:VALUE sent with every request to forgellm (repeatable).")
+    parser.add_argument(
+        "--forgellm-arg",
+        action="append",
+        default=[],
+        help="Extra forgellm run arguments, e.g. --forgellm-arg='--api-key k' (repeatable).",
+    )
+    parser.add_argument(
+        "--mlx-lm-arg",
+        action="append",
+        default=[],
+        help="Extra mlx_lm server arguments, e.g. --mlx-lm-arg='--prompt-concurrency 2' (repeatable).",
+    )
+    parser.add_argument(
+        "--mlx-lm-blas",
+        choices=("same", "bundled"),
+        default="same",
+        help="same: mlx_lm.server's MLX multiplies on the BLAS ForgeLLM's does (the system OpenBLAS, "
+        "preloaded), so the servers are compared on equal terms; bundled: on MLX's own.",
+    )
+    parser.add_argument(
+        "--header", action="append", default=[], help="NAME:VALUE sent with every request to forgellm (repeatable)."
+    )
     parser.add_argument("--no-ceiling", action="store_true", help="Skip the in-process batch_generate ceiling.")
-    parser.add_argument("--burst", type=int, metavar="N",
-                        help="Burst mode: N requests at once to each server, then report how each ended.")
+    parser.add_argument(
+        "--burst",
+        type=int,
+        metavar="N",
+        help="Burst mode: N requests at once to each server, then report how each ended.",
+    )
     return parser.parse_args(argv)
 
 
-HEADER = """\
-     |     ceiling     |                forgellm                  |                 mlx_lm                   | ours/theirs | ours/
-conc |   tok/s cpu/tok |   tok/s   p50s   p95s ttft50ms cpu/tok err |   tok/s   p50s   p95s ttft50ms cpu/tok err | tok/s  ttft | ceiling"""
+_SERVER_COLUMNS = "   tok/s   p50s   p95s ttft50ms cpu/tok err "
+HEADER = (
+    f"     |     ceiling     |{'forgellm':^44}|{'mlx_lm':^44}| ours/theirs | ours/\n"
+    f"conc |   tok/s cpu/tok |{_SERVER_COLUMNS}|{_SERVER_COLUMNS}| tok/s  ttft | ceiling"
+)
 
 
-def print_sweep_row(concurrency: int, ceiling: Optional[CeilingRun], ours: LoadRun, theirs: LoadRun) -> None:
+def print_sweep_row(concurrency: int, ceiling: CeilingRun | None, ours: LoadRun, theirs: LoadRun) -> None:
     def server(run: LoadRun) -> str:
-        return (f"{run.tokens_per_sec:7.1f} {run.latency(.5):6.2f} {run.latency(.95):6.2f} "
-                f"{run.ttft(.5) * 1000:8.0f} {run.cpu_ms_per_token:7.2f} {sum(run.failures.values()):3d}")
+        return (
+            f"{run.tokens_per_sec:7.1f} {run.latency(0.5):6.2f} {run.latency(0.95):6.2f} "
+            f"{run.ttft(0.5) * 1000:8.0f} {run.cpu_ms_per_token:7.2f} {sum(run.failures.values()):3d}"
+        )
 
     top = f"{ceiling.tokens_per_sec:7.1f} {ceiling.cpu_ms_per_token:7.2f}" if ceiling else f"{'-':>7} {'-':>7}"
     ratio = f"{ours.tokens_per_sec / ceiling.tokens_per_sec:7.1%}" if ceiling else f"{'-':>7}"
-    print(f"{concurrency:>4} | {top} | {server(ours)} | {server(theirs)} | "
-          f"{ours.tokens_per_sec / theirs.tokens_per_sec:5.2f} {ours.ttft(.5) / theirs.ttft(.5):5.2f} | {ratio}",
-          flush=True)
+    print(
+        f"{concurrency:>4} | {top} | {server(ours)} | {server(theirs)} | "
+        f"{ours.tokens_per_sec / theirs.tokens_per_sec:5.2f} {ours.ttft(0.5) / theirs.ttft(0.5):5.2f} | {ratio}",
+        flush=True,
+    )
 
 
 def sweep(args, path: Path, ours: Server, theirs: Server) -> None:
@@ -454,10 +574,12 @@ def sweep(args, path: Path, ours: Server, theirs: Server) -> None:
     for server in (ours, theirs):  # warm both up: first requests pay one-off costs
         asyncio.run(closed_loop(server, 2, 1, 4, first_prompt=0))
     next_prompt = 2
-    print(f"\nclosed loop: about {args.requests} requests per concurrency, max_tokens {args.max_tokens}, "
-          f"{args.rounds} round(s), streamed /v1/completions, temperature 0.\n"
-          f"cpu/tok: CPU ms the server process (for the ceiling, this process) used per generated token; "
-          f"err: requests that failed (reset, timed out, error status)")
+    print(
+        f"\nclosed loop: about {args.requests} requests per concurrency, max_tokens {args.max_tokens}, "
+        f"{args.rounds} round(s), streamed /v1/completions, temperature 0.\n"
+        f"cpu/tok: CPU ms the server process (for the ceiling, this process) used per generated token; "
+        f"err: requests that failed (reset, timed out, error status)"
+    )
     print(HEADER)
     failures: Counter = Counter()
     mismatched = compared = 0
@@ -483,22 +605,30 @@ def sweep(args, path: Path, ours: Server, theirs: Server) -> None:
                 compared += 1
                 mismatched += result.text != theirs_text[result.prompt_number]
     ended_early = sum(r.completion_tokens < args.max_tokens for r in runs[ours.name].results)
-    print(f"\n{ended_early} completions ended before {args.max_tokens} tokens (at the model's end token) at the last "
-          f"concurrency; {mismatched} of {compared} greedy completions differed in text between the servers")
+    print(
+        f"\n{ended_early} completions ended before {args.max_tokens} tokens (at the model's end token) at the last "
+        f"concurrency; {mismatched} of {compared} greedy completions differed in text between the servers"
+    )
     if failures:
         print("failed requests: " + ", ".join(f"{k} {v}" for k, v in sorted(failures.items())))
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     path = model_path(args)
-    print(f"model: {describe_model(path)}; {os.cpu_count()} CPUs; BLAS: {selected_blas() or 'MLX bundled'} "
-          f"(mlx_lm: {'same' if mlx_lm_env(args) else 'MLX bundled'})", flush=True)
+    print(
+        f"model: {describe_model(path)}; {os.cpu_count()} CPUs; BLAS: {selected_blas() or 'MLX bundled'} "
+        f"(mlx_lm: {'same' if mlx_lm_env(args) else 'MLX bundled'})",
+        flush=True,
+    )
     ours_port, theirs_port = free_port(), free_port()
     headers = parse_headers(args.header)
-    with running("forgellm", forgellm_command(args, path, ours_port), ours_port, "/readyz", headers) as ours, \
-            running("mlx_lm", mlx_lm_command(args, path, theirs_port), theirs_port, "/health", {},
-                    mlx_lm_env(args)) as theirs:
+    with (
+        running("forgellm", forgellm_command(args, path, ours_port), ours_port, "/readyz", headers) as ours,
+        running(
+            "mlx_lm", mlx_lm_command(args, path, theirs_port), theirs_port, "/health", {}, mlx_lm_env(args)
+        ) as theirs,
+    ):
         if args.burst:
             for server in (ours, theirs):  # mlx_lm.server loads its model on the first request
                 asyncio.run(closed_loop(server, 1, 1, 4, first_prompt=0))

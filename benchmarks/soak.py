@@ -32,7 +32,6 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import httpx
 import psutil
@@ -48,11 +47,19 @@ REQUEST_TIMEOUT = 60.0
 MEMORY_SAMPLE_SECONDS = 0.5
 
 INTENDED = ("ok", "rate_limited", "overloaded", "abandoned")
-PROMPTS = ["Once upon a time", "The quick brown fox", "Servers load models", "Good software is tested",
-           "In winter the wind was cold", "Language models predict", "A tokenizer splits text"]
+PROMPTS = [
+    "Once upon a time",
+    "The quick brown fox",
+    "Servers load models",
+    "Good software is tested",
+    "In winter the wind was cold",
+    "Language models predict",
+    "A tokenizer splits text",
+]
 
 
 # -- the requests --------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Route:
@@ -71,17 +78,22 @@ class Route:
         return {**body, "stream": True} if self.streamed else body
 
 
-ROUTES = [Route(f"{name}{' stream' if streamed else ''}", path, streamed)
-          for name, path in (("guide", "/api/model/generate"), ("completions", "/v1/completions"),
-                             ("chat", "/v1/chat/completions"))
-          for streamed in (False, True)]
+ROUTES = [
+    Route(f"{name}{' stream' if streamed else ''}", path, streamed)
+    for name, path in (
+        ("guide", "/api/model/generate"),
+        ("completions", "/v1/completions"),
+        ("chat", "/v1/chat/completions"),
+    )
+    for streamed in (False, True)
+]
 
 
 @dataclass
 class Outcome:
     kind: str
-    latency: Optional[float] = None
-    ttft: Optional[float] = None
+    latency: float | None = None
+    ttft: float | None = None
     detail: str = ""
 
 
@@ -112,7 +124,7 @@ def stream_item(route: Route, line: str):
         return item, item["type"] == "error", item["type"] == "complete"
     if not line.startswith("data: "):
         return None
-    data = line[len("data: "):]
+    data = line[len("data: ") :]
     if data == "[DONE]":
         return data, False, True
     item = json.loads(data)
@@ -152,6 +164,7 @@ def failure(exc: Exception) -> Outcome:
 
 # -- the load ------------------------------------------------------------------------------------
 
+
 @dataclass
 class Tally:
     outcomes: Counter = field(default_factory=Counter)  # (route, kind) -> count
@@ -182,8 +195,9 @@ class Tally:
 
 
 async def client(url: str, identity: str, key: str, args, deadline: float, tally: Tally) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT,
-                                 headers={"Authorization": f"Bearer {key}"}) as http:
+    async with httpx.AsyncClient(
+        base_url=url, timeout=REQUEST_TIMEOUT, headers={"Authorization": f"Bearer {key}"}
+    ) as http:
         while time.monotonic() < deadline and tally.sent < args.max_requests:
             tally.sent += 1
             route = random.choice(ROUTES)
@@ -207,14 +221,15 @@ class MemorySample:
     requests: int
 
 
-async def watch_memory(pid: int, started: float, tally: Tally, samples: list[MemorySample],
-                       stop: asyncio.Event) -> None:
+async def watch_memory(
+    pid: int, started: float, tally: Tally, samples: list[MemorySample], stop: asyncio.Event
+) -> None:
     process = psutil.Process(pid)
     while not stop.is_set():
         samples.append(MemorySample(time.monotonic() - started, process.memory_info().rss / 2**20, tally.sent))
         try:
             await asyncio.wait_for(stop.wait(), MEMORY_SAMPLE_SECONDS)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
 
@@ -225,8 +240,10 @@ async def load(url: str, pid: int, identities: dict[str, str], args) -> tuple[Ta
     started = time.monotonic()
     watcher = asyncio.create_task(watch_memory(pid, started, tally, samples, stop))
     names = list(identities)
-    clients = [client(url, names[i % len(names)], identities[names[i % len(names)]], args,
-                      started + args.duration, tally) for i in range(args.clients)]
+    clients = [
+        client(url, names[i % len(names)], identities[names[i % len(names)]], args, started + args.duration, tally)
+        for i in range(args.clients)
+    ]
     await asyncio.gather(*clients)
     stop.set()
     await watcher
@@ -235,7 +252,8 @@ async def load(url: str, pid: int, identities: dict[str, str], args) -> tuple[Ta
 
 # -- the verdicts --------------------------------------------------------------------------------
 
-def memory_growth(samples: list[MemorySample], warmup: float) -> Optional[float]:
+
+def memory_growth(samples: list[MemorySample], warmup: float) -> float | None:
     """MB resident memory grew after the warm-up: the median of its last quarter minus that of its first."""
     settled = [s.rss_mb for s in samples if s.seconds >= warmup]
     if len(settled) < 8:
@@ -266,7 +284,7 @@ def quantile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
 
 
-def print_report(tally: Tally, samples: list[MemorySample], growth: Optional[float], args, wall: float) -> None:
+def print_report(tally: Tally, samples: list[MemorySample], growth: float | None, args, wall: float) -> None:
     kinds = tally.kinds()
     total = sum(kinds.values())
     print(f"\n{total} requests in {wall:.1f}s ({total / wall:.1f}/s), {args.clients} clients")
@@ -282,26 +300,34 @@ def print_report(tally: Tally, samples: list[MemorySample], growth: Optional[flo
         print(f"  {identity:<18}" + ", ".join(f"{kind} {count}" for kind, count in sorted(counts.items())))
     print("\nlatency of completed requests (s):")
     for kind, values in sorted(tally.latencies.items()):
-        print(f"  {kind:<9} n={len(values):<6} p50 {quantile(values, .5):6.3f}  p95 {quantile(values, .95):6.3f}"
-              f"  p99 {quantile(values, .99):6.3f}  max {max(values):6.3f}")
+        print(
+            f"  {kind:<9} n={len(values):<6} p50 {quantile(values, 0.5):6.3f}  p95 {quantile(values, 0.95):6.3f}"
+            f"  p99 {quantile(values, 0.99):6.3f}  max {max(values):6.3f}"
+        )
     if tally.ttfts:
-        print(f"  {'ttft':<9} n={len(tally.ttfts):<6} p50 {quantile(tally.ttfts, .5):6.3f}"
-              f"  p95 {quantile(tally.ttfts, .95):6.3f}  p99 {quantile(tally.ttfts, .99):6.3f}")
+        print(
+            f"  {'ttft':<9} n={len(tally.ttfts):<6} p50 {quantile(tally.ttfts, 0.5):6.3f}"
+            f"  p95 {quantile(tally.ttfts, 0.95):6.3f}  p99 {quantile(tally.ttfts, 0.99):6.3f}"
+        )
     print("\nserver resident memory:")
     step = max(1, len(samples) // 12)
     for sample in samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else []):
         print(f"  t={sample.seconds:6.1f}s  rss {sample.rss_mb:8.1f} MB  requests sent {sample.requests}")
-    print(f"  growth after the {args.warmup:.0f}s warm-up: "
-          + ("too few samples" if growth is None else f"{growth:+.1f} MB (limit {args.max_growth_mb:g} MB)"))
+    print(
+        f"  growth after the {args.warmup:.0f}s warm-up: "
+        + ("too few samples" if growth is None else f"{growth:+.1f} MB (limit {args.max_growth_mb:g} MB)")
+    )
     for kind, example in sorted(tally.examples.items()):
         print(f"\nfirst {kind}: {example}")
 
 
 # -- main ----------------------------------------------------------------------------------------
 
-def parse_args(argv: Optional[list[str]] = None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+def parse_args(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--model", help="An MLX model directory (default: the test kit's tiny model, built here).")
     parser.add_argument("--duration", type=float, default=60.0, help=f"Seconds of load (at most {MAX_DURATION:g}).")
     parser.add_argument("--max-requests", type=int, default=20_000, help=f"At most this many (cap {MAX_REQUESTS}).")
@@ -315,8 +341,9 @@ def parse_args(argv: Optional[list[str]] = None):
     parser.add_argument("--max-concurrency", type=int, default=8, help="The server's decode batch size.")
     parser.add_argument("--max-queue", type=int, default=32, help="The server's queue; beyond it, 503.")
     parser.add_argument("--warmup", type=float, help="Seconds before memory must level off (default: a third).")
-    parser.add_argument("--max-growth-mb", type=float, default=64.0,
-                        help="Most resident memory may grow after the warm-up, in MB.")
+    parser.add_argument(
+        "--max-growth-mb", type=float, default=64.0, help="Most resident memory may grow after the warm-up, in MB."
+    )
     parser.add_argument("--report", help="Write the figures as JSON to this file.")
     args = parser.parse_args(argv)
     if not 0 < args.duration <= MAX_DURATION:
@@ -334,26 +361,45 @@ def parse_args(argv: Optional[list[str]] = None):
 
 def make_identities(keys_file: Path, args) -> dict[str, str]:
     """Keys in a keys file, as `forgellm keys add` makes them: name -> key."""
-    identities = {f"steady-{n}": add_key(keys_file, f"steady-{n}", ("generate",)) for n in range(1, args.identities + 1)}
+    identities = {
+        f"steady-{n}": add_key(keys_file, f"steady-{n}", ("generate",)) for n in range(1, args.identities + 1)
+    }
     identities["greedy"] = add_key(keys_file, "greedy", ("generate",), rate_limit=args.greedy_rate_limit)
     return identities
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="forgellm-soak-") as scratch:
         model = Path(args.model) if args.model else build_tiny_model(Path(scratch) / "tiny")
         identities = make_identities(Path(scratch) / "keys.json", args)
         admin_key = f"soak-admin-{random.getrandbits(64):x}"  # for /metrics only
-        server_args = ["--model", str(model), "--plugins", "auth,ratelimit,metrics",
-                       "--api-keys-file", str(Path(scratch) / "keys.json"), "--api-key", admin_key,
-                       "--rate-limit", args.rate_limit, "--max-concurrency", str(args.max_concurrency),
-                       "--max-queue", str(args.max_queue), "--max-tokens-cap", str(args.max_tokens),
-                       "--log-level", "warning"]
+        server_args = [
+            "--model",
+            str(model),
+            "--plugins",
+            "auth,ratelimit,metrics",
+            "--api-keys-file",
+            str(Path(scratch) / "keys.json"),
+            "--api-key",
+            admin_key,
+            "--rate-limit",
+            args.rate_limit,
+            "--max-concurrency",
+            str(args.max_concurrency),
+            "--max-queue",
+            str(args.max_queue),
+            "--max-tokens-cap",
+            str(args.max_tokens),
+            "--log-level",
+            "warning",
+        ]
         with ServerProcess(server_args) as server:
-            print(f"soak: {args.duration:g}s, {args.clients} clients, identities {', '.join(identities)} "
-                  f"(rate limit {args.rate_limit}; greedy {args.greedy_rate_limit}), server pid {server.process.pid}",
-                  flush=True)
+            print(
+                f"soak: {args.duration:g}s, {args.clients} clients, identities {', '.join(identities)} "
+                f"(rate limit {args.rate_limit}; greedy {args.greedy_rate_limit}), server pid {server.process.pid}",
+                flush=True,
+            )
             started = time.monotonic()
             tally, samples = asyncio.run(load(server.url, server.process.pid, identities, args))
             wall = time.monotonic() - started
@@ -363,8 +409,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     growth = memory_growth(samples, args.warmup)
     print_report(tally, samples, growth, args, wall)
     leaked = any(gauges.values())
-    print(f"\nafter the load: {', '.join(f'{name} {value:g}' for name, value in gauges.items())}; "
-          f"server exit code {server_exit}")
+    print(
+        f"\nafter the load: {', '.join(f'{name} {value:g}' for name, value in gauges.items())}; "
+        f"server exit code {server_exit}"
+    )
     problems = []
     if tally.unintended():
         problems.append(f"{tally.unintended()} requests ended in an unintended way")
@@ -377,21 +425,32 @@ def main(argv: Optional[list[str]] = None) -> int:
     if server_exit != 0:
         problems.append(f"the server exited {server_exit} on SIGTERM:\n{output[-2000:]}")
     if args.report:
-        Path(args.report).write_text(json.dumps({
-            "requests": sum(tally.kinds().values()),
-            "seconds": wall,
-            "outcomes": dict(tally.kinds()),
-            "unintended": tally.unintended(),
-            "latency_p50": {kind: quantile(values, .5) for kind, values in tally.latencies.items()},
-            "latency_p95": {kind: quantile(values, .95) for kind, values in tally.latencies.items()},
-            "memory_mb": [[round(s.seconds, 2), round(s.rss_mb, 1)] for s in samples],
-            "memory_growth_mb": growth,
-            "gauges_after": gauges,
-            "server_exit": server_exit,
-            "problems": problems,
-        }, indent=2))
-    print("\n" + ("FAIL: " + "; ".join(problems) if problems else "PASS: every refusal was an intended 429/503, "
-                  "memory levelled off, nothing was left in the engine"))
+        Path(args.report).write_text(
+            json.dumps(
+                {
+                    "requests": sum(tally.kinds().values()),
+                    "seconds": wall,
+                    "outcomes": dict(tally.kinds()),
+                    "unintended": tally.unintended(),
+                    "latency_p50": {kind: quantile(values, 0.5) for kind, values in tally.latencies.items()},
+                    "latency_p95": {kind: quantile(values, 0.95) for kind, values in tally.latencies.items()},
+                    "memory_mb": [[round(s.seconds, 2), round(s.rss_mb, 1)] for s in samples],
+                    "memory_growth_mb": growth,
+                    "gauges_after": gauges,
+                    "server_exit": server_exit,
+                    "problems": problems,
+                },
+                indent=2,
+            )
+        )
+    print(
+        "\n"
+        + (
+            "FAIL: " + "; ".join(problems)
+            if problems
+            else "PASS: every refusal was an intended 429/503, memory levelled off, nothing was left in the engine"
+        )
+    )
     return 1 if problems else 0
 
 

@@ -7,11 +7,14 @@ import logging
 import signal
 import sys
 from functools import partial
+from typing import Any
 
 import click
-import pluggy
 
-from forgellm.version import __version__
+from forgellm.core.config.config_file import ConfigError, effective_config_toml, read_config_file
+from forgellm.core.config.options import collect_options
+from forgellm.core.config.settings import Option, Settings, normalized_root_path
+from forgellm.core.http.connection_guard import ConnectionLimits, guarded_protocol, raise_open_file_limit
 from forgellm.core.plugin_manager import (
     UnknownPlugin,
     available_plugins,
@@ -19,11 +22,7 @@ from forgellm.core.plugin_manager import (
     enabled_plugin_names,
     plugin_hooks,
 )
-from forgellm.core.config.config_file import ConfigError, effective_config_toml, read_config_file
-from forgellm.core.http.connection_guard import ConnectionLimits, guarded_protocol, raise_open_file_limit
-from forgellm.core.config.options import collect_options
-from forgellm.core.config.settings import Option, Settings, normalized_root_path
-
+from forgellm.version import __version__
 
 # Files the process holds besides its connections: model files, logs, the keys file, Redis, pipes.
 FILES_BESIDES_CONNECTIONS = 64
@@ -161,7 +160,9 @@ def build_cli() -> click.Group:
     cli.add_command(run)
 
     @cli.command("plugins")
-    @click.option("--plugins", "spec", default="", envvar="FORGELLM_PLUGINS", help="The --plugins value to show as enabled.")
+    @click.option(
+        "--plugins", "spec", default="", envvar="FORGELLM_PLUGINS", help="The --plugins value to show as enabled."
+    )
     @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
     def list_plugins(spec: str, as_json: bool) -> None:
         """List every installed plugin, its version, whether it is enabled, and the hooks it implements."""
@@ -170,7 +171,7 @@ def build_cli() -> click.Group:
             enabled = set(enabled_plugin_names(spec, available))
         except UnknownPlugin as exc:
             raise click.UsageError(str(exc)) from None
-        rows = [
+        rows: list[dict[str, Any]] = [
             {
                 "name": name,
                 "version": info.version,

@@ -36,7 +36,7 @@ CLOSE_FAULT_MESSAGE = "injected fault: the engine could not be closed"
 
 
 class FaultyEngine:
-    def __init__(self, engine, faults: "Faults") -> None:
+    def __init__(self, engine, faults: Faults) -> None:
         self._engine = engine
         self._plugin = faults
         self._breakers: set[int] = set()
@@ -75,7 +75,7 @@ class FaultyEngine:
 class FaultyModel:
     """The loaded MLX model; only its engines are wrapped."""
 
-    def __init__(self, model, faults: "Faults") -> None:
+    def __init__(self, model, faults: Faults) -> None:
         self._model = model
         self._plugin = faults
 
@@ -87,7 +87,7 @@ class FaultyModel:
 
 
 class FaultyBackend:
-    def __init__(self, mlx: MlxBackend, faults: "Faults") -> None:
+    def __init__(self, mlx: MlxBackend, faults: Faults) -> None:
         self._mlx = mlx
         self._faults = faults
         self.default_model = mlx.default_model

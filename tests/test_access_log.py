@@ -147,7 +147,12 @@ def exchanges_with_secrets(request) -> None:
     expected = [
         (request("POST", "/api/model/generate", json={"prompt": PROMPT, "max_tokens": 2}, headers=AS_KEY), 200),
         (request("POST", "/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {token}"}), 200),
-        (request("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}, headers={"X-API-Key": API_KEY}), 200),
+        (
+            request(
+                "POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}, headers={"X-API-Key": API_KEY}
+            ),
+            200,
+        ),
         (request("GET", "/api/model/status", headers={"Authorization": f"Bearer {WRONG_KEY}"}), 401),
         (request("GET", "/api/model/status", headers={"X-API-Key": WRONG_KEY}), 401),
         (request("GET", "/api/model/status", headers={"Authorization": f"Bearer {token}x"}), 401),

@@ -15,9 +15,9 @@ import jwt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from identity_probe import IdentityProbe
 from litestar.routes import HTTPRoute
 
-from identity_probe import IdentityProbe
 from forgellm.plugins.auth.keys_file import add_key
 from forgellm.testing import ServerProcess, test_client
 
@@ -25,10 +25,6 @@ STATIC_KEY = "static-key-for-tests-0123456789"
 JWT_SECRET = "a-jwt-secret-of-at-least-32-bytes-0123456789"
 CHALLENGE = 'Bearer realm="forgellm"'
 GENERATE_BODY = {"prompt": "Hello", "max_tokens": 2}
-
-
-
-
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +121,9 @@ def test_missing_credentials_are_a_401_in_openai_shape_under_v1(server, chat_bod
 )
 def test_a_wrong_key_is_a_401_in_both_shapes(server, headers):
     envelope_message = assert_unauthorized(server.post("/api/model/generate", json=GENERATE_BODY, headers=headers))
-    openai_message = assert_unauthorized(server.post("/v1/completions", json={"prompt": "Hi"}, headers=headers), openai=True)
+    openai_message = assert_unauthorized(
+        server.post("/v1/completions", json={"prompt": "Hi"}, headers=headers), openai=True
+    )
     assert envelope_message == openai_message == "Invalid API key or token"
 
 

@@ -25,7 +25,10 @@ def offline(tmp_path) -> dict:
 
 def pull(*args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "forgellm", "pull", *args], capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "forgellm", "pull", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, **env},
     )
 

@@ -56,7 +56,13 @@ def test_plugins_command_lists_mlx_with_register_backends():
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     mlx = lines.index(f"mlx {__version__} (builtin, enabled)")
-    assert lines[mlx + 1].split() == ["hooks:", "register_backends,", "register_commands,", "register_options,", "startup"]
+    assert lines[mlx + 1].split() == [
+        "hooks:",
+        "register_backends,",
+        "register_commands,",
+        "register_options,",
+        "startup",
+    ]
 
 
 def test_unknown_plugin_fails_at_start_listing_the_available_ones():
@@ -78,7 +84,6 @@ def test_bad_option_value_is_a_usage_error(flag, value):
     result = invoke("run", flag, value)
     assert result.exit_code == 2
     assert flag in result.output
-
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +117,7 @@ def test_options_come_from_environment_variables(started_with_model):
     assert response.json() == {"success": False, "error": "max_tokens must be at most 16"}
 
 
-def test_sigterm_shuts_down_cleanly_and_the_log_shows_the_port_opened_before_the_load(
-    started_with_model, tiny_model
-):
+def test_sigterm_shuts_down_cleanly_and_the_log_shows_the_port_opened_before_the_load(started_with_model, tiny_model):
     """Runs last in this module: it stops the shared process."""
     process, _ = started_with_model
 

@@ -84,7 +84,7 @@ def test_prefill_batch_size_is_how_many_prompts_start_together(tiny_model, prefi
     prompts = [model.encode(prompt) for prompt in PROMPTS[:4]]
     first_steps = steps_to_first_tokens(model.create_engine(max_batch_size=8), prompts)
     # Prompts that share a prefill pass give their first tokens in the same step; each later pass, one step on.
-    groups = [first_steps[i:i + prefill_batch_size] for i in range(0, len(prompts), prefill_batch_size)]
+    groups = [first_steps[i : i + prefill_batch_size] for i in range(0, len(prompts), prefill_batch_size)]
     assert all(len(set(group)) == 1 for group in groups)
     assert [group[0] for group in groups] == sorted(set(first_steps))
     assert len(set(first_steps)) == len(groups)

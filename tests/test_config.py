@@ -59,7 +59,7 @@ def test_defaults_without_a_file(cli):
 def test_the_file_sets_core_options_and_each_plugin_table(cli, write_config):
     path = write_config(
         'port = 8080\nplugins = "auth,metrics"\nallow_model = ["models/*"]\n'
-        '[auth]\njwt_leeway = 5\n'
+        "[auth]\njwt_leeway = 5\n"
         '[ratelimit]\nrate_limit = "10/second"\n'
     )
     config = effective(cli, "--config", path)
@@ -133,7 +133,10 @@ def test_unset_options_are_named(cli):
         ("jwt_leeway = 1\n", "jwt_leeway belongs in the [auth] table, not at the top level"),
         ("[auth]\njwt_leway = 1\n", "unknown option 'jwt_leway' in [auth] (did you mean 'jwt_leeway'?)"),
         ("[authh]\njwt_leeway = 1\n", "unknown table [authh] (did you mean 'auth'?)"),
-        ('[ratelimit]\nrate_limit = "lots"\n', "rate_limit in [ratelimit] (--rate-limit) is invalid: 'lots' is not a rate"),
+        (
+            '[ratelimit]\nrate_limit = "lots"\n',
+            "rate_limit in [ratelimit] (--rate-limit) is invalid: 'lots' is not a rate",
+        ),
         ("port = 1\n[server]\nport = 2\n", "port is set twice"),
         ("port = \n", "not valid TOML"),
     ],

@@ -65,7 +65,9 @@ def test_headers_sent_slowly_get_a_408_and_the_connection_closes(guarded):
         answer = _read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {
-        "success": False, "error": "The request headers did not arrive in time"}
+        "success": False,
+        "error": "The request headers did not arrive in time",
+    }
 
 
 def test_a_connection_that_sends_nothing_is_closed_without_an_answer(guarded):
@@ -105,8 +107,11 @@ def test_headers_just_under_the_limit_and_a_body_past_it_are_served(guarded, tmp
     padding = "a" * 15000
     assert httpx.get(f"{guarded.url}/healthz", headers={"X-Padding": padding}).status_code == 200
     # The body does not count as header bytes, even when it arrives in the same packet as the headers.
-    response = httpx.post(f"{guarded.url}/api/model/load", content=json.dumps({"model_name": "/x" * 20000}),
-                          headers={"Content-Type": "application/json"})
+    response = httpx.post(
+        f"{guarded.url}/api/model/load",
+        content=json.dumps({"model_name": "/x" * 20000}),
+        headers={"Content-Type": "application/json"},
+    )
     assert response.status_code == 400
 
 
@@ -130,8 +135,9 @@ def _serve_under_open_file_limit(soft: int, hard: int):
         f"sys.argv = ['forgellm', 'run', '--host', '127.0.0.1', '--port', '{port}']; main()"
     )
     env = {**os.environ, "FORGELLM_NO_MODEL": "1", "HF_HUB_OFFLINE": "1"}
-    return port, subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True)
+    return port, subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def test_the_server_starts_under_a_low_hard_open_file_limit_and_raises_its_soft_limit():

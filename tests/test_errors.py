@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from faulty_backend import STEP_FAULT, STEP_FAULT_MESSAGE, Faults
+
 from forgellm.testing import test_client, wait_until_loaded
 
-STACK_TRACE_MARKERS = ("Traceback", 'File "', ".py\", line", "site-packages")
+STACK_TRACE_MARKERS = ("Traceback", 'File "', '.py", line', "site-packages")
 
 
 def assert_envelope(response, status: int, error: str | None = None) -> str:
@@ -153,7 +153,6 @@ def test_invalid_generate_request_is_400(client, body):
     assert_envelope(response, 400)
 
 
-
 def test_invalid_json_says_so(client):
     body = b'{"prompt": '
     error = assert_envelope(client.post("/api/model/generate", content=body, headers=JSON), 400)
@@ -236,8 +235,11 @@ def test_load_of_a_missing_directory_is_400_and_says_only_what_an_existing_one_w
 def test_with_allow_model_a_missing_directory_is_named(tmp_path):
     missing = tmp_path / "no-such-model"
     with test_client(allow_model=(f"{tmp_path}/*",)) as server:
-        assert_envelope(server.post("/api/model/load", json={"model_name": str(missing)}), 400,
-                        f"Model directory not found: {missing}")
+        assert_envelope(
+            server.post("/api/model/load", json={"model_name": str(missing)}),
+            400,
+            f"Model directory not found: {missing}",
+        )
 
 
 def test_load_with_a_missing_adapter_directory_is_400(empty_server, tiny_model, tmp_path):
@@ -250,6 +252,7 @@ def test_load_with_a_missing_adapter_directory_is_400(empty_server, tiny_model, 
 
 
 # -- backend failure ---------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def faulty_server(tiny_model):

@@ -16,8 +16,6 @@ import shutil
 
 import httpx
 import pytest
-
-from live_server import idle, serving, wait_for
 from faulty_backend import (
     ADD_FAULT,
     ADD_FAULT_MESSAGE,
@@ -26,13 +24,13 @@ from faulty_backend import (
     STEP_FAULT_MESSAGE,
     Faults,
 )
+from live_server import idle, serving, wait_for
+
 from forgellm.testing import test_client, wait_until_loaded
 
 # Far more tokens than any test waits for: such a generation ends only by a fault or a disconnect.
 ENDLESS = 50_000
 SERVED_TOKENS = 8
-
-
 
 
 def ndjson(response) -> list[dict]:
@@ -41,7 +39,7 @@ def ndjson(response) -> list[dict]:
 
 def sse(response) -> list:
     """A server-sent event stream's data, decoded, ending with the literal [DONE]."""
-    events = [line[len("data: "):] for line in response.text.splitlines() if line.startswith("data: ")]
+    events = [line[len("data: ") :] for line in response.text.splitlines() if line.startswith("data: ")]
     return [event if event == "[DONE]" else json.loads(event) for event in events]
 
 
@@ -83,18 +81,24 @@ def scheduler(faulty_server, faults):
 def test_a_failed_engine_step_fails_its_batch_and_nothing_queued_or_later(faulty_server, faults, scheduler):
     send = concurrent.futures.ThreadPoolExecutor(4)
     # In the batch: a plain request, and a stream whose sequence will break the step they share.
-    victim = send.submit(faulty_server.post, "/api/model/generate",
-                         json={"prompt": "Once upon a time", "max_tokens": ENDLESS})
-    breaker = send.submit(faulty_server.post, "/v1/chat/completions",
-                          json={"messages": [{"role": "user", "content": f"Hello {STEP_FAULT}"}],
-                                "max_tokens": ENDLESS, "stream": True})
+    victim = send.submit(
+        faulty_server.post, "/api/model/generate", json={"prompt": "Once upon a time", "max_tokens": ENDLESS}
+    )
+    breaker = send.submit(
+        faulty_server.post,
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": f"Hello {STEP_FAULT}"}], "max_tokens": ENDLESS, "stream": True},
+    )
     wait_for(lambda: scheduler.active_count == 2, "both to be generating")
     # Queued behind them: one plain request and one stream.
-    queued_plain = send.submit(faulty_server.post, "/v1/completions",
-                               json={"prompt": "The quick brown fox", "max_tokens": SERVED_TOKENS})
-    queued_stream = send.submit(faulty_server.post, "/api/model/generate",
-                                json={"prompt": "Servers load models", "max_tokens": SERVED_TOKENS,
-                                      "streaming": True})
+    queued_plain = send.submit(
+        faulty_server.post, "/v1/completions", json={"prompt": "The quick brown fox", "max_tokens": SERVED_TOKENS}
+    )
+    queued_stream = send.submit(
+        faulty_server.post,
+        "/api/model/generate",
+        json={"prompt": "Servers load models", "max_tokens": SERVED_TOKENS, "streaming": True},
+    )
     wait_for(lambda: scheduler.waiting_count == 2, "two requests to be queued")
 
     faults.step_fault.set()
@@ -118,8 +122,9 @@ def test_a_failed_engine_step_fails_its_batch_and_nothing_queued_or_later(faulty
     assert ndjson(streamed)[-1]["completion_tokens"] == SERVED_TOKENS
     send.shutdown()
 
-    later = faulty_server.post("/v1/chat/completions",
-                               json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": SERVED_TOKENS})
+    later = faulty_server.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": SERVED_TOKENS}
+    )
     assert later.status_code == 200
     assert later.json()["usage"]["completion_tokens"] == SERVED_TOKENS
     assert_ready(faulty_server)
@@ -127,7 +132,9 @@ def test_a_failed_engine_step_fails_its_batch_and_nothing_queued_or_later(faulty
 
 def test_a_sequence_the_engine_refuses_fails_alone(faulty_server, scheduler):
     send = concurrent.futures.ThreadPoolExecutor(3)
-    running = send.submit(faulty_server.post, "/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 1000})
+    running = send.submit(
+        faulty_server.post, "/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 1000}
+    )
     wait_for(lambda: scheduler.active_count == 1, "the first request to be generating")
 
     refused_guide = faulty_server.post("/api/model/generate", json={"prompt": f"Hi {ADD_FAULT}", "max_tokens": 4})
@@ -216,7 +223,9 @@ def test_a_server_started_on_broken_weights_reports_it_and_stays_up(tiny_model, 
         readiness = client.get("/readyz")
         assert readiness.status_code == 503 and readiness.json()["model_loaded"] is False
         assert client.post("/api/model/generate", json={"prompt": "Hi"}).json() == {
-            "success": False, "error": "No model loaded"}
+            "success": False,
+            "error": "No model loaded",
+        }
 
         assert client.post("/api/model/load", json={"model_name": str(tiny_model)}).status_code == 200
         assert wait_until_loaded(client)["loaded"] is True
@@ -259,8 +268,9 @@ async def streams_then_walk_away(url: str, scheduler) -> list[int]:
 
 
 def test_a_hundred_clients_that_hang_up_mid_stream_leave_nothing_behind(tiny_model):
-    with serving(tiny_model, max_concurrency=8, max_queue=CLIENTS, max_tokens_cap=ENDLESS,
-                 max_inflight_per_client=CLIENTS) as live:  # one address plays all the clients
+    with serving(
+        tiny_model, max_concurrency=8, max_queue=CLIENTS, max_tokens_cap=ENDLESS, max_inflight_per_client=CLIENTS
+    ) as live:  # one address plays all the clients
         url, scheduler = live.url, live.scheduler
         statuses = asyncio.run(asyncio.wait_for(streams_then_walk_away(url, scheduler), timeout=120))
         assert statuses == [200] * CLIENTS
@@ -269,10 +279,13 @@ def test_a_hundred_clients_that_hang_up_mid_stream_leave_nothing_behind(tiny_mod
         assert (scheduler.in_flight, scheduler.active_count, scheduler.waiting_count) == (0, 0, 0)
         # Every slot is free again: a full batch of new requests is served at once.
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            after = list(pool.map(
-                lambda n: httpx.post(f"{url}/v1/completions", json={"prompt": f"Client {n}", "max_tokens": 4},
-                                     timeout=60),
-                range(8),
-            ))
+            after = list(
+                pool.map(
+                    lambda n: httpx.post(
+                        f"{url}/v1/completions", json={"prompt": f"Client {n}", "max_tokens": 4}, timeout=60
+                    ),
+                    range(8),
+                )
+            )
         assert [r.status_code for r in after] == [200] * 8
         assert idle(scheduler)

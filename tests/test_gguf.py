@@ -109,8 +109,10 @@ def test_converted_gguf_generates_what_its_source_directory_does(tiny_model, tin
         status = client.get("/api/model/status").json()
         assert status["loaded"] and status["model_name"] == str(tiny_gguf)
         converted = _generate(client)
-        chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
-                                                         "max_tokens": 4, "model": str(tiny_gguf)})
+        chat = client.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "model": str(tiny_gguf)},
+        )
         assert chat.status_code == 200, chat.text
     assert converted["text"] == expected["text"]
     assert converted["prompt_tokens"] == expected["prompt_tokens"]

@@ -74,7 +74,7 @@ result = client.generate_text("Hello, world!")
 print(result["text"])
 '''
 
-GUIDE_JAVASCRIPT_CLIENT = r'''class ModelClient {
+GUIDE_JAVASCRIPT_CLIENT = r"""class ModelClient {
   constructor(serverUrl = "http://localhost:5001") {
     this.serverUrl = serverUrl;
   }
@@ -137,9 +137,9 @@ const client = new ModelClient();
   const result = await client.generateText("Hello, world!");
   console.log(result.text);
 })();
-'''
+"""
 
-GUIDE_CURL_LINES = r'''# Get status
+GUIDE_CURL_LINES = r"""# Get status
 curl http://localhost:5001/api/model/status
 
 # Load model
@@ -147,8 +147,7 @@ curl -X POST -H "Content-Type: application/json" -d '{"model_name": "mlx-communi
 
 # Generate text
 curl -X POST -H "Content-Type: application/json" -d '{"prompt": "Hello, world!", "max_tokens": 100}' http://localhost:5001/api/model/generate
-'''
-
+"""
 
 
 def adapted(code: str, server: ServerProcess, model: Path) -> str:

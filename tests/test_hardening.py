@@ -21,11 +21,11 @@ import time
 import httpx
 import psutil
 import pytest
+from network_clients import client_from, needs_loopback_aliases
 
 from forgellm.core.clients import client_key
 from forgellm.plugins.auth.keys_file import add_key
 from forgellm.testing import ServerProcess, test_client
-from network_clients import client_from, needs_loopback_aliases
 
 GENERATE = "/api/model/generate"
 
@@ -49,10 +49,12 @@ def _eventually(condition, timeout: float = 30.0) -> None:
 
 # -- 3: token budgets evaded by concurrency; one client taking every slot -------------------------
 
+
 def test_a_burst_cannot_spend_one_token_budget_many_times(tiny_model):
     # Before: a key limited to 100 tokens/minute generated 5,639 tokens in one burst of 30 requests.
     args = ["--model", str(tiny_model), "--plugins", "ratelimit", "--token-limit", "100/day"]
     with ServerProcess(args) as server:
+
         def one(_):
             return httpx.post(f"{server.url}{GENERATE}", json={"prompt": "hello", "max_tokens": 50}, timeout=60)
 
@@ -68,8 +70,10 @@ def test_one_client_cannot_take_every_batch_and_queue_slot(tiny_model):
     args = ["--model", str(tiny_model), "--max-inflight-per-client", "2", "--max-tokens-cap", "100000"]
     endless = {"prompt": "hello", "max_tokens": 100000, "streaming": True}
     with ServerProcess(args) as server, httpx.Client(base_url=server.url, timeout=60) as greedy:
-        with greedy.stream("POST", GENERATE, json=endless) as first, \
-                greedy.stream("POST", GENERATE, json=endless) as second:
+        with (
+            greedy.stream("POST", GENERATE, json=endless) as first,
+            greedy.stream("POST", GENERATE, json=endless) as second,
+        ):
             # Keep the line iterators: a dropped one closes its response.
             streams = [first.iter_lines(), second.iter_lines()]
             assert all(next(lines) for lines in streams)  # both are generating
@@ -84,6 +88,7 @@ def test_one_client_cannot_take_every_batch_and_queue_slot(tiny_model):
 
 
 # -- 4: loads that never end ------------------------------------------------------------------------
+
 
 @pytest.fixture
 def model_copy(tiny_model, tmp_path):
@@ -139,8 +144,13 @@ def unanswering_index():
 
 
 def test_a_load_that_hangs_is_given_up_after_the_load_timeout_and_sigterm_still_exits(tmp_path, unanswering_index):
-    env = {"PIP_INDEX_URL": unanswering_index, "PIP_FIND_LINKS": "", "PIP_CONFIG_FILE": os.devnull,
-           "PIP_DEFAULT_TIMEOUT": "600", "PIP_RETRIES": "0"}
+    env = {
+        "PIP_INDEX_URL": unanswering_index,
+        "PIP_FIND_LINKS": "",
+        "PIP_CONFIG_FILE": os.devnull,
+        "PIP_DEFAULT_TIMEOUT": "600",
+        "PIP_RETRIES": "0",
+    }
     args = ["--cache-dir", str(tmp_path / "cache"), "--load-timeout", "2", "--drain-timeout", "2"]
     with ServerProcess(args, env=env, default_model=True, wait_ready=False) as server:
         fetchers = []
@@ -157,6 +167,7 @@ def test_a_load_that_hangs_is_given_up_after_the_load_timeout_and_sigterm_still_
 
 
 # -- 5: limits checked after the work they should prevent -----------------------------------------
+
 
 def test_a_client_over_its_limit_is_refused_before_its_prompt_is_rendered_and_oversize_prompts_count(
     tiny_model, model_copy
@@ -175,6 +186,7 @@ def test_a_client_over_its_limit_is_refused_before_its_prompt_is_rendered_and_ov
 
 
 # -- 6: a keys file anyone may write ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("writable", ["file", "directory"])
 def test_a_keys_file_others_may_write_stops_the_server(tmp_path, writable):
@@ -202,6 +214,7 @@ def test_a_keys_file_made_writable_by_others_while_serving_accepts_no_key(tmp_pa
 
 # -- 7: a web page driving a server without auth ----------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def open_server(tiny_model):
     with ServerProcess(["--model", str(tiny_model)]) as server:
@@ -212,8 +225,10 @@ def test_a_cross_site_form_post_as_text_plain_is_refused(open_server):
     body = json.dumps({"prompt": "hi", "max_tokens": 2})
     answer = httpx.post(f"{open_server.url}{GENERATE}", content=body, headers={"Content-Type": "text/plain"})
     assert answer.status_code == 415
-    assert answer.json() == {"success": False,
-                             "error": "Send the request body as application/json (Content-Type: application/json)"}
+    assert answer.json() == {
+        "success": False,
+        "error": "Send the request body as application/json (Content-Type: application/json)",
+    }
 
 
 def test_a_request_from_another_origin_cannot_change_state(open_server):
@@ -246,6 +261,7 @@ def test_allowed_hosts_names_the_public_name(tiny_model):
 
 # -- 8 and 9: input that gave a 500 ------------------------------------------------------------------
 
+
 def test_json_nested_a_thousand_deep_is_a_400(open_server):
     body = b'{"prompt": ' + b"[" * 1000 + b"]" * 1000 + b"}"
     answer = httpx.post(f"{open_server.url}{GENERATE}", content=body, headers={"Content-Type": "application/json"})
@@ -258,15 +274,21 @@ def test_a_malformed_limit_claim_is_ignored_with_a_warning(tiny_model, claim, ca
     import jwt
 
     secret = "s" * 32
-    token = jwt.encode({"sub": "odd", "exp": int(time.time()) + 60, "scope": "generate", "token_limit": claim,
-                        "rate_limit": claim}, secret, algorithm="HS256")
+    token = jwt.encode(
+        {"sub": "odd", "exp": int(time.time()) + 60, "scope": "generate", "token_limit": claim, "rate_limit": claim},
+        secret,
+        algorithm="HS256",
+    )
     with test_client(tiny_model, plugins="auth,ratelimit", jwt_secret=secret, rate_limit="5/minute") as client:
-        answer = client.post(GENERATE, json={"prompt": "hi", "max_tokens": 2}, headers={"Authorization": f"Bearer {token}"})
+        answer = client.post(
+            GENERATE, json={"prompt": "hi", "max_tokens": 2}, headers={"Authorization": f"Bearer {token}"}
+        )
     assert answer.status_code == 200  # before: a 500 on every generate
     assert "ignoring token_limit" in caplog.text and "ignoring rate_limit" in caplog.text
 
 
 # -- 10: one long prompt stalls everyone ------------------------------------------------------------
+
 
 def test_a_running_stream_keeps_producing_while_a_long_prompt_is_prefilled(tiny_model):
     args = ["--model", str(tiny_model), "--prefill-chunk-size", "128", "--max-tokens-cap", "100000"]
@@ -338,14 +360,16 @@ def test_a_template_bomb_is_a_400_after_the_template_timeout(model_copy):
         assert answer.status_code == 400
         assert answer.json()["error"] == "Rendering the prompt took longer than 1s (--template-timeout)"
         # Shutdown while a rendering runs does not wait for it.
-        threading.Thread(target=lambda: httpx.post(f"{server.url}{GENERATE}", json={"prompt": "hi"}, timeout=60),
-                         daemon=True).start()
+        threading.Thread(
+            target=lambda: httpx.post(f"{server.url}{GENERATE}", json={"prompt": "hi"}, timeout=60), daemon=True
+        ).start()
         time.sleep(0.3)
         code, _ = server.stop(timeout=30)
     assert code == 0
 
 
 # -- 12 and 13: what answers without credentials ----------------------------------------------------
+
 
 def test_options_says_nothing_of_which_paths_exist(open_server):
     known = httpx.options(f"{open_server.url}/api/model/status")
@@ -357,10 +381,18 @@ def test_options_says_nothing_of_which_paths_exist(open_server):
 def test_a_cors_preflight_from_an_allowed_origin_is_answered(tiny_model):
     origin = "https://app.example"
     with ServerProcess(["--cors-origin", origin], wait_ready=False) as server:
-        preflight = httpx.options(f"{server.url}{GENERATE}", headers={
-            "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
-        stranger = httpx.options(f"{server.url}{GENERATE}", headers={
-            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+        preflight = httpx.options(
+            f"{server.url}{GENERATE}",
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type",
+            },
+        )
+        stranger = httpx.options(
+            f"{server.url}{GENERATE}",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+        )
     assert preflight.status_code in (200, 204)
     assert preflight.headers["access-control-allow-origin"] == origin
     assert stranger.status_code == 405

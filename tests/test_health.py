@@ -60,4 +60,3 @@ def test_probes_are_public_with_auth_on(locked, path):
 def test_the_api_beside_the_probes_is_not_public(locked):
     assert locked.get("/api/model/status").status_code == 401
     assert locked.get("/api/model/status", headers={"Authorization": "Bearer probe-test-key"}).status_code == 200
-

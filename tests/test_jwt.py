@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from identity_probe import IdentityProbe
+
 from forgellm import INVALID_CREDENTIALS
 from forgellm.plugins.auth.authenticator import AuthConfigError
 from forgellm.testing import test_client
@@ -32,10 +32,6 @@ AUDIENCE = "forgellm-tests"
 ISSUER = "https://issuer.example"
 CHALLENGE = 'Bearer realm="forgellm"'
 LOAD_BODY = {"model_name": "/nowhere/model"}  # past the guard this is a 400, so it probes authorization only
-
-
-
-
 
 
 def b64url(data: bytes) -> str:
@@ -159,12 +155,34 @@ def _hs512_with_our_secret() -> str:
         (lambda: "..", INVALID_CREDENTIALS),
     ],
     ids=[
-        "alg-none", "alg-None", "alg-NONE", "alg-none-with-signature", "wrong-secret", "wrong-signature",
-        "tampered-payload", "expired", "missing-exp", "non-numeric-exp", "missing-sub", "non-string-sub", "empty-sub",
-        "wrong-audience", "missing-audience", "wrong-issuer", "missing-issuer", "not-yet-valid",
-        "unconfigured-hs512", "scope-not-a-string", "scopes-not-a-list", "payload-not-json", "payload-not-an-object",
+        "alg-none",
+        "alg-None",
+        "alg-NONE",
+        "alg-none-with-signature",
+        "wrong-secret",
+        "wrong-signature",
+        "tampered-payload",
+        "expired",
+        "missing-exp",
+        "non-numeric-exp",
+        "missing-sub",
+        "non-string-sub",
+        "empty-sub",
+        "wrong-audience",
+        "missing-audience",
+        "wrong-issuer",
+        "missing-issuer",
+        "not-yet-valid",
+        "unconfigured-hs512",
+        "scope-not-a-string",
+        "scopes-not-a-list",
+        "payload-not-json",
+        "payload-not-an-object",
         "header-not-json",
-        "header-not-an-object", "garbage-segments", "four-segments", "empty-segments",
+        "header-not-an-object",
+        "garbage-segments",
+        "four-segments",
+        "empty-segments",
     ],
 )
 def test_the_jwt_attack_battery_is_all_401(hs_server, make_token, reason, caplog):
@@ -184,7 +202,7 @@ def _with_changed_signature(token: str) -> str:
     signing_input, _, signature = token.rpartition(".")
     middle = len(signature) // 2  # a character that carries only signature bits, unlike the last one
     changed = "A" if signature[middle] != "A" else "B"
-    return f"{signing_input}.{signature[:middle]}{changed}{signature[middle + 1:]}"
+    return f"{signing_input}.{signature[:middle]}{changed}{signature[middle + 1 :]}"
 
 
 def _tampered(token: str, **changes) -> str:
@@ -216,7 +234,9 @@ def test_token_scopes_decide_what_it_may_do(hs_server, token_claims, may_generat
 
     status = hs_server.get("/api/model/status", headers=headers)
     generate = hs_server.post("/api/model/generate", json={"prompt": "Hi"}, headers=headers)
-    chat = hs_server.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "Hi"}]}, headers=headers)
+    chat = hs_server.post(
+        "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "Hi"}]}, headers=headers
+    )
     load = hs_server.post("/api/model/load", json=LOAD_BODY, headers=headers)
 
     assert status.status_code == 200  # any authenticated identity reads status
@@ -230,8 +250,13 @@ def test_token_scopes_decide_what_it_may_do(hs_server, token_claims, may_generat
 
 # Signed with the right secret, but with any claims at all: never a crash, and a pass only when the claims are valid.
 claim_values = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70), st.floats(allow_nan=True),
-    st.text(max_size=20), st.lists(st.text(max_size=8), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
+    st.lists(st.text(max_size=8), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
 )
 random_claims = st.fixed_dictionaries(
     {},
@@ -323,7 +348,9 @@ def test_asymmetric_attack_battery_is_all_401(asymmetric):
     forged = {
         "signed-by-another-key": jwt.encode(asymmetric_claims(), attacker_key, algorithm=algorithm),
         # CVE-2018-0114 style: a token carrying its own verification key in the header.
-        "own-key-in-header": jwt.encode(asymmetric_claims(), attacker_key, algorithm=algorithm, headers={"jwk": embedded_jwk}),
+        "own-key-in-header": jwt.encode(
+            asymmetric_claims(), attacker_key, algorithm=algorithm, headers={"jwk": embedded_jwk}
+        ),
         "alg-none": unsigned("none", asymmetric_claims()),
         "expired": jwt.encode(asymmetric_claims(exp=int(time.time()) - 3600), private_key, algorithm=algorithm),
         "missing-exp": jwt.encode(asymmetric_claims(exp=None), private_key, algorithm=algorithm),
@@ -358,6 +385,7 @@ def test_a_secret_and_a_public_key_each_verify_only_their_own_algorithm(tmp_path
     payload = asymmetric_claims()
 
     with test_client(plugins="auth", jwt_public_key=str(path), jwt_secret=SECRET) as client:
+
         def status(token):
             return client.get("/api/model/status", headers=bearer(token)).status_code
 

@@ -119,7 +119,12 @@ def test_add_list_revoke_round_trip_against_a_running_server(cli, keys_path):
 
         ops_key = add(cli, keys_path, "ops", "--scopes", "models:load")
         assert status_code(server, ops_key) == 200
-        assert server.post("/api/model/load", json={"model_name": "/nowhere/m"}, headers={"X-API-Key": ops_key}).status_code == 400
+        assert (
+            server.post(
+                "/api/model/load", json={"model_name": "/nowhere/m"}, headers={"X-API-Key": ops_key}
+            ).status_code
+            == 400
+        )
 
         revoked = keys(cli, "revoke", "ci", "--api-keys-file", str(keys_path))
         assert revoked.exit_code == 0 and "Revoked key 'ci'" in revoked.stderr
@@ -161,7 +166,15 @@ def test_the_keys_file_can_come_from_the_environment(cli, keys_path):
         (["add", "-dash-first"], 2, "No such option"),
         (["revoke", "nobody"], 1, "no key named 'nobody'"),
     ],
-    ids=["unknown-scope", "no-scope", "bad-rate-limit", "bad-token-limit", "bad-name", "option-like-name", "revoke-unknown"],
+    ids=[
+        "unknown-scope",
+        "no-scope",
+        "bad-rate-limit",
+        "bad-token-limit",
+        "bad-name",
+        "option-like-name",
+        "revoke-unknown",
+    ],
 )
 def test_bad_commands_fail_with_a_clear_message(cli, keys_path, arguments, exit_code, message):
     result = keys(cli, *arguments, "--api-keys-file", str(keys_path))

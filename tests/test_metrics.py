@@ -9,9 +9,8 @@ import pytest
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
-from forgellm import hookimpl
+from forgellm import ApiError, Unauthorized, hookimpl
 from forgellm.cli import build_cli
-from forgellm import ApiError, Unauthorized
 from forgellm.testing import ServerProcess, test_client
 
 
@@ -80,7 +79,10 @@ def test_unknown_paths_share_one_label(metered):
         assert metered.get(path).status_code == 404
     after = scrape(metered)
     unmatched = dict(route="unmatched", method="GET", status="404")
-    assert value(after, "forgellm_requests_total", **unmatched) == value(before, "forgellm_requests_total", **unmatched) + 3
+    assert (
+        value(after, "forgellm_requests_total", **unmatched)
+        == value(before, "forgellm_requests_total", **unmatched) + 3
+    )
     assert not any("/wp-admin" in str(labels) for _, labels in after)
 
 
@@ -110,7 +112,11 @@ def test_generations_count_tokens_and_time_to_first_token(metered):
 
 @pytest.mark.parametrize(
     ("status", "reason", "path"),
-    [("401", "unauthenticated", "/api/model/status"), ("403", "forbidden", "/v1/models"), ("429", "rate_limited", GENERATE)],
+    [
+        ("401", "unauthenticated", "/api/model/status"),
+        ("403", "forbidden", "/v1/models"),
+        ("429", "rate_limited", GENERATE),
+    ],
 )
 def test_refusals_are_counted_by_reason(metered, status, reason, path):
     before = scrape(metered)
@@ -118,7 +124,10 @@ def test_refusals_are_counted_by_reason(metered, status, reason, path):
     kwargs = {"json": {"prompt": "hi", "max_tokens": 1}} if path == GENERATE else {}
     assert method(path, headers={"X-Refuse": status}, **kwargs).status_code == int(status)
     after = scrape(metered)
-    assert value(after, "forgellm_refusals_total", reason=reason) == value(before, "forgellm_refusals_total", reason=reason) + 1
+    assert (
+        value(after, "forgellm_refusals_total", reason=reason)
+        == value(before, "forgellm_refusals_total", reason=reason) + 1
+    )
 
 
 def test_every_refusal_reason_is_exported_from_the_start(tiny_model):
@@ -198,8 +207,18 @@ def _poll(url: str, ready, timeout: float = 30.0) -> dict:
 
 def test_queue_depth_active_sequences_and_capacity_refusals_on_a_live_server(tiny_model):
     """One sequence decoding, one queued behind it, a third refused with 503; seen from /metrics."""
-    args = ["--model", str(tiny_model), "--plugins", "metrics", "--max-concurrency", "1", "--max-queue", "1",
-            "--max-tokens-cap", "1000000"]
+    args = [
+        "--model",
+        str(tiny_model),
+        "--plugins",
+        "metrics",
+        "--max-concurrency",
+        "1",
+        "--max-queue",
+        "1",
+        "--max-tokens-cap",
+        "1000000",
+    ]
     endless = {"prompt": "Tell me a story", "max_tokens": 1000000, "streaming": True}
     with ServerProcess(args) as server, httpx.Client(base_url=server.url, timeout=30) as http:
         with http.stream("POST", GENERATE, json=endless) as decoding:

@@ -16,8 +16,8 @@ import time
 import weakref
 
 import pytest
-
 from faulty_backend import Faults
+
 from forgellm.testing import test_client, wait_until_loaded
 
 

@@ -6,11 +6,10 @@ import uuid
 
 import pytest
 from click.testing import CliRunner
+from network_clients import access_log_entry, client_from, needs_loopback_aliases
 
 from forgellm.cli import build_cli
 from forgellm.testing import ServerProcess, test_client, wait_until_loaded
-
-from network_clients import access_log_entry, client_from, needs_loopback_aliases
 
 PROXY_ADDRESS = "127.0.0.1"  # plays a trusted reverse proxy
 CLIENT_ADDRESS = "127.0.0.2"  # plays a client on the internet
@@ -113,7 +112,11 @@ def test_trusted_proxies_are_normalized_and_read_back_from_a_printed_config(tmp_
 
 
 ORIGIN = "https://app.example.com"
-PREFLIGHT = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+PREFLIGHT = {
+    "Origin": ORIGIN,
+    "Access-Control-Request-Method": "POST",
+    "Access-Control-Request-Headers": "authorization,content-type",
+}
 
 
 def test_cors_is_off_by_default():
@@ -164,4 +167,3 @@ def test_allow_model_limits_what_a_load_may_open(tiny_model, tiny_adapter):
 
         assert load(client, str(tiny_model)).status_code == 200
         assert wait_until_loaded(client)["loaded"] is True
-

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from network_clients import LOOPBACK_ALIASES, NO_LOOPBACK_ALIASES, access_log_entry, client_from
 
 from forgellm.testing import ServerProcess, free_port
-from network_clients import LOOPBACK_ALIASES, NO_LOOPBACK_ALIASES, access_log_entry, client_from
 
 NGINX = shutil.which("nginx", path=os.environ.get("PATH", "") + os.pathsep + "/usr/sbin:/sbin")
 pytestmark = pytest.mark.nginx
@@ -228,4 +228,3 @@ def test_a_stream_passes_through_whole(deployment):
     assert [line["type"] for line in lines[:-1]] == ["chunk"] * (len(lines) - 1)
     assert lines[-1]["type"] == "complete"
     assert lines[-1]["completion_tokens"] == 5
-

@@ -26,7 +26,7 @@ def model_id(oai):
 
 def sse_events(response) -> list[str]:
     """The data payloads of a server-sent event stream, in order."""
-    return [line[len("data: "):] for line in response.text.splitlines() if line.startswith("data: ")]
+    return [line[len("data: ") :] for line in response.text.splitlines() if line.startswith("data: ")]
 
 
 def test_model_list_names_the_loaded_model(oai, tiny_model):
@@ -61,8 +61,9 @@ def test_system_and_developer_messages_are_accepted(oai, model_id):
 
 
 def test_streamed_chat_matches_the_plain_answer(oai, model_id):
-    request = dict(model=model_id, messages=[{"role": "user", "content": "Once upon a time"}], max_tokens=12,
-                   temperature=0)
+    request = dict(
+        model=model_id, messages=[{"role": "user", "content": "Once upon a time"}], max_tokens=12, temperature=0
+    )
     plain = oai.chat.completions.create(**request).choices[0].message.content
     chunks = list(oai.chat.completions.create(**request, stream=True))
     assert all(c.object == "chat.completion.chunk" for c in chunks)
@@ -76,8 +77,9 @@ def test_streamed_chat_matches_the_plain_answer(oai, model_id):
 
 
 def test_stream_is_server_sent_events_ending_in_done(client):
-    response = client.post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True})
+    response = client.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+    )
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
     events = sse_events(response)
@@ -92,8 +94,9 @@ def test_text_completion_plain_and_streamed(oai, model_id):
     assert plain.object == "text_completion"
     assert plain.choices[0].finish_reason == "length"
     assert plain.usage.completion_tokens == 10
-    chunks = list(oai.completions.create(model=model_id, prompt="The town by the sea", max_tokens=10, temperature=0,
-                                         stream=True))
+    chunks = list(
+        oai.completions.create(model=model_id, prompt="The town by the sea", max_tokens=10, temperature=0, stream=True)
+    )
     assert "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "length"
 
@@ -160,21 +163,26 @@ def test_repeated_prompt_reuses_its_cached_prefix_and_gives_the_same_text(oai, m
 def test_next_turn_of_a_conversation_reuses_the_earlier_turns(oai, model_id):
     conversation = [{"role": "user", "content": "Tell me about the little town by the sea"}]
     first = oai.chat.completions.create(model=model_id, messages=conversation, max_tokens=6, temperature=0)
-    conversation += [{"role": "assistant", "content": first.choices[0].message.content},
-                     {"role": "user", "content": "And in winter?"}]
+    conversation += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And in winter?"},
+    ]
     second = oai.chat.completions.create(model=model_id, messages=conversation, max_tokens=6, temperature=0)
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
 
 
 def test_cached_prefix_changes_no_text(oai, model_id, tiny_model):
     prompts = ["Good software is tested", "Good software is tested. Tests build small examples"]
-    with_cache = [oai.completions.create(model=model_id, prompt=p, max_tokens=10, temperature=0).choices[0].text
-                  for p in prompts]
+    with_cache = [
+        oai.completions.create(model=model_id, prompt=p, max_tokens=10, temperature=0).choices[0].text for p in prompts
+    ]
     with test_client(tiny_model, prompt_cache_size=0) as uncached_client:
-        uncached = openai.OpenAI(base_url=f"{uncached_client.base_url}/v1", api_key="unused",
-                                 http_client=uncached_client, max_retries=0)
-        responses = [uncached.completions.create(prompt=p, max_tokens=10, temperature=0, model=model_id)
-                     for p in prompts]
+        uncached = openai.OpenAI(
+            base_url=f"{uncached_client.base_url}/v1", api_key="unused", http_client=uncached_client, max_retries=0
+        )
+        responses = [
+            uncached.completions.create(prompt=p, max_tokens=10, temperature=0, model=model_id) for p in prompts
+        ]
     assert [r.usage.prompt_tokens_details.cached_tokens for r in responses] == [0, 0]
     assert [r.choices[0].text for r in responses] == with_cache
 

@@ -38,7 +38,8 @@ def conforms(spec: dict, method: str, path: str, response) -> None:
     """The response's status and media type are declared for the route, and every item fits the schema."""
     check = ResponseSchemaCheck(spec)
     assert check.declared(method, path, response) is not None, (
-        f"{method} {path} does not declare {response.status_code} {media_type(response)}")
+        f"{method} {path} does not declare {response.status_code} {media_type(response)}"
+    )
     check.check(method, path, response)
 
 
@@ -50,10 +51,14 @@ def test_a_key_the_schema_does_not_declare_fails_the_check(served, spec):
         check.check("POST", GENERATE, drifted)
     stream = served.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True})
     first, *rest = stream.text.split("\n\n", 1)
-    event = json.loads(first[len("data: "):])
+    event = json.loads(first[len("data: ") :])
     event["choices"][0]["delta"]["surprise"] = "x"
-    drifted = httpx.Response(200, text=f"data: {json.dumps(event)}\n\n{rest[0]}", request=stream.request,
-                             headers={"content-type": "text/event-stream"})
+    drifted = httpx.Response(
+        200,
+        text=f"data: {json.dumps(event)}\n\n{rest[0]}",
+        request=stream.request,
+        headers={"content-type": "text/event-stream"},
+    )
     with pytest.raises(AssertionError, match="surprise"):
         check.check("POST", CHAT, drifted)
 
@@ -88,9 +93,20 @@ def test_every_route_is_in_the_schema_plugin_routes_included(served, spec):
 
 def test_request_and_response_models_are_named_components(spec):
     schemas = spec["components"]["schemas"]
-    for name in ("GenerateRequest", "GenerateResponse", "LoadRequest", "LoadResponse", "StatusResponse",
-                 "CompletionRequest", "CompletionResponse", "ChatCompletionRequest", "ChatCompletionResponse",
-                 "ModelList", "ErrorEnvelope", "OpenAIError"):
+    for name in (
+        "GenerateRequest",
+        "GenerateResponse",
+        "LoadRequest",
+        "LoadResponse",
+        "StatusResponse",
+        "CompletionRequest",
+        "CompletionResponse",
+        "ChatCompletionRequest",
+        "ChatCompletionResponse",
+        "ModelList",
+        "ErrorEnvelope",
+        "OpenAIError",
+    ):
         assert name in schemas
     body = spec["paths"][GENERATE]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/GenerateRequest"}
@@ -114,10 +130,14 @@ def test_api_routes_declare_their_errors_in_the_right_shape(spec):
 
 def test_streaming_bodies_are_documented_beside_the_json_ones(spec):
     assert set(spec["paths"][GENERATE]["post"]["responses"]["200"]["content"]) == {
-        "application/json", "application/x-ndjson"}
+        "application/json",
+        "application/x-ndjson",
+    }
     for path in (COMPLETIONS, CHAT):
         assert set(spec["paths"][path]["post"]["responses"]["200"]["content"]) == {
-            "application/json", "text/event-stream"}
+            "application/json",
+            "text/event-stream",
+        }
 
 
 # Real responses against the declared schemas --------------------------------------------------------
@@ -132,13 +152,26 @@ CASES = [
     ("POST", "/api/model/load", {"model_name": "/nowhere/model"}, 400),
     ("GET", "/v1/models", None, 200),
     ("POST", COMPLETIONS, {"prompt": "Hello", "max_tokens": 3}, 200),
-    ("POST", COMPLETIONS, {"prompt": "Hello", "max_tokens": 3, "stream": True,
-                           "stream_options": {"include_usage": True}}, 200),
+    (
+        "POST",
+        COMPLETIONS,
+        {"prompt": "Hello", "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}},
+        200,
+    ),
     ("POST", COMPLETIONS, {"prompt": "Hello", "n": 2}, 400),
     ("POST", COMPLETIONS, {"prompt": "Hello", "model": "some-other-model"}, 404),
     ("POST", CHAT, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}, 200),
-    ("POST", CHAT, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True,
-                    "stream_options": {"include_usage": True}}, 200),
+    (
+        "POST",
+        CHAT,
+        {
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 3,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+        200,
+    ),
     ("POST", CHAT, {"messages": []}, 400),
     ("GET", "/healthz", None, 200),
     ("GET", "/readyz", None, 200),
@@ -168,15 +201,18 @@ def test_load_unload_and_readiness_responses_match_the_schema(spec, tiny_model):
 
 
 def test_auth_refusals_match_the_schema(spec, tiny_model):
-    with test_client(tiny_model, plugins="auth,metrics", api_key=("schema-test-key",),
-                     allow_model=("/allowed/*",)) as locked:
-        for method, path in (("GET", "/api/model/status"), ("GET", "/v1/models"), ("GET", "/metrics"),
-                             ("POST", CHAT)):
+    with test_client(
+        tiny_model, plugins="auth,metrics", api_key=("schema-test-key",), allow_model=("/allowed/*",)
+    ) as locked:
+        for method, path in (("GET", "/api/model/status"), ("GET", "/v1/models"), ("GET", "/metrics"), ("POST", CHAT)):
             response = locked.request(method, path, json={"messages": [{"role": "user", "content": "x"}]})
             assert response.status_code == 401
             conforms(spec, method, path, response)
-        forbidden = locked.post("/api/model/load", json={"model_name": "/elsewhere/model"},
-                                headers={"Authorization": "Bearer schema-test-key"})
+        forbidden = locked.post(
+            "/api/model/load",
+            json={"model_name": "/elsewhere/model"},
+            headers={"Authorization": "Bearer schema-test-key"},
+        )
         assert forbidden.status_code == 403
         conforms(spec, "POST", "/api/model/load", forbidden)
 

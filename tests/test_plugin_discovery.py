@@ -177,9 +177,14 @@ def test_hook_register_backends_serves_with_the_backend_the_settings_name(instal
 def test_hook_register_cors_headers_lets_browsers_send_and_read_its_headers(installed_plugin):
     origin = "https://app.example"
     with test_client(cors_origin=(origin,)) as c:
-        preflight = c.options("/api/model/status", headers={
-            "Origin": origin, "Access-Control-Request-Method": "GET",
-            "Access-Control-Request-Headers": "x-testplugin-token"})
+        preflight = c.options(
+            "/api/model/status",
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Headers": "x-testplugin-token",
+            },
+        )
         assert preflight.status_code in (200, 204)
         assert "x-testplugin-token" in preflight.headers["access-control-allow-headers"].lower()
         answer = c.get("/healthz", headers={"Origin": origin})
@@ -212,4 +217,3 @@ def test_hook_after_generate_and_access_log_account_for_each_request(installed_p
         after = c.get("/testplugin/state").json()
     assert after["generated_tokens"] - before["generated_tokens"] == 3
     assert after["requests_logged"] - before["requests_logged"] == 2  # the completion and the first state read
-

@@ -8,12 +8,12 @@ import re
 import httpx
 import pytest
 from click.testing import CliRunner
-from forgellm import hookimpl
+from network_clients import access_log_entry
+
+from forgellm import Identity, hookimpl
 from forgellm.cli import build_cli
-from forgellm import Identity
 from forgellm.plugins.auth.keys_file import add_key
 from forgellm.testing import ServerProcess, free_port, test_client
-from network_clients import access_log_entry
 
 GENERATE = "/api/model/generate"
 
@@ -92,7 +92,9 @@ def test_a_refused_stream_is_a_429_before_any_body(limited):
     carol = as_client("carol")
     for _ in range(3):
         assert generate(limited, carol).status_code == 200
-    with limited.stream("POST", GENERATE, json={"prompt": "hi", "max_tokens": 2, "streaming": True}, headers=carol) as r:
+    with limited.stream(
+        "POST", GENERATE, json={"prompt": "hi", "max_tokens": 2, "streaming": True}, headers=carol
+    ) as r:
         assert r.status_code == 429
         assert r.headers["content-type"].startswith("application/json")
         body = json.loads(r.read())
@@ -177,7 +179,9 @@ def test_keys_from_the_keys_file_carry_their_own_limits(tiny_model, tmp_path):
     keys_file = tmp_path / "keys.json"
     strict = add_key(keys_file, "strict", ("generate",), rate_limit="1/minute")
     plain = add_key(keys_file, "plain", ("generate",))
-    with test_client(tiny_model, plugins="auth,ratelimit", api_keys_file=str(keys_file), rate_limit="2/minute") as client:
+    with test_client(
+        tiny_model, plugins="auth,ratelimit", api_keys_file=str(keys_file), rate_limit="2/minute"
+    ) as client:
         as_strict = {"Authorization": f"Bearer {strict}"}
         assert generate(client, as_strict).status_code == 200
         assert_refused(generate(client, as_strict), 1)
@@ -194,7 +198,7 @@ def test_a_stream_the_client_abandons_is_charged_for_what_was_generated(tiny_mod
     with ServerProcess(args) as server, httpx.Client(base_url=server.url, timeout=30) as client:
         body = {"prompt": "hello", "max_tokens": 4000, "streaming": True}
         with client.stream("POST", GENERATE, json=body, headers={"X-Request-ID": "abandoned"}) as response:
-            for _ in zip(range(31), response.iter_lines()):  # each chunk line holds at least one token
+            for _ in zip(range(31), response.iter_lines(), strict=False):  # each chunk line holds at least one token
                 pass
         # The connection is closed: the server stops the generation, charges it, then logs it.
         charged = access_log_entry(access_log, "abandoned")["completion_tokens"]
@@ -209,7 +213,14 @@ def test_a_stream_the_client_abandons_is_charged_for_what_was_generated(tiny_mod
 
 
 def test_a_printed_configuration_masks_the_storage_url():
-    args = ["run", "--plugins", "ratelimit", "--rate-limit-storage", "redis://:hunter2@redis.internal:6379/0", "--print-config"]
+    args = [
+        "run",
+        "--plugins",
+        "ratelimit",
+        "--rate-limit-storage",
+        "redis://:hunter2@redis.internal:6379/0",
+        "--print-config",
+    ]
     printed = CliRunner().invoke(build_cli(), args)
     assert printed.exit_code == 0
     assert "hunter2" not in printed.output

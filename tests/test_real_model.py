@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
-import subprocess
 import shutil
+import subprocess
 
 import httpx
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx_lm import load as mlx_load
+from test_faults import ndjson, sse
+from test_guide_clients import GUIDE_JAVASCRIPT_CLIENT, GUIDE_PYTHON_CLIENT, adapted
 
 from forgellm.backends.builtin_models import DEFAULT_MODEL
 from forgellm.backends.mlx import ModelSources
 from forgellm.testing import ServerProcess, test_client
-from test_faults import ndjson, sse
-from test_guide_clients import GUIDE_JAVASCRIPT_CLIENT, GUIDE_PYTHON_CLIENT, adapted
 
 pytestmark = pytest.mark.real_model
 
@@ -114,7 +114,7 @@ def test_finish_reasons_and_stop_strings_in_real_prose(real):
     assert capped["finish_reason"] == "length" and capped["completion_tokens"] == 5
     story = _generate(real, prompt="Tell me a long story about a dragon.", max_tokens=30)["text"]
     words = story.split()
-    stop = " ".join(words[len(words) // 2: len(words) // 2 + 2])  # two words from the middle
+    stop = " ".join(words[len(words) // 2 : len(words) // 2 + 2])  # two words from the middle
     expected = story[: story.index(stop)]
     body = {"prompt": "Tell me a long story about a dragon.", "max_tokens": 30, "stop": [stop], **GREEDY}
     cut = _generate(real, **body)
@@ -140,8 +140,16 @@ def test_rendered_prompt_is_the_tokenizers_own_chat_template(real, smollm2_dir):
 
 
 def test_greedy_text_is_the_same_alone_batched_and_after_a_cache_hit(smollm2_dir):
-    prompts = [QUESTION, "Name three colours.", "What is 2 + 2?", "Say hello in Spanish.",
-               "What is the largest planet?", "Name a fruit.", "What colour is the sky?", "Count to five."]
+    prompts = [
+        QUESTION,
+        "Name three colours.",
+        "What is 2 + 2?",
+        "Say hello in Spanish.",
+        "What is the largest planet?",
+        "Name a fruit.",
+        "What colour is the sky?",
+        "Count to five.",
+    ]
 
     def ask(url: str, prompt: str) -> dict:
         body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 16, **GREEDY}

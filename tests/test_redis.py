@@ -11,15 +11,17 @@ from contextlib import ExitStack
 
 import pytest
 import redis
+from network_clients import client_from, needs_loopback_aliases
 
 from forgellm.testing import ServerProcess, free_port
-from network_clients import client_from, needs_loopback_aliases
 
 REDIS_SERVER = shutil.which("redis-server", path=os.environ.get("PATH", "") + os.pathsep + "/usr/sbin:/usr/bin")
 pytestmark = [
     pytest.mark.redis,
     needs_loopback_aliases,
-    pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed (Debian: apt-get install redis-server)"),
+    pytest.mark.skipif(
+        REDIS_SERVER is None, reason="redis-server is not installed (Debian: apt-get install redis-server)"
+    ),
 ]
 
 RATE_LIMIT = 3

@@ -19,6 +19,9 @@ def functions_in(path: Path) -> set[str]:
 def test_every_test_the_reliability_doc_names_exists():
     references = TEST_REFERENCE.findall(RELIABILITY_DOC.read_text(encoding="utf-8"))
     assert len(references) > 50
-    missing = [f"{file}::{name}" for file, name in references
-               if not (ROOT / file).exists() or name not in functions_in(ROOT / file)]
+    missing = [
+        f"{file}::{name}"
+        for file, name in references
+        if not (ROOT / file).exists() or name not in functions_in(ROOT / file)
+    ]
     assert missing == []

@@ -11,19 +11,15 @@ import concurrent.futures
 import contextlib
 import json
 import socket
-from typing import Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
-
-
 from faulty_backend import Faults
 from live_server import LiveServer, idle, serving, wait_for
 
 # Far more tokens than any test waits for: a sequence that is still running is one that was not stopped.
 ENDLESS = 50_000
-
-
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +55,15 @@ def test_full_queue_is_refused_at_once_with_retry_after(server, http):
         with open_stream(server):  # holds the one queue place
             wait_for(lambda: scheduler.in_flight == 2, "the second request to be queued")
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
-                refusals = list(pool.map(
-                    lambda path: http.post(path, json={"prompt": "hi", "messages": [{"role": "user", "content": "hi"}],
-                                                       "max_tokens": 4}),
-                    ["/v1/completions", "/v1/chat/completions", "/v1/completions", "/api/model/generate"],
-                ))
+                refusals = list(
+                    pool.map(
+                        lambda path: http.post(
+                            path,
+                            json={"prompt": "hi", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+                        ),
+                        ["/v1/completions", "/v1/chat/completions", "/v1/completions", "/api/model/generate"],
+                    )
+                )
             # Refused while both admitted requests were still generating: nobody waited for a slot.
             assert scheduler.in_flight == 2
             assert scheduler.active_count == 1
@@ -94,8 +94,10 @@ def test_prompt_over_max_prompt_tokens_is_400(http, path, body):
     ("path", "body"),
     [
         ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": ENDLESS, "stream": True}),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": ENDLESS,
-                                  "stream": True}),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": ENDLESS, "stream": True},
+        ),
         ("/api/model/generate", {"prompt": "Once upon a time", "max_tokens": ENDLESS, "streaming": True}),
     ],
 )
@@ -114,8 +116,10 @@ def test_streaming_client_that_disconnects_leaves_the_batch(server, http, path, 
 def send_without_reading(server: LiveServer, path: str, body: dict) -> socket.socket:
     """A raw HTTP request whose client will hang up without reading the answer."""
     payload = json.dumps(body).encode()
-    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(payload)}\r\n\r\n").encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
+    ).encode()
     connection = socket.create_connection(("127.0.0.1", server.port))
     connection.sendall(head + payload)
     return connection
@@ -177,7 +181,7 @@ def test_request_timeout_stops_the_sequence(impatient_server, path, body):
 def test_request_timeout_ends_a_stream_with_an_error_event(impatient_server):
     scheduler = impatient_server.scheduler
     with open_stream(impatient_server) as lines:
-        events = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+        events = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["code"] == "timeout"
     wait_for(lambda: idle(scheduler), "the timed-out sequence to leave the batch")
@@ -186,18 +190,27 @@ def test_request_timeout_ends_a_stream_with_an_error_event(impatient_server):
 def test_model_that_cannot_batch_is_served_one_sequence_at_a_time(tiny_model):
     one_at_a_time = Faults(step_fault=False, batchable=False)  # a KV cache that cannot be merged
     prompts = ["Once upon a time", "The quick brown fox", "Servers load models"]
-    with serving(tiny_model, max_tokens_cap=ENDLESS, backend=one_at_a_time.backend) as live, httpx.Client(base_url=live.url, timeout=60) as http:
+    with (
+        serving(tiny_model, max_tokens_cap=ENDLESS, backend=one_at_a_time.backend) as live,
+        httpx.Client(base_url=live.url, timeout=60) as http,
+    ):
         steps_before = live.scheduler.steps
         with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-            responses = list(pool.map(
-                lambda p: http.post("/v1/completions", json={"prompt": p, "max_tokens": 8, "temperature": 0}),
-                prompts,
-            ))
+            responses = list(
+                pool.map(
+                    lambda p: http.post("/v1/completions", json={"prompt": p, "max_tokens": 8, "temperature": 0}),
+                    prompts,
+                )
+            )
         assert [r.status_code for r in responses] == [200] * 3
         assert [r.json()["usage"]["completion_tokens"] for r in responses] == [8] * 3
         assert live.scheduler.steps - steps_before == 3 * 8  # one token per step: no batching, no failure
         unbatched = [r.json()["choices"][0]["text"] for r in responses]
     with serving(tiny_model, max_tokens_cap=ENDLESS) as live, httpx.Client(base_url=live.url, timeout=60) as http:
-        batched = [http.post("/v1/completions", json={"prompt": p, "max_tokens": 8, "temperature": 0})
-                   .json()["choices"][0]["text"] for p in prompts]
+        batched = [
+            http.post("/v1/completions", json={"prompt": p, "max_tokens": 8, "temperature": 0}).json()["choices"][0][
+                "text"
+            ]
+            for p in prompts
+        ]
     assert unbatched == batched

@@ -69,8 +69,13 @@ def fuzzed_schema(plugins: str = "", **options):
     """The schema /docs/openapi.json serves, bound to a new app: schemathesis starts the app's lifespan at the
     first request of a test and ends it with the test."""
     # schemathesis' ASGI transport addresses the app as "testserver".
-    app = create_test_app(plugins=plugins, extra_plugins={"load-at-startup": LOAD_AT_STARTUP},
-                          allowed_hosts=("testserver",), **SMALL, **options)
+    app = create_test_app(
+        plugins=plugins,
+        extra_plugins={"load-at-startup": LOAD_AT_STARTUP},
+        allowed_hosts=("testserver",),
+        **SMALL,
+        **options,
+    )
     schema = schemathesis.openapi.from_dict(app.openapi_schema.to_schema())
     schema.app = app  # what schemathesis.openapi.from_asgi sets: requests go through the ASGI transport
     return schema
@@ -162,5 +167,7 @@ def test_loading_a_model_the_os_cannot_look_up_is_400(empty_server, name):
 def test_loading_an_adapter_the_os_cannot_look_up_is_400(empty_server, tmp_path, name):
     response = empty_server.post("/api/model/load", json={"model_name": str(tmp_path), "adapter_path": name})
     assert response.status_code == 400
-    assert response.json() == {"success": False,
-                               "error": f"Model {tmp_path} with adapter {name} was not found or is not loadable"}
+    assert response.json() == {
+        "success": False,
+        "error": f"Model {tmp_path} with adapter {name} was not found or is not loadable",
+    }

@@ -14,10 +14,10 @@ import threading
 
 import httpx
 import pytest
+from live_server import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from forgellm.testing import ServerProcess
-from live_server import wait_for
 
 DRAIN_TIMEOUT = 12  # seconds: ample for FINISHING tokens, while ENDLESS cannot finish in it
 FINISHING = 300  # about two seconds of decoding on 2 CPU cores, batched five at a time
@@ -27,7 +27,10 @@ IN_FLIGHT = {
     "guide stream": ("/api/model/generate", {"prompt": "Once upon a time", "max_tokens": FINISHING, "streaming": True}),
     "OpenAI stream": ("/v1/completions", {"prompt": "The quick brown fox", "max_tokens": FINISHING, "stream": True}),
     "guide plain": ("/api/model/generate", {"prompt": "Servers load models", "max_tokens": FINISHING}),
-    "OpenAI plain": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": FINISHING}),
+    "OpenAI plain": (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": FINISHING},
+    ),
     "endless stream": ("/v1/completions", {"prompt": "Language models predict", "max_tokens": ENDLESS, "stream": True}),
 }
 
@@ -45,7 +48,10 @@ class Request(threading.Thread):
 
     def run(self) -> None:
         try:
-            with httpx.Client(base_url=self.url, timeout=120) as http, http.stream("POST", self.path, json=self.body) as r:
+            with (
+                httpx.Client(base_url=self.url, timeout=120) as http,
+                http.stream("POST", self.path, json=self.body) as r,
+            ):
                 self.status = r.status_code
                 for line in r.iter_lines():
                     if line:
@@ -75,12 +81,11 @@ def accepts_connections(port: int) -> bool:
         return False
 
 
-
 def assert_finished_whole(name: str, request: Request) -> None:
     assert request.error is None, f"{name}: {request.error!r}"
     assert request.status == 200, f"{name}: {request.status} {request.lines}"
     if request.path.startswith("/v1") and request.streamed:
-        events = [line[len("data: "):] for line in request.lines if line.startswith("data: ")]
+        events = [line[len("data: ") :] for line in request.lines if line.startswith("data: ")]
         assert events[-1] == "[DONE]", f"{name}: {events[-3:]}"
         assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length", f"{name}: {events[-2]}"
     elif request.streamed:
@@ -94,8 +99,16 @@ def assert_finished_whole(name: str, request: Request) -> None:
 
 @pytest.fixture()
 def server(tiny_model):
-    args = ["--model", str(tiny_model), "--plugins", "metrics", "--drain-timeout", str(DRAIN_TIMEOUT),
-            "--max-tokens-cap", str(ENDLESS)]
+    args = [
+        "--model",
+        str(tiny_model),
+        "--plugins",
+        "metrics",
+        "--drain-timeout",
+        str(DRAIN_TIMEOUT),
+        "--max-tokens-cap",
+        str(ENDLESS),
+    ]
     with ServerProcess(args) as process:
         yield process
 

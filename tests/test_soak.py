@@ -18,8 +18,18 @@ SOAK = Path(__file__).parents[1] / "benchmarks" / "soak.py"
 
 def test_a_short_soak_passes(tiny_model, tmp_path):
     report = tmp_path / "soak.json"
-    command = [sys.executable, str(SOAK), "--model", str(tiny_model), "--duration", "20", "--clients", "8",
-               "--report", str(report)]
+    command = [
+        sys.executable,
+        str(SOAK),
+        "--model",
+        str(tiny_model),
+        "--duration",
+        "20",
+        "--clients",
+        "8",
+        "--report",
+        str(report),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=180)
 
     assert result.returncode == 0, result.stdout + result.stderr

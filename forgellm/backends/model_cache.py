@@ -13,7 +13,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from forgellm.backends import gguf
 
@@ -39,7 +39,7 @@ def converted_model(
     cache_dir: pathlib.Path,
     weights: gguf.WeightFormat,
     progress: Callable[[str], None],
-    known_sha256: Optional[str] = None,
+    known_sha256: str | None = None,
 ) -> pathlib.Path:
     """The MLX model directory for a GGUF file, converting it first unless the cache has it."""
     if not source.is_file():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import resource
-from typing import Iterator
+from collections.abc import Iterator
 
 
 @contextlib.contextmanager

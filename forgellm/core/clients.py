@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from typing import Any, Optional
+from typing import Any
 
 from forgellm.core.errors import ApiError
+from forgellm.core.identity import Identity
 
 
-def client_key(identity: Any, host: Optional[str], ipv6_prefix: int = 64) -> str:
+def client_key(identity: Identity | None, host: str | None, ipv6_prefix: int = 64) -> str:
     """The key a request's limits count under: ``subject:NAME`` or ``address:ADDRESS[/PREFIX]``."""
     if identity is not None:
         return "subject:" + identity.subject
@@ -33,7 +34,7 @@ def client_key(identity: Any, host: Optional[str], ipv6_prefix: int = 64) -> str
     return f"address:{address}"
 
 
-def connection_client_key(connection: Any, identity: Any, ipv6_prefix: int) -> str:
+def connection_client_key(connection: Any, identity: Identity | None, ipv6_prefix: int) -> str:
     """client_key for a Litestar request or connection, from the address it came from."""
     client = connection.client
     return client_key(identity, client.host if client else None, ipv6_prefix)

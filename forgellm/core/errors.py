@@ -6,7 +6,7 @@ Each API dialect puts them on the wire in its own shape (its ``protocol`` module
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 
 class ApiError(Exception):
@@ -17,8 +17,8 @@ class ApiError(Exception):
         status_code: int,
         message: str,
         *,
-        headers: Optional[Mapping[str, str]] = None,
-        code: Optional[str] = None,
+        headers: Mapping[str, str] | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
@@ -34,9 +34,7 @@ class Unauthorized(ApiError):
     """Missing or invalid credentials (401, with a WWW-Authenticate challenge)."""
 
     def __init__(self, message: str = "Missing or invalid credentials") -> None:
-        super().__init__(
-            401, message, headers={"WWW-Authenticate": 'Bearer realm="forgellm"'}, code="invalid_api_key"
-        )
+        super().__init__(401, message, headers={"WWW-Authenticate": 'Bearer realm="forgellm"'}, code="invalid_api_key")
 
 
 class Forbidden(ApiError):

@@ -7,7 +7,7 @@ and tests/test_docs.py fails when a hook is missing from it.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any
 
 import click
 import pluggy
@@ -24,7 +24,7 @@ hookspec = pluggy.HookspecMarker("forgellm")
 hookimpl = pluggy.HookimplMarker("forgellm")
 
 # What the hooks that run inside the server's life cycle or a request may return instead of a value.
-MaybeAwaitable = Union[None, Awaitable[None]]
+MaybeAwaitable = None | Awaitable[None]
 
 
 @hookspec
@@ -63,25 +63,25 @@ def shutdown(server: Server) -> MaybeAwaitable:
 
 
 @hookspec(firstresult=True)
-def authenticate(request: Any, server: Server) -> Union[Optional[Identity], Awaitable[Optional[Identity]]]:
-    """Return an Identity for the request's credentials, or None to let another plugin decide; raise Unauthorized for bad ones."""
+def authenticate(request: Any, server: Server) -> Identity | None | Awaitable[Identity | None]:
+    """Return the request's Identity, or None to let another plugin decide; raise Unauthorized for bad credentials."""
 
 
 @hookspec
 def authorize(
-    identity: Optional[Identity], action: str, request: Any, server: Server
-) -> Union[Optional[bool], Awaitable[Optional[bool]]]:
+    identity: Identity | None, action: str, request: Any, server: Server
+) -> bool | None | Awaitable[bool | None]:
     """Return False to forbid identity the action ('status', 'generate', 'load' or 'admin'), or None to abstain."""
 
 
 @hookspec
-def before_generate(identity: Optional[Identity], request: Any, job: GenerationJob, server: Server) -> MaybeAwaitable:
+def before_generate(identity: Identity | None, request: Any, job: GenerationJob, server: Server) -> MaybeAwaitable:
     """Inspect a generation before its prompt is tokenized; raise ApiError (for example a 429) to refuse it."""
 
 
 @hookspec
 def after_generate(
-    identity: Optional[Identity], request: Any, job: GenerationJob, usage: Usage, server: Server
+    identity: Identity | None, request: Any, job: GenerationJob, usage: Usage, server: Server
 ) -> MaybeAwaitable:
     """Account for a generation once it ends (refused after before_generate: no tokens); usage holds its counts."""
 

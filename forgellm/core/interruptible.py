@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import threading
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 T = TypeVar("T")
 

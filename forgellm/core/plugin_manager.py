@@ -10,8 +10,9 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import pluggy
 
@@ -91,14 +92,8 @@ def enabled_plugin_names(spec: str | Iterable[str], available: dict[str, PluginI
     enabled, disabled = parse_plugin_names(spec)
     unknown = sorted((enabled | disabled) - set(available))
     if unknown:
-        raise UnknownPlugin(
-            f"unknown plugin {', '.join(unknown)}; available plugins: {', '.join(sorted(available))}"
-        )
-    return [
-        name
-        for name, info in available.items()
-        if name not in disabled and (info.default or name in enabled)
-    ]
+        raise UnknownPlugin(f"unknown plugin {', '.join(unknown)}; available plugins: {', '.join(sorted(available))}")
+    return [name for name, info in available.items() if name not in disabled and (info.default or name in enabled)]
 
 
 def create_plugin_manager(

@@ -7,7 +7,7 @@ and keep their own state in ``server.plugin_state[name]``.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any
 
 import pluggy
 
@@ -55,7 +55,7 @@ class Server:
         self.in_flight = InFlightLimit(settings.max_inflight_per_client)
         self.generations = GenerationService(self)
         self.plugin_state: dict[str, Any] = {}
-        self.app: Optional[Any] = None
+        self.app: Any | None = None
 
     async def startup(self) -> None:
         self.scheduler.start()

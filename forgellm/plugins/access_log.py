@@ -12,7 +12,7 @@ import json
 import logging
 import logging.handlers
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import click
 
@@ -99,7 +99,7 @@ class AccessLog:
         self.logger.addHandler(self.handler)
 
     def write(self, entry: RequestRecord) -> None:
-        timestamp = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        timestamp = datetime.now(UTC).isoformat(timespec="milliseconds")
         self.logger.info(self.format(entry, timestamp))
 
     def close(self) -> None:

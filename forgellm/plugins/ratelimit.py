@@ -31,7 +31,7 @@ import logging
 import math
 import time
 import urllib.parse
-from typing import Any, Optional
+from typing import Any
 
 import click
 from limits import RateLimitItem, parse_many
@@ -132,7 +132,8 @@ class Budgets:
         self.storage_name = redacted(configured)
         uri = _async_storage_uri(configured)
         try:
-            self.storage = storage_from_string(uri, wrap_exceptions=True, **_storage_options(uri))
+            # An async+ URI always makes one of limits' asyncio storages.
+            self.storage: Any = storage_from_string(uri, wrap_exceptions=True, **_storage_options(uri))
         except ConfigurationError as exc:
             reason = str(exc).replace(uri, self.storage_name)  # limits' message quotes the URI, password and all
             raise ValueError(f"--rate-limit-storage {self.storage_name}: {reason}") from None
@@ -173,7 +174,9 @@ class Budgets:
             for limit in self.limits_for(identity, "rate_limit", self.request_limits):
                 if not await self.limiter.hit(limit, REQUESTS, key):
                     await self.settle(job, 0)
-                    raise await self._refusal(limit, REQUESTS, key, f"Too many requests: {_describe(limit, 'requests')}")
+                    raise await self._refusal(
+                        limit, REQUESTS, key, f"Too many requests: {_describe(limit, 'requests')}"
+                    )
         except StorageError as exc:
             logger.error("rate-limit storage %s failed: %s", self.storage_name, exc)
             raise service_unavailable("Rate-limit storage is unavailable; retry shortly", retry_after=5) from None
@@ -183,16 +186,15 @@ class Budgets:
         reserved_key = f"{PLUGIN}/reserved/{key}"
         reserved = await self.storage.incr(reserved_key, self.reservation_expiry, amount=wanted)
         others = reserved - wanted  # held by this client's other generations in flight, on any replica
-        room = None
-        for limit in limits:
-            stats = await self.limiter.get_window_stats(limit, TOKENS, key)
-            left = stats.remaining - others
-            if room is None or left < room[0]:
-                room = (left, limit)
-        granted = min(wanted, room[0])
+        # The limit with the least room decides.
+        room, tightest = min(
+            [((await self.limiter.get_window_stats(limit, TOKENS, key)).remaining - others, limit) for limit in limits],
+            key=lambda pair: pair[0],
+        )
+        granted = min(wanted, room)
         if granted < 1:
             await self.storage.incr(reserved_key, self.reservation_expiry, amount=-wanted)
-            limit = room[1]
+            limit = tightest
             raise await self._refusal(limit, TOKENS, key, f"Token budget spent: {_describe(limit, 'tokens')}")
         if granted < wanted:
             await self.storage.incr(reserved_key, self.reservation_expiry, amount=granted - wanted)
@@ -243,7 +245,7 @@ def _describe(limit: RateLimitItem, unit: str) -> str:
     return f"the limit is {limit.amount} {unit} per {period}"
 
 
-def budgets_of(server) -> Optional[Budgets]:
+def budgets_of(server) -> Budgets | None:
     return server.plugin_state.get(PLUGIN)
 
 

@@ -10,7 +10,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, cast
 
 import httpx
 from litestar import Litestar
@@ -22,12 +23,11 @@ from forgellm.core.http.app import create_app
 from forgellm.core.plugin_manager import available_plugins, create_plugin_manager, enabled_plugin_names
 from forgellm.testing.schema_check import ResponseSchemaCheck
 
-
 # The in-process client's address: a name under localhost, which the default --allowed-hosts accepts.
 TEST_BASE_URL = "http://testserver.localhost"
 
 
-def make_settings(*, extra_plugins: Optional[Mapping[str, object]] = None, **overrides: Any) -> Settings:
+def make_settings(*, extra_plugins: Mapping[str, object] | None = None, **overrides: Any) -> Settings:
     """Every installed plugin's defaults, with overrides (``plugins="auth"``, ``api_key=("k",)``, ...),
     and ``no_model=True`` unless given: without ``model`` such a server starts with none loaded.
 
@@ -65,16 +65,16 @@ class BackendPlugin:
     """Registers one backend as "test" (select it with ``backend="test"``): a Backend, or a function of the
     settings returning one, such as a double wrapping ``MlxBackend.from_settings(settings)``."""
 
-    def __init__(self, backend: Union[Backend, Callable[[Settings], Backend]]) -> None:
+    def __init__(self, backend: Backend | Callable[[Settings], Backend]) -> None:
         self._backend = backend
 
     @hookimpl
     def register_backends(self, register: Callable[[str, Backend], None], settings: Settings) -> None:
         backend = self._backend
-        register(TEST_BACKEND, backend if hasattr(backend, "load") else backend(settings))  # type: ignore[operator]
+        register(TEST_BACKEND, cast(Backend, backend) if hasattr(backend, "load") else cast(Any, backend)(settings))
 
 
-BackendChoice = Union[str, Backend, Callable[[Settings], Backend], None]
+BackendChoice = str | Backend | Callable[[Settings], Backend] | None
 
 
 def with_backend(backend: BackendChoice, extra_plugins: Mapping[str, object], settings: dict) -> Mapping[str, object]:
@@ -90,10 +90,10 @@ def with_backend(backend: BackendChoice, extra_plugins: Mapping[str, object], se
 
 
 def create_test_app(
-    model: Optional[os.PathLike | str] = None,
+    model: os.PathLike | str | None = None,
     *,
-    adapter: Optional[os.PathLike | str] = None,
-    extra_plugins: Optional[Mapping[str, object]] = None,
+    adapter: os.PathLike | str | None = None,
+    extra_plugins: Mapping[str, object] | None = None,
     backend: BackendChoice = None,
     **settings: Any,
 ) -> Litestar:
@@ -114,7 +114,7 @@ CHECK_SCHEMA_BY_DEFAULT = False
 class SchemaCheckedTestClient(TestClient):  # type: ignore[type-arg]
     """Litestar's TestClient, whose every (non-streamed) response is checked against the app's schema."""
 
-    schema_check: Optional[ResponseSchemaCheck] = None
+    schema_check: ResponseSchemaCheck | None = None
 
     def request(self, method: str, url: Any, *args: Any, **kwargs: Any) -> httpx.Response:  # type: ignore[override]
         response = super().request(method, url, *args, **kwargs)
@@ -125,14 +125,14 @@ class SchemaCheckedTestClient(TestClient):  # type: ignore[type-arg]
 
 @contextlib.contextmanager
 def test_client(
-    model: Optional[os.PathLike | str] = None,
+    model: os.PathLike | str | None = None,
     *,
-    adapter: Optional[os.PathLike | str] = None,
-    headers: Optional[dict] = None,
-    extra_plugins: Optional[Mapping[str, object]] = None,
+    adapter: os.PathLike | str | None = None,
+    headers: dict | None = None,
+    extra_plugins: Mapping[str, object] | None = None,
     backend: BackendChoice = None,
     wait_for_model: bool = True,
-    check_schema: Optional[bool] = None,
+    check_schema: bool | None = None,
     **settings: Any,
 ) -> Iterator[TestClient]:
     """An in-process server (Litestar's TestClient, real HTTP semantics without a socket).
@@ -177,7 +177,7 @@ def _wait_for_model(server, timeout: float = 60.0) -> None:
         raise RuntimeError(f"the test model failed to load: {server.models.state.error}")
 
 
-test_client.__test__ = False  # not a pytest test, despite its name
+setattr(test_client, "__test__", False)  # not a pytest test, despite its name  # noqa: B010
 
 
 def free_port() -> int:
@@ -202,18 +202,26 @@ class ServerProcess:
     from ``stop()``, which also gives the exit code.
     """
 
-    def __init__(self, args: Sequence[str] = (), *, env: Optional[dict] = None, port: Optional[int] = None,
-                 scheme: str = "http", wait_ready: bool = True, default_model: bool = False) -> None:
+    def __init__(
+        self,
+        args: Sequence[str] = (),
+        *,
+        env: dict | None = None,
+        port: int | None = None,
+        scheme: str = "http",
+        wait_ready: bool = True,
+        default_model: bool = False,
+    ) -> None:
         self.port = port or free_port()
         self.args = ["--host", "127.0.0.1", "--port", str(self.port), *args]
         no_model = {} if default_model else {"FORGELLM_NO_MODEL": "1"}
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **no_model, **(env or {})}
         self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.wait_ready = wait_ready
-        self.process: Optional[subprocess.Popen] = None
+        self.process: subprocess.Popen[str] | None = None
         self._log = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "forgellm", "run", *self.args],
             env=self.env,
@@ -234,11 +242,16 @@ class ServerProcess:
         self._log.seek(0)
         return self._log.read()
 
+    def _started(self) -> subprocess.Popen[str]:
+        if self.process is None:
+            raise RuntimeError("the server process has not been started: use ServerProcess as a context manager")
+        return self.process
+
     def _wait_for_port(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"forgellm run exited with {self.process.returncode}:\n{self.output()}")
+            if self._started().poll() is not None:
+                raise RuntimeError(f"forgellm run exited with {self._started().returncode}:\n{self.output()}")
             try:
                 response = httpx.get(self.url + "/readyz", verify=False, timeout=2)
                 if not self.wait_ready or response.status_code == 200:
@@ -250,14 +263,15 @@ class ServerProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> tuple[int, str]:
         """Send sig, wait for exit (killing it after timeout); return (exit code, everything it printed)."""
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
+        process = self._started()
+        if process.poll() is None:
+            process.send_signal(sig)
         try:
-            self.process.wait(timeout=timeout)
+            process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        return self.process.returncode, self.output()
+            process.kill()
+            process.wait()
+        return process.returncode, self.output()
 
     def __exit__(self, *exc_info) -> None:
         if self.process is not None and self.process.poll() is None:

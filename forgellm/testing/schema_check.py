@@ -11,7 +11,7 @@ that produced it.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any
 
 import httpx
 from jsonschema import Draft202012Validator
@@ -39,7 +39,7 @@ def items(response: httpx.Response) -> list[Any]:
     if kind == "application/x-ndjson":
         return [json.loads(line) for line in response.text.splitlines() if line]
     if kind == "text/event-stream":
-        return [{"data": line[len("data: "):]} for line in response.text.splitlines() if line.startswith("data: ")]
+        return [{"data": line[len("data: ") :]} for line in response.text.splitlines() if line.startswith("data: ")]
     if kind == "text/plain":
         return [response.text]
     return [response.json()]
@@ -52,7 +52,7 @@ class ResponseSchemaCheck:
         self.spec = spec
         self._components = forbid_extra_keys(spec.get("components", {}))
 
-    def declared(self, method: str, path: str, response: httpx.Response) -> Optional[dict[str, Any]]:
+    def declared(self, method: str, path: str, response: httpx.Response) -> dict[str, Any] | None:
         """The schema the route declares for this response's status and media type, or None."""
         operation = self.spec["paths"].get(path, {}).get(method.lower())
         if operation is None:

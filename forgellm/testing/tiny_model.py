@@ -19,7 +19,7 @@ import json
 import os
 import pathlib
 import string
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
@@ -148,17 +148,11 @@ def _printable_token_mask(tokenizer: Tokenizer) -> np.ndarray:
     return mask
 
 
-def _random_weights(
-    config: dict[str, Any], allowed_outputs: np.ndarray, seed: int
-) -> dict[str, mx.array]:
+def _random_weights(config: dict[str, Any], allowed_outputs: np.ndarray, seed: int) -> dict[str, mx.array]:
     """Random float32 weights under the names and shapes mlx-lm's Llama uses."""
     rng = np.random.default_rng(seed)
-    shapes = {
-        name: param.shape
-        for name, param in tree_flatten(
-            Model(ModelArgs.from_dict(config)).parameters()
-        )
-    }
+    parameters = cast(list[tuple[str, Any]], tree_flatten(Model(ModelArgs.from_dict(config)).parameters()))
+    shapes = {name: param.shape for name, param in parameters}
     weights = {}
     for name, shape in sorted(shapes.items()):
         if name.endswith("norm.weight"):
@@ -245,9 +239,7 @@ def build_tiny_model(
         template_file.unlink(missing_ok=True)
 
     weights = _random_weights(config, _printable_token_mask(tokenizer), seed)
-    mx.save_safetensors(
-        str(out / "model.safetensors"), weights, metadata={"format": "mlx"}
-    )
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     return out
 
 
@@ -285,7 +277,8 @@ def build_tiny_adapter(
     linear_to_lora_layers(model, config["num_hidden_layers"], lora_parameters)
     rng = np.random.default_rng(seed)
     weights = {}
-    for name, param in sorted(tree_flatten(model.parameters())):
+    parameters = cast(list[tuple[str, Any]], tree_flatten(model.parameters()))
+    for name, param in sorted(parameters, key=lambda item: item[0]):
         leaf = name.rsplit(".", 1)[-1]
         if leaf == "lora_a":
             value = rng.normal(0.0, 1.0 / np.sqrt(param.shape[0]), param.shape)

@@ -9,6 +9,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tiny model is built here; nothing is downloaded
 
 import forgellm_prompt_guard  # noqa: E402
+
 from forgellm.testing import build_tiny_model, test_client  # noqa: E402
 
 BLOCKED = (r"ignore (all )?previous instructions", r"\bpassword\b")

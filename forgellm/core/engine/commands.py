@@ -5,13 +5,12 @@ from __future__ import annotations
 import concurrent.futures
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional, Union
 
 from forgellm.core.engine.backend import LoadedModel
 from forgellm.core.engine.generation import GenerationJob
 
 # Loads the next model on the engine thread; None unloads.
-ModelLoader = Callable[[], Optional[LoadedModel]]
+ModelLoader = Callable[[], LoadedModel | None]
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,7 @@ class Swap:
     """Replace the model once the work already admitted has finished; the future gets the new model."""
 
     load: ModelLoader
-    future: concurrent.futures.Future[Optional[LoadedModel]]
+    future: concurrent.futures.Future[LoadedModel | None]
 
 
 @dataclass(frozen=True)
@@ -42,4 +41,4 @@ class Stop:
     """Finish the admitted work, free the model and end the engine thread."""
 
 
-Command = Union[Add, Cancel, Swap, Stop]
+Command = Add | Cancel | Swap | Stop

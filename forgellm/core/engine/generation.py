@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -12,8 +11,8 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
-    repetition_penalty: Optional[float] = None
-    seed: Optional[int] = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
 
 
 @dataclass
@@ -48,8 +47,8 @@ class TokenOutput:
 
     seq_id: int
     text: str
-    finish_reason: Optional[str] = None  # "stop", "length", or None while running
-    error: Optional[str] = None
+    finish_reason: str | None = None  # "stop", "length", or None while running
+    error: str | None = None
 
 
 @dataclass(frozen=True)

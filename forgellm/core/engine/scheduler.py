@@ -17,7 +17,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, Optional
 
 from forgellm.core.engine.backend import Engine, LoadedModel
 from forgellm.core.engine.commands import Add, Cancel, Command, ModelLoader, Stop, Swap
@@ -31,17 +30,17 @@ logger = logging.getLogger("forgellm.scheduler")
 class SequenceHandle:
     """The asyncio side of one generation: its text as it arrives, and how it ended."""
 
-    def __init__(self, seq_id: int, job: GenerationJob, scheduler: "Scheduler") -> None:
+    def __init__(self, seq_id: int, job: GenerationJob, scheduler: Scheduler) -> None:
         self.seq_id = seq_id
         self.job = job
         self._scheduler = scheduler
         self.completion_tokens = 0
         self.cached_prompt_tokens = 0  # prompt tokens whose KV the engine reused instead of computing
-        self.finish_reason: Optional[str] = None
-        self.error: Optional[str] = None
+        self.finish_reason: str | None = None
+        self.error: str | None = None
         self.submitted_at = time.perf_counter()
-        self.first_token_at: Optional[float] = None
-        self.finished_at: Optional[float] = None
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
         self._pending: list[str] = []
         self._text: list[str] = []
         self._arrived = asyncio.Event()
@@ -127,15 +126,15 @@ class Scheduler:
     def __init__(self, *, max_concurrency: int, max_queue: int) -> None:
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._ids = itertools.count(1)
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._thread: Optional[threading.Thread] = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._handles: dict[int, SequenceHandle] = {}  # event-loop side only
         # Engine-thread state.
-        self._model: Optional[LoadedModel] = None
-        self._engine: Optional[Engine] = None
-        self._release_thread: Optional[Callable[[], None]] = None
+        self._model: LoadedModel | None = None
+        self._engine: Engine | None = None
+        self._release_thread: Callable[[], None] | None = None
         self._waiting: deque[_Sequence] = deque()
         self._running: dict[int, _Sequence] = {}
         self._cached_prompt_tokens: dict[int, int] = {}  # admitted since the last post
@@ -150,7 +149,7 @@ class Scheduler:
         self._thread = threading.Thread(target=self._run, name="forgellm-engine", daemon=True)
         self._thread.start()
 
-    async def stop(self, timeout: Optional[float] = None) -> None:
+    async def stop(self, timeout: float | None = None) -> None:
         """Finish admitted work, free the model, and end the engine thread; after timeout seconds, give up on a
         thread that is stuck (in a load that never returns, say): it is a daemon, so the process still exits."""
         if self._thread is None:
@@ -187,9 +186,9 @@ class Scheduler:
         if self._handles.pop(seq_id, None) is not None:
             self._inbox.put(Cancel(seq_id))
 
-    def swap_model(self, load: ModelLoader) -> concurrent.futures.Future[Optional[LoadedModel]]:
+    def swap_model(self, load: ModelLoader) -> concurrent.futures.Future[LoadedModel | None]:
         """Replace the model once admitted work is done; load returns the new model, or None to unload."""
-        future: concurrent.futures.Future[Optional[LoadedModel]] = concurrent.futures.Future()
+        future: concurrent.futures.Future[LoadedModel | None] = concurrent.futures.Future()
         self._inbox.put(Swap(load, future))
         return future
 
@@ -259,6 +258,8 @@ class Scheduler:
                 self._cached_prompt_tokens[sequence.seq_id] = cached
 
     def _step(self) -> None:
+        if self._engine is None:  # a failed reset left none; _reset_engine failed what was running
+            return
         try:
             outputs = self._engine.step()
         except Exception as exc:
@@ -294,6 +295,8 @@ class Scheduler:
             self._waiting = deque(s for s in self._waiting if s.seq_id != seq_id)
 
     def _remove(self, seq_ids: list[int]) -> None:
+        if self._engine is None:
+            return
         try:
             self._engine.remove(seq_ids)
         except Exception as exc:
@@ -306,6 +309,9 @@ class Scheduler:
         self._running.clear()
         self._post(failed)
         self._close_quietly(self._engine)
+        self._engine = None
+        if self._model is None:
+            return
         try:
             self._engine = self._model.create_engine(self.max_concurrency)
         except Exception:
@@ -332,17 +338,17 @@ class Scheduler:
         self._close_quietly(model)
 
     @staticmethod
-    def _close_quietly(resource) -> None:
+    def _close_quietly(resource: object) -> None:
         # A failure to free memory must not stop the engine thread (and with it every later request and load).
         if resource is not None and hasattr(resource, "close"):
             try:
-                resource.close()
+                resource.close()  # type: ignore[attr-defined]
             except Exception:
                 logger.exception("closing %s failed", type(resource).__name__)
 
     def _post(self, outputs: list[TokenOutput]) -> None:
         cached, self._cached_prompt_tokens = self._cached_prompt_tokens, {}
-        if outputs or cached:
+        if (outputs or cached) and self._loop is not None:
             self._loop.call_soon_threadsafe(self._deliver, outputs, cached)
 
     def _update_counts(self) -> None:

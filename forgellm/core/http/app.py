@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, cast
 
 import pluggy
 from litestar import Litestar, Router
@@ -18,6 +19,7 @@ from forgellm.core.api.openai.protocol import error_body as openai_error_body
 from forgellm.core.api.openai.routes import openai_router
 from forgellm.core.config.settings import Settings, normalized_root_path
 from forgellm.core.http import health
+from forgellm.core.http.asgi import ASGIApp
 from forgellm.core.http.cross_site import CrossSiteScreen, HostAllowList
 from forgellm.core.http.dependencies import dependencies
 from forgellm.core.http.errors import ErrorShapes
@@ -33,7 +35,7 @@ CORS_REQUEST_HEADERS = ("Content-Type", "X-Request-ID")
 CORS_RESPONSE_HEADERS = ("X-Request-ID", "Retry-After")
 
 
-def cors_config(origins: Sequence[str], pm: pluggy.PluginManager) -> Optional[CORSConfig]:
+def cors_config(origins: Sequence[str], pm: pluggy.PluginManager) -> CORSConfig | None:
     """Browser access for the configured origins only; no origins, no CORS headers at all."""
     if not origins:
         return None
@@ -49,7 +51,7 @@ def cors_config(origins: Sequence[str], pm: pluggy.PluginManager) -> Optional[CO
     )
 
 
-def create_app(settings: Settings, pm: Optional[pluggy.PluginManager] = None) -> Litestar:
+def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> Litestar:
     """Build the server for these settings; pm defaults to the plugins ``settings.plugins`` enables."""
     if pm is None:
         pm = create_plugin_manager(enabled_plugin_names(settings.plugins))
@@ -82,7 +84,7 @@ def create_app(settings: Settings, pm: Optional[pluggy.PluginManager] = None) ->
     )
     # Wrap the whole handler, not one route, so 404s and 405s get a request id and an access-log line.
     hosts = HostAllowList(settings.allowed_hosts, settings.host)
-    screen = CrossSiteScreen(app.asgi_handler, hosts, settings.cors_origin, error_shapes)
-    app.asgi_handler = RequestContextMiddleware(screen, server)  # type: ignore[method-assign]
+    screen = CrossSiteScreen(cast(ASGIApp, app.asgi_handler), hosts, settings.cors_origin, error_shapes)
+    app.asgi_handler = cast(Any, RequestContextMiddleware(screen, server))
     server.app = app
     return app

@@ -23,11 +23,12 @@ callbacks uvicorn's own protocol is made of.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import resource
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -43,7 +44,7 @@ class ConnectionLimits:
     max_connections: int
 
 
-def _plain_response(status: int, reason: str, message: str, retry_after: Optional[int] = None) -> bytes:
+def _plain_response(status: int, reason: str, message: str, retry_after: int | None = None) -> bytes:
     """A whole HTTP/1.1 response in the guide's error envelope, for answers given before any route is known."""
     body = json.dumps({"success": False, "error": message}).encode()
     headers = [
@@ -57,104 +58,120 @@ def _plain_response(status: int, reason: str, message: str, retry_after: Optiona
     return ("\r\n".join(headers) + "\r\n\r\n").encode() + body
 
 
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a header deadline, a header size limit and a connection cap."""
+
+    limits: ClassVar[ConnectionLimits]
+    _header_bytes: int
+    _header_tail: bytes
+    _header_timer: asyncio.TimerHandle | None
+    _awaiting_headers_since: float | None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_bytes = 0
+        self._header_tail = b""
+        self._header_timer = None
+        self._awaiting_headers_since = None
+        self._await_headers()
+        if len(self.connections) > self.limits.max_connections and not self._evict_idle_connection():
+            # Nothing read yet, so no answer is possible: the client sees the connection close at once.
+            self._refuse(b"")
+
+    # -- awaiting a request's headers --------------------------------------------------------
+    def _await_headers(self) -> None:
+        self._header_bytes = 0
+        self._header_tail = b""
+        self._awaiting_headers_since = time.monotonic()
+        if self.limits.header_timeout > 0 and self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.limits.header_timeout, self._header_timed_out)
+
+    def _headers_arrived(self) -> None:
+        self._awaiting_headers_since = None
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timed_out(self) -> None:
+        self._header_timer = None
+        if self._awaiting_headers_since is not None and not self.transport.is_closing():
+            self._refuse(_plain_response(408, "Request Timeout", "The request headers did not arrive in time"))
+
+    def _evict_idle_connection(self) -> bool:
+        """Close the connection that has waited longest for request headers; False when none waits."""
+        waiting = {
+            c: c._awaiting_headers_since
+            for c in self.connections
+            if isinstance(c, GuardedHttpToolsProtocol)
+            and c is not self
+            and c._awaiting_headers_since is not None
+            and not c.transport.is_closing()
+        }
+        if not waiting:
+            return False
+        oldest = min(waiting, key=waiting.__getitem__)
+        oldest._refuse(_plain_response(503, "Service Unavailable", "Connection closed to make room", 1))
+        return True
+
+    def _refuse(self, response: bytes) -> None:
+        """Close the connection, answering only a request that has begun: a client reads an answer written
+        to an idle kept-alive connection as the answer to its next request."""
+        self._headers_arrived()
+        if self._header_bytes:
+            self.transport.write(response)
+        self.transport.close()
+
+    # -- uvicorn's protocol ------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self._awaiting_headers_since is not None and not self._headers_fit(data):
+            self._refuse(
+                _plain_response(
+                    431,
+                    "Request Header Fields Too Large",
+                    f"Request headers are larger than {self.limits.max_header_bytes} bytes",
+                )
+            )
+            return
+        super().data_received(data)
+
+    def _headers_fit(self, data: bytes) -> bool:
+        """Whether the headers, so far, end within the limit (bytes after their end are the body's)."""
+        if self._header_timer is None and self.limits.header_timeout > 0:
+            self._await_headers()  # the first bytes of a request on a kept-alive connection
+        seen = self._header_tail + data
+        end = seen.find(HEADER_END)
+        if end >= 0:
+            used = self._header_bytes - len(self._header_tail) + end + len(HEADER_END)
+        else:
+            used = self._header_bytes + len(data)
+            self._header_tail = seen[-(len(HEADER_END) - 1) :]
+        self._header_bytes = used
+        return used <= self.limits.max_header_bytes
+
+    def on_headers_complete(self) -> None:
+        self._headers_arrived()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._await_headers_idle()
+
+    def _await_headers_idle(self) -> None:
+        # Between requests uvicorn's keep-alive timeout closes an idle connection; the header deadline
+        # starts with the next request's first byte. Meanwhile the connection may be evicted.
+        self._header_bytes = 0
+        self._header_tail = b""
+        self._awaiting_headers_since = time.monotonic()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._headers_arrived()
+        super().connection_lost(exc)
+
+
 def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol class with these limits (pass it as uvicorn's ``http``)."""
-
-    class GuardedHttpToolsProtocol(HttpToolsProtocol):
-        def connection_made(self, transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._header_bytes = 0
-            self._header_tail = b""
-            self._header_timer = None
-            self._awaiting_headers_since: Optional[float] = None
-            self._await_headers()
-            if len(self.connections) > limits.max_connections and not self._evict_idle_connection():
-                # Nothing read yet, so no answer is possible: the client sees the connection close at once.
-                self._refuse(b"")
-
-        # -- awaiting a request's headers --------------------------------------------------------
-        def _await_headers(self) -> None:
-            self._header_bytes = 0
-            self._header_tail = b""
-            self._awaiting_headers_since = time.monotonic()
-            if limits.header_timeout > 0 and self._header_timer is None:
-                self._header_timer = self.loop.call_later(limits.header_timeout, self._header_timed_out)
-
-        def _headers_arrived(self) -> None:
-            self._awaiting_headers_since = None
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
-        def _header_timed_out(self) -> None:
-            self._header_timer = None
-            if self._awaiting_headers_since is not None and not self.transport.is_closing():
-                self._refuse(_plain_response(408, "Request Timeout", "The request headers did not arrive in time"))
-
-        def _evict_idle_connection(self) -> bool:
-            """Close the connection that has waited longest for request headers; False when none waits."""
-            waiting = [
-                c for c in self.connections
-                if c is not self and getattr(c, "_awaiting_headers_since", None) is not None
-                and not c.transport.is_closing()
-            ]
-            if not waiting:
-                return False
-            oldest = min(waiting, key=lambda c: c._awaiting_headers_since)
-            oldest._refuse(_plain_response(503, "Service Unavailable", "Connection closed to make room", 1))
-            return True
-
-        def _refuse(self, response: bytes) -> None:
-            """Close the connection, answering only a request that has begun: a client reads an answer written
-            to an idle kept-alive connection as the answer to its next request."""
-            self._headers_arrived()
-            if self._header_bytes:
-                self.transport.write(response)
-            self.transport.close()
-
-        # -- uvicorn's protocol ------------------------------------------------------------------
-        def data_received(self, data: bytes) -> None:
-            if self._awaiting_headers_since is not None and not self._headers_fit(data):
-                self._refuse(_plain_response(431, "Request Header Fields Too Large",
-                                             f"Request headers are larger than {limits.max_header_bytes} bytes"))
-                return
-            super().data_received(data)
-
-        def _headers_fit(self, data: bytes) -> bool:
-            """Whether the headers, so far, end within the limit (bytes after their end are the body's)."""
-            if self._header_timer is None and limits.header_timeout > 0:
-                self._await_headers()  # the first bytes of a request on a kept-alive connection
-            seen = self._header_tail + data
-            end = seen.find(HEADER_END)
-            if end >= 0:
-                used = self._header_bytes - len(self._header_tail) + end + len(HEADER_END)
-            else:
-                used = self._header_bytes + len(data)
-                self._header_tail = seen[-(len(HEADER_END) - 1):]
-            self._header_bytes = used
-            return used <= limits.max_header_bytes
-
-        def on_headers_complete(self) -> None:
-            self._headers_arrived()
-            super().on_headers_complete()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._await_headers_idle()
-
-        def _await_headers_idle(self) -> None:
-            # Between requests uvicorn's keep-alive timeout closes an idle connection; the header deadline
-            # starts with the next request's first byte. Meanwhile the connection may be evicted.
-            self._header_bytes = 0
-            self._header_tail = b""
-            self._awaiting_headers_since = time.monotonic()
-
-        def connection_lost(self, exc) -> None:
-            self._headers_arrived()
-            super().connection_lost(exc)
-
-    return GuardedHttpToolsProtocol
+    return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), {"limits": limits})
 
 
 def raise_open_file_limit() -> int:

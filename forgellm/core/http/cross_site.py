@@ -21,13 +21,14 @@ applies to every request.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from fnmatch import fnmatchcase
-from typing import Any, Iterable, Optional
 from urllib.parse import urlsplit
 
 import msgspec
 
 from forgellm.core.errors import ApiError
+from forgellm.core.http.asgi import ASGIApp, Receive, Scope, Send, header
 from forgellm.core.http.errors import ErrorShapes
 
 LOCALHOST_NAMES = ("localhost", "*.localhost", "localhost.localdomain")
@@ -53,50 +54,52 @@ def _is_ip_address(name: str) -> bool:
 class HostAllowList:
     """The host names requests may name in ``Host`` (fnmatch patterns; ``*`` allows every name)."""
 
-    def __init__(self, configured: Iterable[str], bound_host: Optional[str]) -> None:
+    def __init__(self, configured: Iterable[str], bound_host: str | None) -> None:
         patterns = [p.strip().lower() for p in configured if p.strip()]
         if not patterns:
             patterns = [*LOCALHOST_NAMES, *([bound_host.lower()] if bound_host else [])]
         self.patterns = tuple(patterns)
 
-    def allows(self, host: Optional[str]) -> bool:
+    def allows(self, host: str | None) -> bool:
         if host is None:
             return False
         name = _host_name(host)
         return _is_ip_address(name) or any(fnmatchcase(name, pattern) for pattern in self.patterns)
 
 
-def check_host(host: Optional[str], allowed: HostAllowList) -> None:
+def check_host(host: str | None, allowed: HostAllowList) -> None:
     if not allowed.allows(host):
-        raise ApiError(400, "Invalid Host header: this server does not answer to that name (--allowed-hosts)",
-                       code="invalid_host")
+        raise ApiError(
+            400, "Invalid Host header: this server does not answer to that name (--allowed-hosts)", code="invalid_host"
+        )
 
 
 def check_anonymous_write(
-    method: str, host: Optional[str], origin: Optional[str], content_type: Optional[str], has_body: bool,
+    method: str,
+    host: str | None,
+    origin: str | None,
+    content_type: str | None,
+    has_body: bool,
     cors_origins: Iterable[str],
 ) -> None:
     """Refuse an unauthenticated state-changing request that a web page could have sent (403 or 415)."""
     if method in SAFE_METHODS:
         return
     if origin is not None and origin not in cors_origins and not _same_origin(origin, host):
-        raise ApiError(403, "Cross-origin requests are refused; list the origin with --cors-origin",
-                       code="cross_origin")
+        raise ApiError(
+            403, "Cross-origin requests are refused; list the origin with --cors-origin", code="cross_origin"
+        )
     media_type = (content_type or "").split(";", 1)[0].strip().lower()
     if has_body and media_type != "application/json":
-        raise ApiError(415, "Send the request body as application/json (Content-Type: application/json)",
-                       code="unsupported_media_type")
+        raise ApiError(
+            415,
+            "Send the request body as application/json (Content-Type: application/json)",
+            code="unsupported_media_type",
+        )
 
 
-def _same_origin(origin: str, host: Optional[str]) -> bool:
+def _same_origin(origin: str, host: str | None) -> bool:
     return host is not None and urlsplit(origin).netloc.lower() == host.strip().lower()
-
-
-def _header(scope, name: bytes) -> Optional[str]:
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            return value.decode("latin-1")
-    return None
 
 
 class CrossSiteScreen:
@@ -104,14 +107,14 @@ class CrossSiteScreen:
     from an allowed origin (so OPTIONS, like GET, tells nothing of which paths exist)."""
 
     def __init__(
-        self, app: Any, allowed_hosts: HostAllowList, cors_origins: Iterable[str], error_shapes: ErrorShapes
+        self, app: ASGIApp, allowed_hosts: HostAllowList, cors_origins: Iterable[str], error_shapes: ErrorShapes
     ) -> None:
         self._app = app
         self._allowed_hosts = allowed_hosts
         self._cors_origins = frozenset(cors_origins)
         self._error_shapes = error_shapes
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             error = self._refusal(scope)
             if error is not None:
@@ -119,20 +122,20 @@ class CrossSiteScreen:
                 return
         await self._app(scope, receive, send)
 
-    def _refusal(self, scope) -> Optional[ApiError]:
+    def _refusal(self, scope: Scope) -> ApiError | None:
         try:
-            check_host(_header(scope, b"host"), self._allowed_hosts)
+            check_host(header(scope, b"host"), self._allowed_hosts)
         except ApiError as error:
             return error
         if scope["method"] == "OPTIONS" and not self._allowed_preflight(scope):
             return ApiError(405, "Method not allowed", headers={"Allow": "GET, HEAD, POST"})
         return None
 
-    def _allowed_preflight(self, scope) -> bool:
-        origin = _header(scope, b"origin")
-        return origin in self._cors_origins and _header(scope, b"access-control-request-method") is not None
+    def _allowed_preflight(self, scope: Scope) -> bool:
+        origin = header(scope, b"origin")
+        return origin in self._cors_origins and header(scope, b"access-control-request-method") is not None
 
-    async def _send(self, scope, send, error: ApiError) -> None:
+    async def _send(self, scope: Scope, send: Send, error: ApiError) -> None:
         shape = self._error_shapes.for_path(scope["path"], scope.get("root_path", ""))
         body = msgspec.json.encode(shape(error))
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]

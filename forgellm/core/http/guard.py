@@ -6,7 +6,7 @@ routes without an action (health probes) are public.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
@@ -18,7 +18,7 @@ from forgellm.core.identity import Identity
 from forgellm.core.plugin_manager import await_me_maybe
 
 
-def identity_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Optional[Identity]:
+def identity_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Identity | None:
     return record_of(connection).identity
 
 
@@ -32,7 +32,10 @@ async def access_guard(connection: ASGIConnection[Any, Any, Any, Any], route_han
     if identity is None:
         headers = connection.headers
         check_anonymous_write(
-            connection.scope["method"], headers.get("host"), headers.get("origin"), headers.get("content-type"),
+            str(connection.scope.get("method", "GET")),
+            headers.get("host"),
+            headers.get("origin"),
+            headers.get("content-type"),
             has_body=headers.get("content-length", "0") != "0" or "transfer-encoding" in headers,
             cors_origins=server.settings.cors_origin,
         )

@@ -5,8 +5,11 @@ from __future__ import annotations
 from typing import Literal
 
 import msgspec
-from litestar import HttpMethod, Request, Response, route
+from litestar import HttpMethod, Response, route
+from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
+
+from forgellm.core.server import Server
 
 
 class Liveness(msgspec.Struct):
@@ -36,12 +39,14 @@ async def healthz() -> Liveness:
     summary="A model is loaded and the engine thread is running",
     tags=["operations"],
     responses={
-        503: ResponseSpec(Readiness, description="Not ready: no model loaded (yet), or the engine thread died",
-                          generate_examples=False),
+        503: ResponseSpec(
+            Readiness,
+            description="Not ready: no model loaded (yet), or the engine thread died",
+            generate_examples=False,
+        ),
     },
 )
-async def readyz(request: Request) -> Response[Readiness]:
-    server = request.app.state.server
+async def readyz(server: NamedDependency[Server]) -> Response[Readiness]:
     state = server.models.state
     alive = server.scheduler.alive
     ready = state.loaded and alive

@@ -18,11 +18,11 @@ is a JSON document (``contentMediaType``/``contentSchema``) or the closing ``[DO
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.openapi.spec import Operation
+from litestar.openapi.spec import OpenAPIResponse, Operation, Schema
 from litestar.openapi.spec.media_type import OpenAPIMediaType
 
 NDJSON = "application/x-ndjson"
@@ -32,7 +32,7 @@ ERROR_DESCRIPTIONS = {
     400: "Invalid request: malformed JSON, a field out of range, an empty or too long prompt, or no model loaded",
     401: "Missing or invalid credentials (an auth plugin is on); see the WWW-Authenticate header",
     403: "The credentials lack the scope this route needs, a plugin refused the request, the model is not allowed, "
-         "or a request without credentials came from another web origin",
+    "or a request without credentials came from another web origin",
     404: "The model named in the request is not the one this server serves",
     409: "A model is loading already; wait for it to finish",
     413: "The request body is larger than the server accepts (--max-body-size)",
@@ -58,12 +58,12 @@ def json_body(data: Any, description: str) -> dict[int, ResponseSpec]:
     return {200: ResponseSpec(data_container=data, description=description, generate_examples=False)}
 
 
-def any_of(*types: type) -> dict:
+def any_of(*types: type) -> dict[str, Any]:
     """A self-contained JSON schema accepting any of these Structs (their definitions inlined)."""
     return {"anyOf": [_inlined(msgspec.json.schema(t)) for t in types]}
 
 
-def _inlined(schema: dict) -> dict:
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
     definitions = schema.pop("$defs", {})
 
     def resolve(node: Any) -> Any:
@@ -75,10 +75,11 @@ def _inlined(schema: dict) -> dict:
             return [resolve(item) for item in node]
         return node
 
-    return resolve(schema)
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved
 
 
-def server_sent_event(data_schema: dict) -> dict:
+def server_sent_event(data_schema: dict[str, Any]) -> dict[str, Any]:
     """One server-sent event: its data is a JSON document matching data_schema, or the closing [DONE]."""
     return {
         "type": "object",
@@ -95,13 +96,14 @@ def server_sent_event(data_schema: dict) -> dict:
     }
 
 
-def streamed_as(media_type: str, item_schema: dict, description: str) -> type[Operation]:
+def streamed_as(media_type: str, item_schema: dict[str, Any], description: str) -> type[Operation]:
     """An Operation class (a route's ``operation_class``) that adds the streaming body to its 200 response."""
     schema = {"description": description, **item_schema}
 
     @dataclass
     class StreamingOperation(Operation):
         def __post_init__(self) -> None:
-            self.responses["200"].content[media_type] = OpenAPIMediaType(schema=schema)
+            ok = cast(OpenAPIResponse, (self.responses or {})["200"])
+            cast(dict[str, OpenAPIMediaType], ok.content)[media_type] = OpenAPIMediaType(schema=cast(Schema, schema))
 
     return StreamingOperation

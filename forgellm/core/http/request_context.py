@@ -10,7 +10,10 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
+
+from forgellm.core.http.asgi import ASGIApp, Message, Receive, Scope, Send, header
+from forgellm.core.identity import Identity
 
 if TYPE_CHECKING:
     from forgellm.core.server import Server
@@ -28,43 +31,40 @@ class RequestRecord:
     request_id: str
     method: str
     path: str
-    client: Optional[str]
+    client: str | None
     # The matched route's path template ("/api/model/status"); None when no route matched (404).
-    route: Optional[str] = None
+    route: str | None = None
     started: float = field(default_factory=time.perf_counter)
-    identity: Any = None
-    status: Optional[int] = None
-    prompt_tokens: Optional[int] = None
-    completion_tokens: Optional[int] = None
-    time_to_first_token_ms: Optional[float] = None
-    latency_ms: Optional[float] = None
+    identity: Identity | None = None
+    status: int | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    time_to_first_token_ms: float | None = None
+    latency_ms: float | None = None
 
     @property
-    def subject(self) -> Optional[str]:
-        return getattr(self.identity, "subject", None)
+    def subject(self) -> str | None:
+        return self.identity.subject if self.identity is not None else None
 
 
-def record_of(connection) -> RequestRecord:
+def record_of(connection: Any) -> RequestRecord:
     """The record of the request a Litestar Request (or scope) belongs to."""
     scope = connection if isinstance(connection, dict) else connection.scope
-    return scope["state"][_RECORD_KEY]
+    record: RequestRecord = scope["state"][_RECORD_KEY]
+    return record
 
 
-def _request_id(scope) -> str:
-    for name, value in scope.get("headers", ()):
-        if name == REQUEST_ID_HEADER:
-            text = value.decode("latin-1")
-            if _SAFE_REQUEST_ID.match(text):
-                return text
-    return uuid.uuid4().hex
+def _request_id(scope: Scope) -> str:
+    text = header(scope, REQUEST_ID_HEADER)
+    return text if text is not None and _SAFE_REQUEST_ID.match(text) else uuid.uuid4().hex
 
 
 class RequestContextMiddleware:
-    def __init__(self, app, server: "Server") -> None:
+    def __init__(self, app: ASGIApp, server: Server) -> None:
         self._app = app
         self._server = server
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
@@ -77,7 +77,7 @@ class RequestContextMiddleware:
         )
         scope.setdefault("state", {})[_RECORD_KEY] = record
 
-        async def send_with_id(message) -> None:
+        async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 record.status = message["status"]
                 headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != REQUEST_ID_HEADER]

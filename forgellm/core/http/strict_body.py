@@ -6,7 +6,7 @@ routes keep ``data`` for the schema and validation messages, then re-read the bo
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 from litestar import Request
@@ -16,7 +16,7 @@ from forgellm.core.errors import bad_request
 T = TypeVar("T")
 
 
-async def strict_body(request: Request, body_type: type[T]) -> T:
+async def strict_body(request: Request[Any, Any, Any], body_type: type[T]) -> T:
     try:
         return msgspec.json.decode(await request.body(), type=body_type, strict=True)
     except msgspec.ValidationError as exc:

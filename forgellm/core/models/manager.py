@@ -10,13 +10,14 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any
 
 from forgellm.core.engine.backend import Backend, LoadedModel
-from forgellm.core.errors import ApiError, bad_request, service_unavailable
 from forgellm.core.engine.scheduler import Scheduler
+from forgellm.core.errors import ApiError, bad_request, service_unavailable
 
 logger = logging.getLogger("forgellm.models")
 
@@ -25,13 +26,13 @@ logger = logging.getLogger("forgellm.models")
 class ModelState:
     """One snapshot of the model's state; replaced whole, so readers on any thread see a consistent one."""
 
-    model_name: Optional[str] = None
-    adapter_path: Optional[str] = None
+    model_name: str | None = None
+    adapter_path: str | None = None
     loaded: bool = False
     is_loading: bool = False
-    error: Optional[str] = None
-    load_seconds: Optional[float] = None
-    progress: Optional[str] = None  # what a running load is doing (fetching, converting, loading weights)
+    error: str | None = None
+    load_seconds: float | None = None
+    progress: str | None = None  # what a running load is doing (fetching, converting, loading weights)
 
 
 class ModelManager:
@@ -45,14 +46,14 @@ class ModelManager:
         self._load_timeout = load_timeout
         self._allow_patterns = tuple(allow_patterns)
         self._state = ModelState()
-        self._model: Optional[LoadedModel] = None
+        self._model: LoadedModel | None = None
         self._loads = 0  # numbers each load, so the result of one given up on is ignored
 
     @property
     def state(self) -> ModelState:
         return self._state
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         state = self._state
         return {
             "success": True,
@@ -64,7 +65,7 @@ class ModelManager:
             "progress": state.progress,
         }
 
-    def check_load_target(self, model_name: str, adapter_path: Optional[str]) -> None:
+    def check_load_target(self, model_name: str, adapter_path: str | None) -> None:
         """Refuse a load request before it starts: a name --allow-model does not allow (403), a local file or
         directory that is not there (400).
 
@@ -85,15 +86,15 @@ class ModelManager:
         if missing is not None:
             raise bad_request(missing if self._allow_patterns else _not_loadable(model_name, adapter_path))
 
-    def _opaque(self, model_name: str, adapter_path: Optional[str]) -> bool:
+    def _opaque(self, model_name: str, adapter_path: str | None) -> bool:
         """Whether a failure to load this must not say why (a local path, with no --allow-model)."""
         return not self._allow_patterns and (
             looks_like_path(model_name) or model_name.lower().endswith(".gguf") or adapter_path is not None
         )
 
     def start_load(
-        self, model_name: str, adapter_path: Optional[str], *, from_client: bool = False
-    ) -> concurrent.futures.Future:
+        self, model_name: str, adapter_path: str | None, *, from_client: bool = False
+    ) -> concurrent.futures.Future[LoadedModel | None]:
         """Begin loading in the background; status shows is_loading before this returns. A failed load that a
         client asked for (from_client) is described as check_load_target says; the operator's own, fully.
 
@@ -126,7 +127,9 @@ class ModelManager:
 
         future = self._scheduler.swap_model(load)
         opaque = from_client and self._opaque(model_name, adapter_path)
-        future.add_done_callback(lambda done: self._finish_load(done, number, model_name, adapter_path, started, opaque))
+        future.add_done_callback(
+            lambda done: self._finish_load(done, number, model_name, adapter_path, started, opaque)
+        )
         if self._load_timeout > 0:
             asyncio.get_running_loop().call_later(self._load_timeout, self._give_up, number, given_up)
         return future
@@ -143,7 +146,13 @@ class ModelManager:
         )
 
     def _finish_load(
-        self, done: concurrent.futures.Future, number: int, model_name, adapter_path, started, opaque: bool
+        self,
+        done: concurrent.futures.Future[LoadedModel | None],
+        number: int,
+        model_name: str,
+        adapter_path: str | None,
+        started: float,
+        opaque: bool,
     ) -> None:
         if self._loads != number:
             return  # given up on, or replaced by a later load
@@ -158,7 +167,7 @@ class ModelManager:
         logger.info("loaded %s in %.2fs", model_name, seconds)
         self._state = ModelState(model_name=model_name, adapter_path=adapter_path, loaded=True, load_seconds=seconds)
 
-    def unload(self) -> concurrent.futures.Future:
+    def unload(self) -> concurrent.futures.Future[LoadedModel | None]:
         if self._state.is_loading:
             raise ApiError(409, "A model is loading; wait for it to finish", code="load_in_progress")
         self._state = ModelState()
@@ -175,7 +184,7 @@ class ModelManager:
         return self._model
 
     @property
-    def current(self) -> Optional[LoadedModel]:
+    def current(self) -> LoadedModel | None:
         return self._model
 
 
@@ -213,7 +222,7 @@ def _on_disk(name: str, test: Callable[[Path], bool]) -> bool:
         return False
 
 
-def _not_loadable(model_name: str, adapter_path: Optional[str]) -> str:
+def _not_loadable(model_name: str, adapter_path: str | None) -> str:
     what = f"Model {model_name}" + (f" with adapter {adapter_path}" if adapter_path else "")
     return f"{what} was not found or is not loadable"
 

@@ -6,8 +6,9 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any
 
 from forgellm import Identity
 from forgellm.plugins.auth.scopes import ALL_SCOPES
@@ -48,7 +49,7 @@ class ApiKey:
         return Identity(subject=self.subject, scopes=self.scopes, method="api_key", claims=dict(self.claims))
 
 
-def find_key(presented: str, keys: Iterable[ApiKey]) -> Optional[ApiKey]:
+def find_key(presented: str, keys: Iterable[ApiKey]) -> ApiKey | None:
     """The key whose digest matches, comparing against every key in constant time."""
     digest = key_digest(presented).encode()
     found = None
@@ -59,7 +60,7 @@ def find_key(presented: str, keys: Iterable[ApiKey]) -> Optional[ApiKey]:
     return found
 
 
-def static_keys(repeated: Sequence[str], comma_separated: Optional[str]) -> list[ApiKey]:
+def static_keys(repeated: Sequence[str], comma_separated: str | None) -> list[ApiKey]:
     """Keys given on the command line or in the environment: every scope, labelled ``key:#N`` by position.
 
     A key must be printable ASCII without spaces, as it travels in an HTTP header.

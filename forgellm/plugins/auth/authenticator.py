@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from litestar.datastructures import Headers
 
@@ -22,11 +21,11 @@ class AuthConfigError(ValueError):
 @dataclass
 class Authenticator:
     static_keys: list[ApiKey]
-    keys_file: Optional[WatchedKeysFile]
-    jwt: Optional[JwtVerifier]
+    keys_file: WatchedKeysFile | None
+    jwt: JwtVerifier | None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Authenticator":
+    def from_settings(cls, settings: Settings) -> Authenticator:
         try:
             keys = static_keys(settings.api_key, settings.api_keys)
             jwt = JwtVerifier.from_settings(
@@ -49,7 +48,7 @@ class Authenticator:
         return cls(keys, keys_file, jwt)
 
     @staticmethod
-    def _keys_file(explicit: Optional[str]) -> Optional[WatchedKeysFile]:
+    def _keys_file(explicit: str | None) -> WatchedKeysFile | None:
         """The named keys file (which must exist), else the default one if it exists."""
         path = Path(explicit).expanduser() if explicit else default_keys_path()
         try:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any
 
 import click
 import limits
@@ -23,7 +24,7 @@ keys_file_option = click.option(
 )
 
 
-def _path(path: Optional[Path]) -> Path:
+def _path(path: Path | None) -> Path:
     return path.expanduser() if path else default_keys_path()
 
 
@@ -45,7 +46,7 @@ def _scopes(ctx, param, value: str) -> tuple[str, ...]:
         raise click.BadParameter(str(exc)) from None
 
 
-def _limit(ctx, param, value: Optional[str]) -> Optional[str]:
+def _limit(ctx, param, value: str | None) -> str | None:
     if value is None:
         return None
     try:
@@ -84,9 +85,7 @@ def keys() -> None:
     help="Tokens this key may generate, e.g. 20000/hour (ratelimit plugin).",
 )
 @keys_file_option
-def add(
-    name: str, scopes: tuple[str, ...], rate_limit: Optional[str], token_limit: Optional[str], path: Optional[Path]
-) -> None:
+def add(name: str, scopes: tuple[str, ...], rate_limit: str | None, token_limit: str | None, path: Path | None) -> None:
     """Create the key NAME and print it; only its digest is stored, so this is the one time it is shown.
 
     The key alone goes to standard output (KEY=$(forgellm keys add ci) works); notes go to standard error.
@@ -102,12 +101,12 @@ def add(
 @keys.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @keys_file_option
-def list_keys(as_json: bool, path: Optional[Path]) -> None:
+def list_keys(as_json: bool, path: Path | None) -> None:
     """List the keys by name, with their scopes and limits (never the keys or their digests)."""
     path = _path(path)
     with _reported():
         records = read_records(path)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": record.name,
             "scopes": list(record.scopes),
@@ -125,13 +124,15 @@ def list_keys(as_json: bool, path: Optional[Path]) -> None:
         return
     for row in rows:
         limits_text = ", ".join(f"{field}={row[field]}" for field in ("rate_limit", "token_limit") if row[field])
-        click.echo(f"{row['name']}  scopes: {','.join(row['scopes'])}  created: {row['created']}  {limits_text}".rstrip())
+        click.echo(
+            f"{row['name']}  scopes: {','.join(row['scopes'])}  created: {row['created']}  {limits_text}".rstrip()
+        )
 
 
 @keys.command("revoke")
 @click.argument("name")
 @keys_file_option
-def revoke(name: str, path: Optional[Path]) -> None:
+def revoke(name: str, path: Path | None) -> None:
     """Delete the key NAME; a running server refuses it from its next request."""
     path = _path(path)
     with _reported():

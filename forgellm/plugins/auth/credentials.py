@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 from litestar.datastructures import Headers
 
@@ -23,7 +22,7 @@ class Credential:
     bearer: bool  # True: from Authorization (an API key or a JWT); False: from X-API-Key (an API key)
 
 
-def _single(headers: Headers, name: str) -> Optional[str]:
+def _single(headers: Headers, name: str) -> str | None:
     values = headers.getall(name, [])
     if len(values) > 1:
         raise Unauthorized(f"Send one {name} header, not {len(values)}")

@@ -9,9 +9,10 @@ with the server's RSA public key) never verify.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
@@ -83,21 +84,21 @@ def load_public_key(path: str | Path) -> Any:
 @dataclass(frozen=True)
 class JwtVerifier:
     keys_by_algorithm: dict[str, Any]  # every accepted algorithm, with the one key that verifies it
-    audience: Optional[str] = None
-    issuer: Optional[str] = None
+    audience: str | None = None
+    issuer: str | None = None
     leeway: float = 30.0
 
     @classmethod
     def from_settings(
         cls,
         *,
-        secret: Optional[str],
-        public_key_path: Optional[str],
-        algorithms: Optional[str],
-        audience: Optional[str],
-        issuer: Optional[str],
+        secret: str | None,
+        public_key_path: str | None,
+        algorithms: str | None,
+        audience: str | None,
+        issuer: str | None,
         leeway: float,
-    ) -> Optional["JwtVerifier"]:
+    ) -> JwtVerifier | None:
         """The verifier the settings describe, or None when JWT is not configured."""
         families: dict[str, tuple[tuple[str, ...], Any]] = {}  # name -> (algorithms, key)
         if secret:
@@ -112,7 +113,9 @@ class JwtVerifier:
             families["--jwt-public-key"] = (_algorithms_for_public_key(key), key)
         if not families:
             if algorithms or audience or issuer:
-                raise JwtConfigError("--jwt-algorithms, --jwt-audience and --jwt-issuer need --jwt-secret or --jwt-public-key")
+                raise JwtConfigError(
+                    "--jwt-algorithms, --jwt-audience and --jwt-issuer need --jwt-secret or --jwt-public-key"
+                )
             return None
         if leeway < 0:
             raise JwtConfigError("--jwt-leeway cannot be negative")
@@ -125,7 +128,9 @@ class JwtVerifier:
             key = next((key for family, key in families.values() if name in family), None)
             if key is None:
                 configured = ", ".join(alg for family, _ in families.values() for alg in family)
-                raise JwtConfigError(f"--jwt-algorithms: {name} does not fit the configured key (possible: {configured})")
+                raise JwtConfigError(
+                    f"--jwt-algorithms: {name} does not fit the configured key (possible: {configured})"
+                )
             keys_by_algorithm[name] = key
         return cls(keys_by_algorithm, audience or None, issuer or None, leeway)
 
@@ -140,7 +145,7 @@ class JwtVerifier:
         except jwt.PyJWTError:
             raise _invalid("the token is malformed") from None
         key = self.keys_by_algorithm.get(algorithm) if isinstance(algorithm, str) else None
-        if key is None:
+        if key is None or not isinstance(algorithm, str):
             raise _invalid("the token's algorithm is not accepted")
         required = [*REQUIRED_CLAIMS, *(["aud"] if self.audience else []), *(["iss"] if self.issuer else [])]
         try:

@@ -14,10 +14,10 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator, Optional
 
 from forgellm.plugins.auth.api_keys import ApiKey, key_digest, new_api_key
 from forgellm.plugins.auth.scopes import ALL_SCOPES
@@ -46,9 +46,9 @@ class KeyRecord:
     name: str
     digest: str
     scopes: tuple[str, ...]
-    rate_limit: Optional[str] = None  # e.g. "10/minute", read by the ratelimit plugin
-    token_limit: Optional[str] = None  # e.g. "20000/hour", read by the ratelimit plugin
-    created: Optional[str] = None
+    rate_limit: str | None = None  # e.g. "10/minute", read by the ratelimit plugin
+    token_limit: str | None = None  # e.g. "20000/hour", read by the ratelimit plugin
+    created: str | None = None
 
     @property
     def subject(self) -> str:
@@ -63,7 +63,7 @@ class KeyRecord:
         return ApiKey(subject=self.subject, digest=self.digest, scopes=frozenset(self.scopes), claims=claims)
 
     @classmethod
-    def from_json(cls, data: object) -> "KeyRecord":
+    def from_json(cls, data: object) -> KeyRecord:
         if not isinstance(data, dict):
             raise ValueError("each key must be an object")
         name, digest, scopes = data.get("name"), data.get("digest"), data.get("scopes")
@@ -90,7 +90,11 @@ def read_records(path: Path) -> list[KeyRecord]:
         raise KeysFileError(f"cannot read keys file {path}: {exc.strerror}") from None
     try:
         data = json.loads(text)
-        if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION or not isinstance(data.get("keys"), list):
+        if (
+            not isinstance(data, dict)
+            or data.get("version") != FORMAT_VERSION
+            or not isinstance(data.get("keys"), list)
+        ):
             raise ValueError(f'expected {{"version": {FORMAT_VERSION}, "keys": [...]}}')
         records = [KeyRecord.from_json(item) for item in data["keys"]]
     except ValueError as exc:  # json.JSONDecodeError is a ValueError
@@ -115,7 +119,10 @@ def _keep_owner(fd: int, path: Path) -> None:
 def write_records(path: Path, records: list[KeyRecord]) -> None:
     """Replace the file atomically; the new file is readable by its owner only."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    payload = {"version": FORMAT_VERSION, "keys": [{**asdict(record), "scopes": list(record.scopes)} for record in records]}
+    payload = {
+        "version": FORMAT_VERSION,
+        "keys": [{**asdict(record), "scopes": list(record.scopes)} for record in records],
+    }
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
     try:
         _keep_owner(fd, path)
@@ -143,20 +150,21 @@ def add_key(
     path: Path,
     name: str,
     scopes: tuple[str, ...],
-    rate_limit: Optional[str] = None,
-    token_limit: Optional[str] = None,
+    rate_limit: str | None = None,
+    token_limit: str | None = None,
 ) -> str:
     """Create a key named name and return it: the only time the key itself exists outside the client."""
     if not _NAME.fullmatch(name):
         raise KeysFileError(
-            f"invalid key name {name!r}: use up to 64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit"
+            f"invalid key name {name!r}: use up to 64 letters, digits, '.', '_', '@' or '-', "
+            "starting with a letter or digit"
         )
     key = new_api_key()
     with _exclusive(path):
         records = read_records(path)
         if any(record.name == name for record in records):
             raise KeysFileError(f"a key named {name!r} already exists; revoke it first or pick another name")
-        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        created = datetime.now(UTC).isoformat(timespec="seconds")
         records.append(KeyRecord(name, key_digest(key), scopes, rate_limit, token_limit, created))
         write_records(path, records)
     return key
@@ -171,7 +179,7 @@ def revoke_key(path: Path, name: str) -> None:
         write_records(path, kept)
 
 
-def insecure_reason(path: Path) -> Optional[str]:
+def insecure_reason(path: Path) -> str | None:
     """Why a server must not trust the keys file, as ssh's StrictModes: the file or its directory is writable
     by group or others, or owned by a user other than the server's own (or root). None when it is safe."""
     me = os.geteuid()
@@ -180,8 +188,10 @@ def insecure_reason(path: Path) -> Optional[str]:
         if info.st_uid not in (me, 0):
             return f"{target} is owned by another user (uid {info.st_uid}); the server runs as uid {me}"
         if info.st_mode & 0o022:
-            return (f"{target} is writable by group or others (mode {oct(info.st_mode & 0o777)}), so anyone could "
-                    f"add a key; run chmod go-w {target}")
+            return (
+                f"{target} is writable by group or others (mode {oct(info.st_mode & 0o777)}), so anyone could "
+                f"add a key; run chmod go-w {target}"
+            )
     return None
 
 
@@ -213,17 +223,24 @@ class WatchedKeysFile:
         self._keys = [record.api_key() for record in read_trusted_records(path)]  # at startup, errors are fatal
         self._racy = self._recent(self._signature)
 
-    def _stat(self) -> Optional[tuple[int, ...]]:
+    def _stat(self) -> tuple[int, ...] | None:
         try:
             stat, directory = os.stat(self.path), os.stat(self.path.parent)
         except OSError:
             return None
         # The owners and modes too: a chmod that makes the file writable by others must be seen at once.
-        return (stat.st_ino, stat.st_mtime_ns, stat.st_size, stat.st_mode, stat.st_uid,
-                directory.st_mode, directory.st_uid)
+        return (
+            stat.st_ino,
+            stat.st_mtime_ns,
+            stat.st_size,
+            stat.st_mode,
+            stat.st_uid,
+            directory.st_mode,
+            directory.st_uid,
+        )
 
     @staticmethod
-    def _recent(signature: Optional[tuple[int, ...]]) -> bool:
+    def _recent(signature: tuple[int, ...] | None) -> bool:
         """Whether another write could still go unseen by stat(), as git's "racy clean" entries.
 
         File timestamps are coarse (milliseconds on some filesystems), and a replaced file may

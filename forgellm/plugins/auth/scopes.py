@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import AbstractSet
+from collections.abc import Set as AbstractSet
 
 from forgellm import ADMIN, GENERATE, LOAD, STATUS
 
@@ -35,10 +35,7 @@ def parse_scopes(text: str) -> tuple[str, ...]:
     scopes = {part for part in text.replace(",", " ").split()}
     unknown = scopes - ALL_SCOPES
     if unknown:
-        raise ValueError(
-            f"unknown scope {', '.join(sorted(unknown))}; scopes are {', '.join(sorted(ALL_SCOPES))}"
-        )
+        raise ValueError(f"unknown scope {', '.join(sorted(unknown))}; scopes are {', '.join(sorted(ALL_SCOPES))}")
     if not scopes:
         raise ValueError(f"give at least one scope: {', '.join(sorted(ALL_SCOPES))}")
     return tuple(sorted(scopes))
-

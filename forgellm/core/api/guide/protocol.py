@@ -6,7 +6,7 @@ stream is encoded from them line by line, and the OpenAPI schema is generated fr
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Self, Union
+from typing import Annotated, Literal, Self
 
 import msgspec
 
@@ -37,22 +37,22 @@ class StatusResponse(msgspec.Struct):
     success: bool
     loaded: bool
     is_loading: bool
-    model_name: Optional[str]
-    adapter_path: Optional[str]
-    error: Optional[str]
-    progress: Optional[str]  # what a running load is doing; null otherwise
+    model_name: str | None
+    adapter_path: str | None
+    error: str | None
+    progress: str | None  # what a running load is doing; null otherwise
 
 
 class LoadRequest(msgspec.Struct):
     model_name: NonEmptyStr
-    adapter_path: Optional[NonEmptyStr] = None
+    adapter_path: NonEmptyStr | None = None
 
 
 class LoadResponse(msgspec.Struct):
     success: bool
     message: str
     model_name: str
-    adapter_path: Optional[str]
+    adapter_path: str | None
 
 
 class UnloadResponse(msgspec.Struct):
@@ -62,18 +62,18 @@ class UnloadResponse(msgspec.Struct):
 
 class GenerateRequest(msgspec.Struct):
     prompt: str
-    max_tokens: Optional[Annotated[int, msgspec.Meta(ge=1)]] = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
     # The guide names no default. Greedy, as mlx_lm.server's default: its clients send no temperature,
     # and a small model sampled at 0.7 often answers wrongly what it knows.
     temperature: Annotated[float, msgspec.Meta(ge=0, le=100)] = 0.0
     top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
     top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
     min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
-    repetition_penalty: Optional[Annotated[float, msgspec.Meta(gt=0, le=100)]] = None
-    seed: Optional[Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]] = None
-    stop: Union[str, list[str], None] = None
-    system_prompt: Optional[str] = None
-    history: Optional[list[Message]] = None
+    repetition_penalty: Annotated[float, msgspec.Meta(gt=0, le=100)] | None = None
+    seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
+    stop: str | list[str] | None = None
+    system_prompt: str | None = None
+    history: list[Message] | None = None
     streaming: bool = False
 
 
@@ -124,5 +124,5 @@ NDJSON_STREAM = any_of(NdjsonChunk, NdjsonComplete, NdjsonError)
 _encoder = msgspec.json.Encoder()
 
 
-def ndjson_line(line: Union[NdjsonChunk, NdjsonComplete, NdjsonError]) -> bytes:
+def ndjson_line(line: NdjsonChunk | NdjsonComplete | NdjsonError) -> bytes:
     return _encoder.encode(line) + b"\n"

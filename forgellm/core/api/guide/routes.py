@@ -7,7 +7,7 @@ builds a GenerationRequest for the one pipeline and encodes what it returns.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, Union
+from typing import Any
 
 from litestar import Request, Router, get, post
 from litestar.di import NamedDependency
@@ -55,7 +55,9 @@ async def model_status(server: NamedDependency[Server]) -> StatusResponse:
     summary="Start loading a model in the background",
     responses=guide_errors(400, 401, 403, 409, 413, 415),
 )
-async def load_model(request: Request[Any, Any, Any], data: JSONBody[LoadRequest], server: NamedDependency[Server]) -> LoadResponse:
+async def load_model(
+    request: Request[Any, Any, Any], data: JSONBody[LoadRequest], server: NamedDependency[Server]
+) -> LoadResponse:
     data = await strict_body(request, LoadRequest)
     server.models.check_load_target(data.model_name, data.adapter_path)
     server.models.start_load(data.model_name, data.adapter_path, from_client=True)
@@ -98,7 +100,7 @@ async def generate(
     data: JSONBody[GenerateRequest],
     caller: NamedDependency[Caller],
     generations: NamedDependency[GenerationService],
-) -> Union[GenerateResponse, Stream]:
+) -> GenerateResponse | Stream:
     data = await strict_body(request, GenerateRequest)
     generation = await generations.start(caller, _generation_request(data))
     if data.streaming:

@@ -7,7 +7,7 @@ fields that OpenAI leaves out when unset are left out here too (``omit_defaults`
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -37,7 +37,7 @@ class OpenAIErrorDetail(msgspec.Struct):
     message: str
     type: str
     param: None
-    code: Optional[str]
+    code: str | None
 
 
 class OpenAIError(msgspec.Struct):
@@ -65,7 +65,7 @@ class TextPart(msgspec.Struct):
 
 class ChatMessage(msgspec.Struct):
     role: Literal["system", "user", "assistant", "developer"]
-    content: Union[str, list[TextPart], None] = None
+    content: str | list[TextPart] | None = None
 
     @property
     def text(self) -> str:
@@ -77,21 +77,21 @@ class ChatMessage(msgspec.Struct):
 
 
 class SamplingFields(msgspec.Struct):
-    model: Optional[str] = None
-    max_tokens: Optional[Annotated[int, msgspec.Meta(ge=1)]] = None
-    max_completion_tokens: Optional[Annotated[int, msgspec.Meta(ge=1)]] = None
+    model: str | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] = 1.0
     top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
-    seed: Optional[Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]] = None
-    stop: Union[str, list[str], None] = None
+    seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
+    stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
-    prompt: Union[str, list[str]]
+    prompt: str | list[str]
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
@@ -170,7 +170,7 @@ class CompletionChunkChoice(msgspec.Struct):
     index: int
     text: str
     logprobs: None
-    finish_reason: Optional[FinishReason]
+    finish_reason: FinishReason | None
 
 
 class CompletionChunk(msgspec.Struct, omit_defaults=True):
@@ -181,19 +181,19 @@ class CompletionChunk(msgspec.Struct, omit_defaults=True):
     created: int
     model: str
     choices: list[CompletionChunkChoice]
-    usage: Optional[UsageBody] = None
+    usage: UsageBody | None = None
 
 
 class ChatDelta(msgspec.Struct, omit_defaults=True):
-    role: Optional[Literal["assistant"]] = None
-    content: Optional[str] = None
+    role: Literal["assistant"] | None = None
+    content: str | None = None
 
 
 class ChatChunkChoice(msgspec.Struct):
     index: int
     delta: ChatDelta
     logprobs: None
-    finish_reason: Optional[FinishReason]
+    finish_reason: FinishReason | None
 
 
 class ChatCompletionChunk(msgspec.Struct, omit_defaults=True):
@@ -204,7 +204,7 @@ class ChatCompletionChunk(msgspec.Struct, omit_defaults=True):
     created: int
     model: str
     choices: list[ChatChunkChoice]
-    usage: Optional[UsageBody] = None
+    usage: UsageBody | None = None
 
 
 COMPLETION_EVENTS = server_sent_event(any_of(CompletionChunk, OpenAIError))
@@ -214,6 +214,6 @@ DONE = b"data: [DONE]\n\n"
 _encoder = msgspec.json.Encoder()
 
 
-def event(payload: Union[CompletionChunk, ChatCompletionChunk, OpenAIError]) -> bytes:
+def event(payload: CompletionChunk | ChatCompletionChunk | OpenAIError) -> bytes:
     """One server-sent event carrying this chunk."""
     return b"data: " + _encoder.encode(payload) + b"\n\n"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Optional, Union
+from typing import Any
 
 from litestar import Request, Router, get, post
 from litestar.di import NamedDependency
@@ -59,7 +59,7 @@ def openai_errors(*statuses: int) -> dict[int, Any]:
     return error_responses(OpenAIError, *statuses)
 
 
-def _generation_request(data: SamplingFields, default_max_tokens: Optional[int], **prompt: Any) -> GenerationRequest:
+def _generation_request(data: SamplingFields, default_max_tokens: int | None, **prompt: Any) -> GenerationRequest:
     """What both endpoints share, in the pipeline's terms; prompt is prompt= or messages=."""
     if data.n != 1:
         raise bad_request("Only n=1 is supported")
@@ -78,8 +78,12 @@ def _generation_request(data: SamplingFields, default_max_tokens: Optional[int],
 
 def _usage(generation: Generation) -> UsageBody:
     usage = generation.completion().usage
-    return UsageBody(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens,
-                     PromptTokensDetails(generation.cached_prompt_tokens))
+    return UsageBody(
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        usage.total_tokens,
+        PromptTokensDetails(generation.cached_prompt_tokens),
+    )
 
 
 @get(
@@ -111,7 +115,7 @@ async def completions(
     data: JSONBody[CompletionRequest],
     caller: NamedDependency[Caller],
     generations: NamedDependency[GenerationService],
-) -> Union[CompletionResponse, Stream]:
+) -> CompletionResponse | Stream:
     data = await strict_body(request, CompletionRequest)
     if isinstance(data.prompt, list):
         if len(data.prompt) != 1:
@@ -124,7 +128,7 @@ async def completions(
     )
     response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-    def chunk(choices: list[CompletionChunkChoice], usage: Optional[UsageBody] = None) -> CompletionChunk:
+    def chunk(choices: list[CompletionChunkChoice], usage: UsageBody | None = None) -> CompletionChunk:
         return CompletionChunk(response_id, "text_completion", created, generation.model_name, choices, usage)
 
     if data.stream:
@@ -163,13 +167,13 @@ async def chat_completions(
     data: JSONBody[ChatCompletionRequest],
     caller: NamedDependency[Caller],
     generations: NamedDependency[GenerationService],
-) -> Union[ChatCompletionResponse, Stream]:
+) -> ChatCompletionResponse | Stream:
     data = await strict_body(request, ChatCompletionRequest)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in data.messages]
     generation = await generations.start(caller, _generation_request(data, None, messages=messages))
     response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-    def chunk(choices: list[ChatChunkChoice], usage: Optional[UsageBody] = None) -> ChatCompletionChunk:
+    def chunk(choices: list[ChatChunkChoice], usage: UsageBody | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(response_id, "chat.completion.chunk", created, generation.model_name, choices, usage)
 
     if data.stream:
@@ -194,16 +198,16 @@ def _include_usage(data: SamplingFields) -> bool:
     return bool(data.stream_options and data.stream_options.include_usage)
 
 
-Chunk = Union[CompletionChunk, ChatCompletionChunk]
+Chunk = CompletionChunk | ChatCompletionChunk
 
 
 def _events(
     generation: Generation,
     *,
-    first: Optional[Chunk],
+    first: Chunk | None,
     text: Callable[[str], Chunk],
     last: Callable[[Any], Chunk],
-    usage: Optional[Callable[[], Chunk]],
+    usage: Callable[[], Chunk] | None,
 ) -> Stream:
     async def events() -> AsyncIterator[bytes]:
         if first is not None:
