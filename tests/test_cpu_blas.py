@@ -60,6 +60,12 @@ def test_auto_runs_mlx_on_the_system_openblas():
     assert _probe(None) == "libopenblas.so.0 openblas"
 
 
+@needs_openblas
+def test_importing_the_test_kit_chooses_the_blas_before_mlx_loads():
+    # conftest imported forgellm.testing first; tiny_model imports MLX, so the kit must choose before it.
+    assert cpu_blas.selected_blas() == cpu_blas.SYSTEM_OPENBLAS[0]
+
+
 def test_bundled_keeps_mlx_on_its_own_blas():
     assert _probe("bundled") == "None reference"
 

@@ -31,6 +31,9 @@ A plugin's tests, in full::
 docs/testing-plugins.md says more; examples/forgellm-prompt-guard is a plugin package tested this way.
 """
 
+# First: importing the backends package chooses the BLAS MLX binds to, which must happen before anything
+# imports MLX (forgellm/backends/cpu_blas.py).
+import forgellm.backends  # noqa: F401
 from forgellm.testing.clients import (
     TEST_BASE_URL,
     ServerProcess,
