@@ -20,19 +20,9 @@ import time
 from pathlib import Path
 
 import httpx
+from serve_bench import MODEL_SIZES  # the same random models, beside this script
 
 from forgellm.testing import ServerProcess, build_tiny_model
-
-MODEL_SIZES = {
-    "tiny": {},
-    "small": {
-        "hidden_size": 256,
-        "num_hidden_layers": 4,
-        "intermediate_size": 688,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 4,
-    },
-}
 
 
 async def measure(url: str, prompt_tokens: int) -> dict:

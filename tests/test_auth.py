@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from identity_probe import IdentityProbe
 from litestar.routes import HTTPRoute
+from wire import bearer
 
 from forgellm.plugins.auth.keys_file import add_key
 from forgellm.testing import ServerProcess, test_client
@@ -64,10 +65,6 @@ def server(tiny_model, file_keys, probe):
 @pytest.fixture(scope="module")
 def chat_body(tiny_model):
     return {"model": str(tiny_model), "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
-
-
-def bearer(key: str) -> dict:
-    return {"Authorization": f"Bearer {key}"}
 
 
 def assert_unauthorized(response, openai: bool = False) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import random
 import shutil
 
@@ -25,22 +24,13 @@ from faulty_backend import (
     Faults,
 )
 from live_server import idle, serving, wait_for
+from wire import ndjson, sse
 
 from forgellm.testing import test_client, wait_until_loaded
 
 # Far more tokens than any test waits for: such a generation ends only by a fault or a disconnect.
 ENDLESS = 50_000
 SERVED_TOKENS = 8
-
-
-def ndjson(response) -> list[dict]:
-    return [json.loads(line) for line in response.text.splitlines() if line]
-
-
-def sse(response) -> list:
-    """A server-sent event stream's data, decoded, ending with the literal [DONE]."""
-    events = [line[len("data: ") :] for line in response.text.splitlines() if line.startswith("data: ")]
-    return [event if event == "[DONE]" else json.loads(event) for event in events]
 
 
 def assert_ready(client) -> None:

@@ -7,6 +7,7 @@ import json
 import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
+from wire import ndjson
 
 from forgellm.testing import test_client, wait_until_loaded
 from forgellm.testing.tiny_model import VOCAB_SIZE
@@ -102,7 +103,7 @@ def assert_answered_in_the_contract(response) -> None:
     event(f"HTTP {response.status_code}")  # --hypothesis-show-statistics shows how deep the examples got
     assert response.status_code < 500, response.text
     if response.status_code == 200 and response.headers["content-type"].startswith("application/x-ndjson"):
-        lines = [json.loads(line) for line in response.text.splitlines() if line.strip()]
+        lines = ndjson(response)
         assert lines[-1]["type"] == "complete", lines[-1]
         return
     assert response.headers["content-type"].startswith("application/json")

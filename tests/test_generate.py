@@ -5,10 +5,9 @@ The tiny model never emits EOS, so a generation runs to max_tokens unless a stop
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from mlx_lm import load as mlx_load
+from wire import ndjson
 
 from forgellm.testing import test_client
 
@@ -29,7 +28,7 @@ def stream(client, **fields) -> tuple[list[str], dict]:
         "/api/model/generate", json={"prompt": PROMPT, "max_tokens": 24, **fields, "streaming": True}
     )
     assert response.status_code == 200, response.text
-    *chunks, complete = [json.loads(line) for line in response.text.splitlines() if line.strip()]
+    *chunks, complete = ndjson(response)
     assert all(chunk["type"] == "chunk" for chunk in chunks)
     assert complete["type"] == "complete"
     return [chunk["text"] for chunk in chunks], complete

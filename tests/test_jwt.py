@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from identity_probe import IdentityProbe
+from wire import bearer
 
 from forgellm import INVALID_CREDENTIALS
 from forgellm.plugins.auth.authenticator import AuthConfigError
@@ -62,10 +63,6 @@ def hmac_signed(secret: bytes, payload: dict | bytes) -> str:
     signing_input = f"{b64url(json.dumps({'alg': 'HS256', 'typ': 'JWT'}).encode())}.{b64url(raw_payload)}"
     signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
     return f"{signing_input}.{b64url(signature)}"
-
-
-def bearer(token: str) -> dict:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def assert_unauthorized(response, token: str = "") -> str:

@@ -17,6 +17,7 @@ import weakref
 
 import pytest
 from faulty_backend import Faults
+from wire import loaded_status
 
 from forgellm.testing import test_client, wait_until_loaded
 
@@ -81,15 +82,7 @@ def test_status_shows_is_loading_as_soon_as_load_returns(tiny_model):
             "progress": "waiting for the test's gate",
         }
         backend.load_gate.set()
-        assert wait_until_loaded(client) == {
-            "success": True,
-            "loaded": True,
-            "is_loading": False,
-            "model_name": str(tiny_model),
-            "adapter_path": None,
-            "error": None,
-            "progress": None,
-        }
+        assert wait_until_loaded(client) == loaded_status(str(tiny_model))
         assert greedy(client)
 
 
@@ -252,15 +245,7 @@ def test_failed_load_ends_not_loaded_with_the_reason(server, tiny_model, tmp_pat
     assert generate.json() == {"success": False, "error": "No model loaded"}
     # A failed load does not wedge the manager: the next good load serves.
     load(server, tiny_model)
-    assert wait_until_loaded(server) == {
-        "success": True,
-        "loaded": True,
-        "is_loading": False,
-        "model_name": str(tiny_model),
-        "adapter_path": None,
-        "error": None,
-        "progress": None,
-    }
+    assert wait_until_loaded(server) == loaded_status(str(tiny_model))
 
 
 def test_unknown_repo_id_fails_without_touching_the_network(server, tiny_model):

@@ -10,6 +10,7 @@ import json
 
 import openai
 import pytest
+from wire import sse_data
 
 from forgellm.testing import test_client
 
@@ -22,11 +23,6 @@ def oai(client):
 @pytest.fixture(scope="module")
 def model_id(oai):
     return oai.models.list().data[0].id
-
-
-def sse_events(response) -> list[str]:
-    """The data payloads of a server-sent event stream, in order."""
-    return [line[len("data: ") :] for line in response.text.splitlines() if line.startswith("data: ")]
 
 
 def test_model_list_names_the_loaded_model(oai, tiny_model):
@@ -82,7 +78,7 @@ def test_stream_is_server_sent_events_ending_in_done(client):
     )
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
-    events = sse_events(response)
+    events = sse_data(response)
     assert events[-1] == "[DONE]"
     last = json.loads(events[-2])
     assert last["choices"][0]["finish_reason"] == "length"

@@ -16,8 +16,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from mlx_lm import load as mlx_load
-from test_faults import ndjson, sse
 from test_guide_clients import GUIDE_JAVASCRIPT_CLIENT, GUIDE_PYTHON_CLIENT, adapted
+from wire import ndjson, sse
 
 from forgellm.backends.builtin_models import DEFAULT_MODEL
 from forgellm.backends.mlx import ModelSources
