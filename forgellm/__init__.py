@@ -5,8 +5,16 @@ package, and they keep their meaning across versions. ``docs/plugins.md`` docume
 """
 
 from forgellm.core.config.settings import Option, Settings
-from forgellm.core.engine.backend import Backend, Engine, LoadedModel
-from forgellm.core.engine.generation import Completion, GenerationJob, SamplingParams, TokenOutput, Usage
+from forgellm.core.engine.backend import Backend, Engine, LoadedModel, OutputFormat
+from forgellm.core.engine.generation import (
+    Completion,
+    Constraint,
+    GenerationJob,
+    SamplingParams,
+    TokenLogprob,
+    TokenOutput,
+    Usage,
+)
 from forgellm.core.errors import (
     INVALID_CREDENTIALS,
     ApiError,
@@ -31,17 +39,20 @@ __all__ = [
     "ApiError",
     "Backend",
     "Completion",
+    "Constraint",
     "Engine",
     "Forbidden",
     "GenerationJob",
     "Identity",
     "LoadedModel",
     "Option",
+    "OutputFormat",
     "RequestRecord",
     "SamplingParams",
     "Server",
     "Settings",
     "TemplateRefused",
+    "TokenLogprob",
     "TokenOutput",
     "Unauthorized",
     "Usage",

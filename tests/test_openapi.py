@@ -158,7 +158,20 @@ CASES = [
         {"prompt": "Hello", "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}},
         200,
     ),
-    ("POST", COMPLETIONS, {"prompt": "Hello", "n": 2}, 400),
+    ("POST", COMPLETIONS, {"prompt": "Hello", "n": 17}, 400),
+    ("POST", COMPLETIONS, {"prompt": ["Hello", "Bye"], "n": 2, "max_tokens": 2, "logprobs": 2}, 200),
+    (
+        "POST",
+        CHAT,
+        {
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 2,
+            "logprobs": True,
+            "top_logprobs": 2,
+            "stream": True,
+        },
+        200,
+    ),
     ("POST", COMPLETIONS, {"prompt": "Hello", "model": "some-other-model"}, 404),
     ("POST", CHAT, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}, 200),
     (

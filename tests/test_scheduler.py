@@ -54,16 +54,14 @@ def test_full_queue_is_refused_at_once_with_retry_after(server, http):
         next(running)  # generating: it holds the one decode slot
         with open_stream(server):  # holds the one queue place
             wait_for(lambda: scheduler.in_flight == 2, "the second request to be queued")
+            bodies = {
+                "/v1/completions": {"prompt": "hi", "max_tokens": 4},
+                "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+                "/api/model/generate": {"prompt": "hi", "max_tokens": 4},
+            }
+            paths = ["/v1/completions", "/v1/chat/completions", "/v1/completions", "/api/model/generate"]
             with concurrent.futures.ThreadPoolExecutor(4) as pool:
-                refusals = list(
-                    pool.map(
-                        lambda path: http.post(
-                            path,
-                            json={"prompt": "hi", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
-                        ),
-                        ["/v1/completions", "/v1/chat/completions", "/v1/completions", "/api/model/generate"],
-                    )
-                )
+                refusals = list(pool.map(lambda path: http.post(path, json=bodies[path]), paths))
             # Refused while both admitted requests were still generating: nobody waited for a slot.
             assert scheduler.in_flight == 2
             assert scheduler.active_count == 1

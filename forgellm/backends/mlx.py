@@ -10,6 +10,7 @@ the earlier turns of a conversation) skips that prefix's prefill.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import math
 import os
@@ -26,9 +27,22 @@ from mlx_lm import load as mlx_load
 from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import apply_top_k, apply_top_p, greedy_sampler, make_logits_processors
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from forgellm import GenerationJob, Option, SamplingParams, Settings, TemplateRefused, TokenOutput, hookimpl
+from forgellm import (
+    Constraint,
+    GenerationJob,
+    Option,
+    OutputFormat,
+    SamplingParams,
+    Settings,
+    TemplateRefused,
+    TokenLogprob,
+    TokenOutput,
+    hookimpl,
+)
 from forgellm.backends import builtin_models, cpu_blas, gguf
+from forgellm.backends.constrained import ConstraintCompiler
 from forgellm.backends.model_cache import converted_model, default_cache_dir
 from forgellm.backends.model_files import check_model_directory
 
@@ -109,8 +123,75 @@ def sampler_for(params: SamplingParams):
     return make_random_sampler(params)
 
 
-def logits_processors_for(params: SamplingParams) -> list:
-    return make_logits_processors(repetition_penalty=params.repetition_penalty)
+def _penalty_processor(presence: float, frequency: float, prompt_length: int):
+    """OpenAI's presence and frequency penalties, over the tokens generated so far (not the prompt's).
+
+    Written here rather than taken from mlx-lm, whose penalties look at the last 20 tokens of prompt and
+    output alike; the penalties are plain array arithmetic, so no value costs a compilation."""
+
+    def penalize(tokens: mx.array, logits: mx.array) -> mx.array:
+        generated = tokens[prompt_length:]
+        if generated.size == 0:
+            return logits
+        counts = mx.zeros((logits.shape[-1],), dtype=logits.dtype).at[generated].add(1)
+        return logits - (presence * (counts > 0) + frequency * counts)
+
+    return penalize
+
+
+class Decoding:
+    """How one model's sequences are decoded beyond mlx-lm's defaults: each job's sampler and logits processors
+    (repetition penalty, presence and frequency penalties, logit bias, a grammar), and the logprobs it reports."""
+
+    def __init__(self, tokenizer, vocab_size: int) -> None:
+        self._tokenizer = tokenizer
+        self.constraints = ConstraintCompiler(tokenizer._tokenizer, vocab_size, tokenizer.eos_token_ids)
+        self._token_texts: dict[int, tuple[str, bytes]] = {}
+        self._byte_values = {char: byte for byte, char in bytes_to_unicode().items()}
+
+    @staticmethod
+    def sampler(job: GenerationJob):
+        return sampler_for(job.sampling)
+
+    def processors(self, job: GenerationJob) -> list:
+        params = job.sampling
+        processors = make_logits_processors(
+            logit_bias=dict(params.logit_bias) or None, repetition_penalty=params.repetition_penalty
+        )
+        if params.presence_penalty or params.frequency_penalty:
+            processors.append(
+                _penalty_processor(params.presence_penalty, params.frequency_penalty, len(job.prompt_tokens))
+            )
+        if job.constraint is not None:
+            processors.append(self.constraints.processor(job.constraint))  # last: it decides what may follow
+        return processors
+
+    def logprob(self, job: GenerationJob, token: int, logprobs: mx.array) -> TokenLogprob | None:
+        """The sampled token's log-probability, and the job.logprobs most likely tokens'."""
+        if job.logprobs is None:
+            return None
+        top: tuple[tuple[str, bytes, float], ...] = ()
+        if job.logprobs > 0:
+            count = min(job.logprobs, logprobs.shape[-1])
+            best = mx.argpartition(-logprobs, kth=count - 1)[:count]
+            ids: list[int] = best.tolist()  # type: ignore[assignment]
+            values: list[float] = logprobs[best].tolist()  # type: ignore[assignment]
+            ranked = sorted(zip(ids, values, strict=True), key=lambda pair: -pair[1])
+            top = tuple((*self.token_text(candidate), value) for candidate, value in ranked)
+        sampled: float = logprobs[token].item()  # type: ignore[assignment]
+        return TokenLogprob(*self.token_text(token), sampled, top)
+
+    def token_text(self, token: int) -> tuple[str, bytes]:
+        """A token's own text and exact bytes (a byte-level BPE piece may hold part of a character)."""
+        known = self._token_texts.get(token)
+        if known is None:
+            piece = self._tokenizer.convert_ids_to_tokens(token)
+            if isinstance(piece, str) and piece and all(char in self._byte_values for char in piece):
+                raw = bytes(self._byte_values[char] for char in piece)
+            else:
+                raw = self._tokenizer.decode([token]).encode("utf-8")
+            known = self._token_texts[token] = (raw.decode("utf-8", errors="replace"), raw)
+        return known
 
 
 class _Detokenizers:
@@ -152,7 +233,10 @@ class EngineTuning:
 class MlxBatchEngine:
     """Continuous batching on mlx-lm's BatchGenerator, reusing the KV caches of finished sequences."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int, tuning: EngineTuning = EngineTuning()) -> None:
+    def __init__(
+        self, model, tokenizer, decoding: Decoding, max_batch_size: int, tuning: EngineTuning = EngineTuning()
+    ) -> None:
+        self._decoding = decoding
         self._generator = BatchGenerator(
             model,
             stop_tokens=[[t] for t in tokenizer.eos_token_ids],
@@ -165,6 +249,7 @@ class MlxBatchEngine:
         self._detokenizers = _Detokenizers(tokenizer)
         self._seq_of_uid: dict[int, int] = {}
         self._uid_of_seq: dict[int, int] = {}
+        self._jobs: dict[int, GenerationJob] = {}
 
     def add(self, seq_id: int, job: GenerationJob) -> int:
         cache, rest = self._nearest_cache(job.prompt_tokens)
@@ -174,11 +259,12 @@ class MlxBatchEngine:
             max_tokens=[job.max_tokens],
             caches=[cache],  # type: ignore[list-item]  # None: mlx-lm starts a fresh cache
             all_tokens=[job.prompt_tokens[:cached]],
-            samplers=[sampler_for(job.sampling)],
-            logits_processors=[logits_processors_for(job.sampling)],
+            samplers=[self._decoding.sampler(job)],
+            logits_processors=[self._decoding.processors(job)],
         )
         self._seq_of_uid[uid] = seq_id
         self._uid_of_seq[seq_id] = uid
+        self._jobs[seq_id] = job
         self._detokenizers.start(seq_id)
         return cached
 
@@ -201,12 +287,13 @@ class MlxBatchEngine:
         for response in responses:
             seq_id = self._seq_of_uid[response.uid]
             text = self._detokenizers.text(seq_id, response.token, response.finish_reason)
+            logprob = self._decoding.logprob(self._jobs[seq_id], response.token, response.logprobs)
             if response.finish_reason is not None:
                 self._forget(seq_id)
                 if self._prompt_caches is not None:
                     # mlx-lm extracts a finished sequence's cache anyway: keep it for later prompts.
                     self._prompt_caches.insert_cache(_CACHE_KEY, list(response.all_tokens), response.prompt_cache)
-            outputs.append(TokenOutput(seq_id, text, response.finish_reason))
+            outputs.append(TokenOutput(seq_id, text, response.finish_reason, logprob=logprob))
         return outputs
 
     def remove(self, seq_ids: Iterable[int]) -> None:
@@ -220,6 +307,7 @@ class MlxBatchEngine:
         uid = self._uid_of_seq.pop(seq_id, None)
         if uid is not None:
             self._seq_of_uid.pop(uid, None)
+        self._jobs.pop(seq_id, None)
         self._detokenizers.drop(seq_id)
 
     def __len__(self) -> int:
@@ -232,8 +320,9 @@ class MlxBatchEngine:
 class MlxSequentialEngine:
     """One sequence at a time through mlx-lm's generate_step, for models whose cache cannot be batched."""
 
-    def __init__(self, model, tokenizer) -> None:
+    def __init__(self, model, tokenizer, decoding: Decoding) -> None:
         self._model = model
+        self._decoding = decoding
         self._eos = set(tokenizer.eos_token_ids)
         self._detokenizers = _Detokenizers(tokenizer)
         self._waiting: deque[tuple[int, GenerationJob]] = deque()
@@ -253,18 +342,19 @@ class MlxSequentialEngine:
                 mx.array(job.prompt_tokens),
                 self._model,
                 max_tokens=job.max_tokens,
-                sampler=sampler_for(job.sampling),
-                logits_processors=logits_processors_for(job.sampling),
+                sampler=self._decoding.sampler(job),
+                logits_processors=self._decoding.processors(job),
             )
             self._detokenizers.start(seq_id)
             self._current = (seq_id, job, tokens, 0)
         seq_id, job, tokens, count = self._current
-        token = int(next(tokens)[0])
+        sampled, logprobs = next(tokens)
+        token = int(sampled)
         count += 1
         finish_reason = "stop" if token in self._eos else ("length" if count >= job.max_tokens else None)
         text = self._detokenizers.text(seq_id, token, finish_reason)
         self._current = None if finish_reason else (seq_id, job, tokens, count)
-        return [TokenOutput(seq_id, text, finish_reason)]
+        return [TokenOutput(seq_id, text, finish_reason, logprob=self._decoding.logprob(job, token, logprobs))]
 
     def remove(self, seq_ids: Iterable[int]) -> None:
         gone = set(seq_ids)
@@ -281,6 +371,29 @@ class MlxSequentialEngine:
         self._current = None
 
 
+# For a model whose template names no tool-call format: calls as JSON between these markers (the Hermes
+# format, mlx-lm's json_tools), which the tool prompt asks for.
+DEFAULT_TOOL_CALL_MARKERS = ("<tool_call>", "</tool_call>")
+
+
+def _parse_json_tool_call(text: str, tools: list[dict] | None) -> dict:
+    return dict(json.loads(text.strip()))
+
+
+def _output_format(tokenizer) -> OutputFormat:
+    """The markers mlx-lm infers from the model's chat template and vocabulary."""
+    think = (tokenizer.think_start, tokenizer.think_end) if tokenizer.has_thinking else None
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    if tokenizer.tool_parser is not None:
+        return OutputFormat(
+            think=think,
+            tool_call=(tokenizer.tool_call_start, tokenizer.tool_call_end),
+            parse_tool_call=tokenizer.tool_parser,
+            renders_tools="tools" in template,
+        )
+    return OutputFormat(think=think, tool_call=DEFAULT_TOOL_CALL_MARKERS, parse_tool_call=_parse_json_tool_call)
+
+
 class MlxModel:
     """A model and tokenizer loaded by mlx-lm's own loader (from ``path``, a directory or repo id)."""
 
@@ -294,6 +407,11 @@ class MlxModel:
         self.model, self.tokenizer = loaded[0], loaded[1]
         # mlx-lm batches only models whose every cache layer can be merged across sequences.
         self.batchable = all(hasattr(c, "merge") for c in make_prompt_cache(self.model))
+        args = getattr(self.model, "args", None)
+        self.vocab_size = int(getattr(args, "vocab_size", 0) or len(self.tokenizer.get_vocab()))
+        self.context_length: int | None = getattr(args, "max_position_embeddings", None)
+        self.decoding = Decoding(self.tokenizer, self.vocab_size)
+        self.output_format = _output_format(self.tokenizer)
 
     @property
     def has_chat_template(self) -> bool:
@@ -302,19 +420,28 @@ class MlxModel:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict], *, tools: list[dict] | None = None, template_options: dict | None = None
+    ) -> list[int]:
         try:
-            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-        except (jinja2.TemplateError, ValueError) as exc:
+            return list(
+                self.tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tools=tools, **(template_options or {})
+                )
+            )
+        except (jinja2.TemplateError, ValueError, TypeError) as exc:
             raise TemplateRefused(str(exc)) from None
+
+    def check_constraint(self, constraint: Constraint) -> None:
+        self.decoding.constraints.grammar(constraint)
 
     def create_engine(self, max_batch_size: int):
         # A failed step can leave MLX's global random state unusable (mlx-lm's compiled samplers trace it),
         # and the scheduler replaces a failed engine with a new one: start each from a fresh state.
         mx.random.seed(int.from_bytes(os.urandom(8), "little"))
         if self.batchable:
-            return MlxBatchEngine(self.model, self.tokenizer, max_batch_size, self.tuning)
-        return MlxSequentialEngine(self.model, self.tokenizer)
+            return MlxBatchEngine(self.model, self.tokenizer, self.decoding, max_batch_size, self.tuning)
+        return MlxSequentialEngine(self.model, self.tokenizer, self.decoding)
 
     def close(self) -> None:
         del self.model, self.tokenizer

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal
 
-from forgellm.core.engine.backend import LoadedModel
-from forgellm.core.engine.generation import Completion, GenerationJob, SamplingParams, Usage
+from forgellm.core.api.assistant_turn import TurnSplitter, forced_call_schema, tool_prompt
+from forgellm.core.engine.backend import LoadedModel, OutputFormat
+from forgellm.core.engine.generation import Completion, Constraint, Delta, GenerationJob, SamplingParams, Usage
 from forgellm.core.engine.scheduler import SequenceHandle
 from forgellm.core.errors import ApiError, TemplateRefused, bad_request, service_unavailable
 from forgellm.core.http.request_context import RequestRecord
@@ -33,23 +34,43 @@ MAX_STOP_STRINGS = 16
 
 
 @dataclass(frozen=True)
+class ToolChoice:
+    """Whether the model may call the request's tools: as it sees fit ("auto"), not at all ("none"), or it must
+    ("required", or a call to the function ``name``): a forced call is generated under a grammar."""
+
+    mode: Literal["auto", "none", "required"] = "auto"
+    name: str | None = None
+    parallel: bool = True  # a forced call may be several calls (required, no name)
+
+    @property
+    def forced(self) -> bool:
+        return self.mode == "required" or self.name is not None
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """What every dialect asks of the engine, in neutral terms: a raw prompt or a conversation, and limits."""
 
-    prompt: str | None = None  # raw text, tokenized as it is
+    prompt: str | list[int] | None = None  # raw text (or token ids), taken as it is
     messages: list[dict[str, Any]] | None = None  # a conversation, rendered with the model's chat template
+    tools: list[dict[str, Any]] | None = None  # OpenAI-format function tools the conversation may call
+    tool_choice: ToolChoice = field(default_factory=lambda: ToolChoice())
+    template_options: dict[str, Any] | None = None  # passed to the chat template (enable_thinking, ...)
     max_tokens: int | None = None  # None: default_max_tokens
-    default_max_tokens: int | None = None  # the dialect's default; None: --default-max-tokens
+    # The dialect's default; None: until the model stops, bounded by --max-tokens-cap and the model's context.
+    default_max_tokens: int | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
     model: str | None = None  # the model the client named; None: whichever serves
+    constraint: Constraint | None = None  # what the output must be (constrained decoding)
+    logprobs: int | None = None  # report each token's logprob and this many alternatives'
 
     @property
     def prompt_text(self) -> str:
         """The whole prompt as text, for plugins that inspect it: every message, system prompt and history too."""
         if self.messages is not None:
             return "\n".join(str(message.get("content") or "") for message in self.messages)
-        return self.prompt or ""
+        return self.prompt if isinstance(self.prompt, str) else ""
 
 
 @dataclass
@@ -63,6 +84,14 @@ class Caller:
     request: Any  # the framework's request, handed to the plugin hooks as they receive it
 
 
+def _with_system_text(messages: list[dict[str, Any]], system: dict[str, Any]) -> list[dict[str, Any]]:
+    """The conversation with this system text first (after the conversation's own, if it has one)."""
+    if messages and messages[0]["role"] == "system":
+        merged = {**messages[0], "content": f"{messages[0]['content']}\n\n{system['content']}"}
+        return [merged, *messages[1:]]
+    return [system, *messages]
+
+
 def render_without_template(messages: list[dict[str, Any]]) -> str:
     """A conversation as plain text, for models that have no chat template."""
     if len(messages) == 1 and messages[0]["role"] == "user":
@@ -72,13 +101,29 @@ def render_without_template(messages: list[dict[str, Any]]) -> str:
 
 
 class Generation:
-    """One admitted generation: await ``complete()``, or iterate ``text()``; not both."""
+    """One admitted generation: await ``complete()``, or iterate ``deltas()``; not both. ``splitter()`` reads its
+    text as an assistant's turn (content, reasoning, tool calls)."""
 
-    def __init__(self, service: GenerationService, caller: Caller, model: LoadedModel, handle: SequenceHandle) -> None:
+    def __init__(
+        self,
+        service: GenerationService,
+        caller: Caller,
+        model: LoadedModel,
+        handle: SequenceHandle,
+        request: GenerationRequest,
+    ) -> None:
         self._service = service
         self._caller = caller
         self.model_name = model.name
+        self.output_format = model.output_format
         self.handle = handle
+        self._request = request
+
+    def splitter(self) -> TurnSplitter:
+        """A fresh splitter for this generation's text."""
+        request = self._request
+        tools = request.tools if request.tool_choice.mode != "none" else None
+        return TurnSplitter(self.output_format, tools=tools, forced=bool(tools) and request.tool_choice.forced)
 
     @property
     def cached_prompt_tokens(self) -> int:
@@ -107,13 +152,13 @@ class Generation:
             raise self._service.timed_out()
         return handle.completion()
 
-    async def text(self) -> AsyncIterator[str]:
-        """Text as it is generated, one chunk per engine step; stopped when the iteration is closed (the client
-        left) or the timeout passes."""
+    async def deltas(self) -> AsyncIterator[Delta]:
+        """Text (and logprobs) as generated, one delta per engine step; stopped when the iteration is closed (the
+        client left) or the timeout passes."""
         try:
             async with asyncio.timeout_at(self._service.deadline()):
-                async for text in self.handle.chunks():
-                    yield text
+                async for delta in self.handle.chunks():
+                    yield delta
         except TimeoutError:
             raise self._service.timed_out() from None
         finally:
@@ -131,6 +176,19 @@ class GenerationService:
     def __init__(self, server: Server) -> None:
         self._server = server
 
+    async def start_all(self, caller: Caller, requests: list[GenerationRequest]) -> list[Generation]:
+        """Start several generations (a request's choices); if one is refused, those started are stopped."""
+        started: list[Generation] = []
+        try:
+            for request in requests:
+                started.append(await self.start(caller, request))
+        except BaseException:
+            for generation in started:
+                generation.handle.cancel()
+                await self.account(caller, generation.handle)
+            raise
+        return started
+
     async def start(self, caller: Caller, request: GenerationRequest) -> Generation:
         """Check, admit, tokenize and queue a generation. Every refusal happens before any body is sent.
 
@@ -144,12 +202,15 @@ class GenerationService:
                 f"The model '{request.model}' is not loaded; this server serves '{model.name}'",
                 code="model_not_found",
             )
+        request = self._with_tools(request, model.output_format)
         job = GenerationJob(
             prompt_tokens=[],
             max_tokens=self._max_tokens(request),
             sampling=request.sampling,
             stop=self._stop_strings(request.stop),
             prompt_text=request.prompt_text,
+            constraint=request.constraint,
+            logprobs=request.logprobs,
         )
         server.in_flight.acquire(caller.client_key)
         try:
@@ -170,17 +231,41 @@ class GenerationService:
                 raise bad_request(f"The prompt is {len(job.prompt_tokens)} tokens; the limit is {limit}")
             if server.models.current is not model:
                 raise service_unavailable("The model changed while the request was prepared; retry")
+            if request.max_tokens is None and model.context_length:
+                # Left unbounded, a generation stops where the model's context ends.
+                job.max_tokens = max(1, min(job.max_tokens, model.context_length - len(job.prompt_tokens)))
             caller.record.prompt_tokens = len(job.prompt_tokens)
-            return Generation(self, caller, model, server.scheduler.submit(job))
+            return Generation(self, caller, model, server.scheduler.submit(job), request)
         except BaseException:
             await self._finish(caller, job, Usage(len(job.prompt_tokens), 0))
             raise
+
+    @staticmethod
+    def _with_tools(request: GenerationRequest, output_format: OutputFormat) -> GenerationRequest:
+        """The request as the model is to see it: tools described in the prompt when its template does not, and a
+        forced call's grammar as the constraint."""
+        choice = request.tool_choice
+        if not request.tools or choice.mode == "none":
+            return replace(request, tools=None) if request.tools else request
+        names = {tool["function"]["name"] for tool in request.tools}
+        if choice.name is not None and choice.name not in names:
+            raise bad_request(f"tool_choice names the function {choice.name!r}, which is not among the tools")
+        changes: dict[str, Any] = {}
+        if choice.forced:
+            if request.constraint is not None:
+                raise bad_request("A forced tool call and a response format cannot both apply")
+            schema = forced_call_schema(request.tools, choice.name, choice.parallel)
+            changes["constraint"] = Constraint(schema)
+        if not output_format.renders_tools and request.messages is not None:
+            described = {"role": "system", "content": tool_prompt(request.tools, output_format)}
+            changes["messages"] = _with_system_text(request.messages, described)
+        return replace(request, **changes) if changes else request
 
     def _max_tokens(self, request: GenerationRequest) -> int:
         settings = self._server.settings
         cap: int = settings.max_tokens_cap
         if request.max_tokens is None:
-            return min(request.default_max_tokens or settings.default_max_tokens, cap)
+            return min(request.default_max_tokens or cap, cap)
         if request.max_tokens > cap:
             raise bad_request(f"max_tokens must be at most {cap}")
         return request.max_tokens
@@ -194,15 +279,21 @@ class GenerationService:
     async def _tokenize(self, caller: Caller, model: LoadedModel, request: GenerationRequest) -> list[int]:
         """The prompt's tokens, rendered on a thread that is abandoned when the client leaves or the template outlasts
         --template-timeout."""
-        work: Callable[..., list[int]]
-        argument: object
-        if request.messages is not None and model.has_chat_template:
-            work, argument = model.encode_chat, request.messages
-        else:
-            work = model.encode
-            argument = request.prompt if request.messages is None else render_without_template(request.messages)
+
+        def work() -> list[int]:
+            if request.constraint is not None:
+                model.check_constraint(request.constraint)  # compiled here, off the event loop
+            if isinstance(request.prompt, list):
+                return self._checked_ids(request.prompt, model.vocab_size)
+            if request.messages is None:
+                return model.encode(request.prompt or "")
+            if model.has_chat_template:
+                options = request.template_options
+                return model.encode_chat(request.messages, tools=request.tools, template_options=options)
+            return model.encode(render_without_template(request.messages))
+
         timeout = self._server.settings.template_timeout
-        rendering = asyncio.ensure_future(run_interruptibly(work, argument, timeout=timeout))
+        rendering = asyncio.ensure_future(run_interruptibly(work, timeout=timeout))
         disconnected = asyncio.ensure_future(caller.disconnected())
         try:
             await asyncio.wait({rendering, disconnected}, return_when=asyncio.FIRST_COMPLETED)
@@ -219,6 +310,15 @@ class GenerationService:
             raise bad_request(f"Rendering the prompt took longer than {timeout:g}s (--template-timeout)") from None
         except TemplateRefused as exc:
             raise bad_request(f"The model's chat template rejected the conversation: {exc}") from None
+        except ValueError as exc:  # a constraint the model cannot enforce, or token ids out of its vocabulary
+            raise bad_request(str(exc)) from None
+
+    @staticmethod
+    def _checked_ids(tokens: list[int], vocab_size: int) -> list[int]:
+        for token in tokens:
+            if not 0 <= token < vocab_size:
+                raise ValueError(f"Token id {token} is not in the model's vocabulary (0 to {vocab_size - 1})")
+        return tokens
 
     async def account(self, caller: Caller, handle: SequenceHandle) -> None:
         record = caller.record

@@ -128,7 +128,13 @@ CORE_OPTIONS = (
         default="info",
     ),
     Option("max_tokens_cap", "Largest max_tokens a request may ask for.", type=int, default=4096),
-    Option("default_max_tokens", "max_tokens when a request gives none.", type=int, default=100),
+    Option(
+        "default_max_tokens",
+        "max_tokens of the guide's generate when a request gives none (OpenAI's chat completions go on until the "
+        "model stops, as OpenAI's do, bounded by --max-tokens-cap).",
+        type=int,
+        default=100,
+    ),
     Option("max_concurrency", "Sequences decoded together in one batch.", type=int, default=32),
     Option(
         "max_queue",

@@ -8,9 +8,24 @@ An engine holds many sequences at once and advances all of them one token per
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from forgellm.core.engine.generation import GenerationJob, TokenOutput
+from forgellm.core.engine.generation import Constraint, GenerationJob, TokenOutput
+
+# A marked tool call's text (between its markers), with the request's tools, as {"name": ..., "arguments": {...}}.
+ToolCallParser = Callable[[str, list[dict[str, Any]] | None], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """How a model marks the parts of its answer, for the API dialects to split it into content, reasoning
+    (``think``: its start and end markers) and tool calls (``tool_call``: markers and a parser)."""
+
+    think: tuple[str, str] | None = None
+    tool_call: tuple[str, str] | None = None
+    parse_tool_call: ToolCallParser | None = None
+    renders_tools: bool = False  # the chat template puts the request's tools into the prompt itself
 
 
 class Engine(Protocol):
@@ -31,6 +46,9 @@ class Engine(Protocol):
 class LoadedModel(Protocol):
     name: str
     adapter_path: str | None
+    vocab_size: int  # token ids run from 0 to vocab_size - 1
+    context_length: int | None  # the most tokens, prompt and output, the model was made for (None: unknown)
+    output_format: OutputFormat
 
     @property
     def has_chat_template(self) -> bool: ...
@@ -38,9 +56,19 @@ class LoadedModel(Protocol):
     def encode(self, text: str) -> list[int]:
         """Tokenize raw text as a prompt."""
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Tokenize a conversation with the model's chat template, ready for the assistant's turn; raise
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        template_options: dict[str, Any] | None = None,
+    ) -> list[int]:
+        """Tokenize a conversation with the model's chat template, ready for the assistant's turn (the tools in
+        OpenAI's function format, and options such as enable_thinking, passed to the template); raise
         TemplateRefused when the template refuses the conversation."""
+
+    def check_constraint(self, constraint: Constraint) -> None:
+        """Raise ValueError, saying why, when this model cannot enforce the constraint."""
 
     def create_engine(self, max_batch_size: int) -> Engine:
         """A fresh engine for this model."""

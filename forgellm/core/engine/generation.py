@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -12,7 +13,21 @@ class SamplingParams:
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float | None = None
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # subtracted from a token's logit as often as it was generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit); -100 bans it
     seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a generation's text must be, enforced token by token (constrained decoding).
+
+    ``json_schema``: a JSON value valid against the schema (a JSON object of any shape when the schema is
+    ``{"type": "object"}`` with nothing else). The backend compiles it and refuses (ValueError) one it
+    cannot; the generation ends when the value is complete."""
+
+    json_schema: dict[str, Any]
 
 
 @dataclass
@@ -29,6 +44,9 @@ class GenerationJob:
     stop: tuple[str, ...] = ()
     # What the route received, for plugins that inspect prompts (a prompt guard, say).
     prompt_text: str = ""
+    constraint: Constraint | None = None
+    # Per generated token, its log-probability and those of this many most likely alternatives (None: none).
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -42,6 +60,16 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token and how likely it was, with the most likely alternatives (for jobs that ask)."""
+
+    token: str  # the token's text (a partial character shows as the replacement character)
+    token_bytes: bytes  # the token's exact bytes
+    logprob: float
+    top: tuple[tuple[str, bytes, float], ...] = ()  # (text, bytes, logprob), most likely first
+
+
+@dataclass(frozen=True)
 class TokenOutput:
     """What one engine step produced for one sequence."""
 
@@ -49,6 +77,15 @@ class TokenOutput:
     text: str
     finish_reason: str | None = None  # "stop", "length", or None while running
     error: str | None = None
+    logprob: TokenLogprob | None = None  # when the job asked for logprobs
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What a streamed generation adds in one engine step: its text, and the logprobs of its tokens."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 from forgellm.core.engine.backend import Engine, LoadedModel
 from forgellm.core.engine.commands import Add, Cancel, Command, ModelLoader, Stop, Swap
-from forgellm.core.engine.generation import Completion, GenerationJob, TokenOutput, Usage
+from forgellm.core.engine.generation import Completion, Delta, GenerationJob, TokenLogprob, TokenOutput, Usage
 from forgellm.core.engine.stop_strings import StopMatcher
 from forgellm.core.errors import ApiError, service_unavailable
 
@@ -42,7 +42,9 @@ class SequenceHandle:
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self._pending: list[str] = []
+        self._pending_logprobs: list[TokenLogprob] = []
         self._text: list[str] = []
+        self.logprobs: list[TokenLogprob] = []  # one per generated token, when the job asked for them
         self._arrived = asyncio.Event()
         self._finished = asyncio.Event()
 
@@ -64,6 +66,9 @@ class SequenceHandle:
         if output.text:
             self._pending.append(output.text)
             self._text.append(output.text)
+        if output.logprob is not None:
+            self._pending_logprobs.append(output.logprob)
+            self.logprobs.append(output.logprob)
         if output.finish_reason is not None:
             self.finish_reason = output.finish_reason
         if output.error is not None or output.finish_reason is not None:
@@ -75,15 +80,16 @@ class SequenceHandle:
         if self.error is not None:
             raise ApiError(500, f"Generation failed: {self.error}", code="generation_failed")
 
-    async def chunks(self) -> AsyncIterator[str]:
+    async def chunks(self) -> AsyncIterator[Delta]:
         """Text as it is generated, one chunk per engine step; raises ApiError if the backend fails."""
         while True:
             await self._arrived.wait()
             self._arrived.clear()
-            if self._pending:
-                text = "".join(self._pending)
+            if self._pending or self._pending_logprobs:
+                delta = Delta("".join(self._pending), tuple(self._pending_logprobs))
                 self._pending.clear()
-                yield text
+                self._pending_logprobs.clear()
+                yield delta
             if self.done:
                 self._raise_if_failed()
                 return
@@ -283,7 +289,7 @@ class Scheduler:
                 finish_reason = None
             if finish_reason is not None:
                 del self._running[output.seq_id]
-            delivered.append(TokenOutput(output.seq_id, text, finish_reason))
+            delivered.append(TokenOutput(output.seq_id, text, finish_reason, logprob=output.logprob))
         self._post(delivered)
         if stopped:
             self._remove(stopped)

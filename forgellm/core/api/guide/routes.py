@@ -100,16 +100,17 @@ async def generate(
     data: JSONBody[GenerateRequest],
     caller: NamedDependency[Caller],
     generations: NamedDependency[GenerationService],
+    server: NamedDependency[Server],
 ) -> GenerateResponse | Stream:
     data = await strict_body(request, GenerateRequest)
-    generation = await generations.start(caller, _generation_request(data))
+    generation = await generations.start(caller, _generation_request(data, server.settings.default_max_tokens))
     if data.streaming:
         # A header, not media_type=: Litestar lets the route's default (JSON) override a Stream's media_type.
         return Stream(_ndjson(generation), headers={"Content-Type": NDJSON})
     return GenerateResponse.of(await generation.complete())
 
 
-def _generation_request(data: GenerateRequest) -> GenerationRequest:
+def _generation_request(data: GenerateRequest, default_max_tokens: int) -> GenerationRequest:
     # Even a bare prompt is a user turn: instruction-tuned models answer properly only through their template.
     history = [Message("system", data.system_prompt)] if data.system_prompt else []
     history += [*(data.history or ()), Message("user", data.prompt)]
@@ -117,6 +118,7 @@ def _generation_request(data: GenerateRequest) -> GenerationRequest:
     return GenerationRequest(
         messages=[{"role": message.role, "content": message.content} for message in history],
         max_tokens=data.max_tokens,
+        default_max_tokens=default_max_tokens,
         sampling=SamplingParams(
             temperature=data.temperature,
             top_p=data.top_p,
@@ -132,8 +134,8 @@ def _generation_request(data: GenerateRequest) -> GenerationRequest:
 async def _ndjson(generation: Generation) -> AsyncIterator[bytes]:
     """The guide's streaming format: chunk lines, then one complete line (or one error line)."""
     try:
-        async for text in generation.text():
-            yield ndjson_line(NdjsonChunk(text=text))
+        async for delta in generation.deltas():
+            yield ndjson_line(NdjsonChunk(text=delta.text))
     except Exception as exc:  # the status line is sent already: report the failure in-band
         yield ndjson_line(NdjsonError(success=False, error=as_api_error(exc).message))
         return

@@ -7,7 +7,7 @@ fields that OpenAI leaves out when unset are left out here too (``omit_defaults`
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -54,48 +54,133 @@ def error_body(error: ApiError) -> OpenAIError:
 # -- requests ------------------------------------------------------------------------------------
 
 
-class StreamOptions(msgspec.Struct):
+class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # accepted and ignored: no obfuscation padding is sent
 
 
-class TextPart(msgspec.Struct):
-    type: Literal["text"]
-    text: str
+class ContentPart(msgspec.Struct):
+    """A part of a message's content; only text parts can be served (others are a 400 naming their type)."""
+
+    type: str
+    text: str | None = None
 
 
-class ChatMessage(msgspec.Struct):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart] | None = None
-
-    @property
-    def text(self) -> str:
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
+class FunctionCall(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    arguments: str  # a JSON object, as text
 
 
-class SamplingFields(msgspec.Struct):
+class ToolCallBody(msgspec.Struct, forbid_unknown_fields=True):
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
+class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None  # accepted and ignored: the chat template decides how speakers are named
+    tool_calls: list[ToolCallBody] | None = None  # an assistant's calls, earlier in the conversation
+    tool_call_id: str | None = None  # a tool message answers this call
+    refusal: str | None = None  # an earlier assistant refusal, rendered as its content
+    reasoning_content: str | None = None  # an earlier assistant's reasoning; not sent back to the model
+
+
+class FunctionDefinition(msgspec.Struct, forbid_unknown_fields=True):
+    name: Annotated[str, msgspec.Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments
+    strict: bool | None = None  # every call is generated under the schema's grammar anyway
+
+
+class Tool(msgspec.Struct, forbid_unknown_fields=True):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct, forbid_unknown_fields=True):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(msgspec.Struct, forbid_unknown_fields=True):
+    name: Annotated[str, msgspec.Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    schema: dict[str, Any] | None = None
+    description: str | None = None
+    strict: bool | None = None  # every output is generated under the schema's grammar anyway
+
+
+class ResponseFormat(msgspec.Struct, forbid_unknown_fields=True):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+LogitBias = dict[str, Annotated[float, msgspec.Meta(ge=-100, le=100)]]
+MAX_CHOICES = 16  # n, and prompts per completion request, at most
+
+
+class SamplingFields(msgspec.Struct, forbid_unknown_fields=True):
+    """What both endpoints take; every field OpenAI defines is here, honoured, ignored as documented
+    (docs/openai-fields.md), or refused with a 400 that names it."""
+
     model: str | None = None
     max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] = 1.0
     top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
     stop: str | list[str] | None = None
-    n: int = 1
+    n: Annotated[int, msgspec.Meta(ge=1, le=MAX_CHOICES)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    presence_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] = 0.0
+    logit_bias: LogitBias | None = None
+    # Extensions other servers accept too (vLLM, llama.cpp, mlx_lm.server).
+    top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
+    min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    repetition_penalty: Annotated[float, msgspec.Meta(gt=0, le=100)] | None = None
+    # Accepted and ignored (docs/openai-fields.md says why).
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
 
-class CompletionRequest(SamplingFields, kw_only=True):
-    prompt: str | list[str]
+class CompletionRequest(SamplingFields, kw_only=True, forbid_unknown_fields=True):
+    # A string, a list of strings, a list of token ids, or a list of token-id lists: one choice per prompt.
+    prompt: str | list[str | int | list[int]]  # (msgspec takes one list type in a union; the routes check which)
+    logprobs: Annotated[int, msgspec.Meta(ge=0, le=5)] | None = None
+    echo: bool = False
+    best_of: Annotated[int, msgspec.Meta(ge=1)] | None = None  # only 1 (the default) is served
+    suffix: str | None = None  # refused: no insertion
 
 
-class ChatCompletionRequest(SamplingFields, kw_only=True):
+class ChatCompletionRequest(SamplingFields, kw_only=True, forbid_unknown_fields=True):
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    max_completion_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # extension: options for the chat template
+    reasoning_effort: str | None = None  # accepted and ignored: the template's own options control thinking
+    verbosity: str | None = None  # accepted and ignored
+    modalities: list[str] | None = None  # only ["text"]
+    # Refused when set: this server generates text for one conversation, nothing else.
+    audio: Any | None = None
+    prediction: Any | None = None
+    web_search_options: Any | None = None
+    functions: Any | None = None
+    function_call: Any | None = None
 
 
 # -- responses -----------------------------------------------------------------------------------
@@ -124,14 +209,49 @@ class UsageBody(msgspec.Struct):
     prompt_tokens_details: PromptTokensDetails
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+# -- logprobs ------------------------------------------------------------------------------------
+
+
+class TopLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobBody(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(msgspec.Struct):
+    """A chat choice's logprobs: one entry per generated token."""
+
+    content: list[TokenLogprobBody] | None
+    refusal: None = None
+
+
+class CompletionLogprobs(msgspec.Struct):
+    """A completion choice's logprobs, in the legacy completions shape."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+# -- completions ---------------------------------------------------------------------------------
 
 
 class CompletionChoice(msgspec.Struct):
     index: int
     text: str
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(msgspec.Struct):
@@ -143,15 +263,27 @@ class CompletionResponse(msgspec.Struct):
     object: str = "text_completion"
 
 
-class AssistantMessage(msgspec.Struct):
-    content: str
-    role: str = "assistant"
+# -- chat completions ----------------------------------------------------------------------------
+
+
+class ToolCallResponse(msgspec.Struct):
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
+class AssistantMessage(msgspec.Struct, omit_defaults=True):
+    role: Literal["assistant"]
+    content: str | None  # null when the answer is tool calls only
+    tool_calls: list[ToolCallResponse] | None = None
+    reasoning_content: str | None = None  # what a reasoning model thought before answering
 
 
 class ChatChoice(msgspec.Struct):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(msgspec.Struct):
@@ -169,7 +301,7 @@ class ChatCompletionResponse(msgspec.Struct):
 class CompletionChunkChoice(msgspec.Struct):
     index: int
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: FinishReason | None
 
 
@@ -184,15 +316,31 @@ class CompletionChunk(msgspec.Struct, omit_defaults=True):
     usage: UsageBody | None = None
 
 
+class FunctionCallDelta(msgspec.Struct, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(msgspec.Struct, omit_defaults=True):
+    """A streamed call: its first delta has the index, id, type and name; later ones, argument fragments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta | None = None
+
+
 class ChatDelta(msgspec.Struct, omit_defaults=True):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(msgspec.Struct):
     index: int
     delta: ChatDelta
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: FinishReason | None
 
 
