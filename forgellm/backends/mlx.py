@@ -9,12 +9,14 @@ the earlier turns of a conversation) skips that prefix's prefill.
 
 from __future__ import annotations
 
+import codecs
 import gc
 import json
 import logging
 import math
 import os
 import pathlib
+import pkgutil
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -23,10 +25,12 @@ from typing import Any
 import click
 import jinja2
 import mlx.core as mx
+import mlx_lm.tool_parsers
 from mlx_lm import load as mlx_load
 from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import apply_top_k, apply_top_p, greedy_sampler, make_logits_processors
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from forgellm import (
@@ -166,9 +170,12 @@ class Decoding:
             processors.append(self.constraints.processor(job.constraint))  # last: it decides what may follow
         return processors
 
-    def logprob(self, job: GenerationJob, token: int, logprobs: mx.array) -> TokenLogprob | None:
-        """The sampled token's log-probability, and the job.logprobs most likely tokens'."""
-        if job.logprobs is None:
+    def logprob(
+        self, job: GenerationJob, token: int, logprobs: mx.array, finish_reason: str | None
+    ) -> TokenLogprob | None:
+        """The sampled token's log-probability, and the job.logprobs most likely tokens' (none for an end token,
+        which is not part of the text)."""
+        if job.logprobs is None or finish_reason == "stop":
             return None
         top: tuple[tuple[str, bytes, float], ...] = ()
         if job.logprobs > 0:
@@ -194,15 +201,42 @@ class Decoding:
         return known
 
 
+class _ByteDetokenizer:
+    """A byte-level BPE sequence's text, its tokens' exact bytes decoded as they complete characters.
+
+    mlx-lm's BPE detokenizer drops the space a text starts with; a continuation needs it (" Paris" after "The
+    capital is"), and a text must be the join of its tokens as logprobs report them."""
+
+    def __init__(self, decoding: Decoding) -> None:
+        self._decoding = decoding
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""
+
+    def add_token(self, token: int) -> None:
+        self._pending += self._decoder.decode(self._decoding.token_text(token)[1])
+
+    def finalize(self) -> None:
+        self._pending += self._decoder.decode(b"", final=True)
+
+    @property
+    def last_segment(self) -> str:
+        """The text since the last call (as mlx-lm's detokenizers give it)."""
+        segment, self._pending = self._pending, ""
+        return segment
+
+
 class _Detokenizers:
     """One streaming detokenizer per sequence, so multi-byte characters are emitted whole."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, decoding: Decoding) -> None:
         self._tokenizer = tokenizer
-        self._by_id: dict[int, Any] = {}  # mlx-lm's streaming detokenizers
+        self._decoding = decoding
+        self._byte_level = isinstance(tokenizer.detokenizer, BPEStreamingDetokenizer)
+        self._by_id: dict[int, Any] = {}
 
     def start(self, seq_id: int) -> None:
-        self._by_id[seq_id] = self._tokenizer.detokenizer
+        # Other tokenizers (SentencePiece's) through mlx-lm's streaming detokenizers.
+        self._by_id[seq_id] = _ByteDetokenizer(self._decoding) if self._byte_level else self._tokenizer.detokenizer
 
     def text(self, seq_id: int, token: int, finish_reason: str | None) -> str:
         detokenizer = self._by_id[seq_id]
@@ -246,7 +280,7 @@ class MlxBatchEngine:
         )
         size = tuning.prompt_cache_size
         self._prompt_caches = LRUPromptCache(max_size=size) if size > 0 else None
-        self._detokenizers = _Detokenizers(tokenizer)
+        self._detokenizers = _Detokenizers(tokenizer, decoding)
         self._seq_of_uid: dict[int, int] = {}
         self._uid_of_seq: dict[int, int] = {}
         self._jobs: dict[int, GenerationJob] = {}
@@ -287,7 +321,9 @@ class MlxBatchEngine:
         for response in responses:
             seq_id = self._seq_of_uid[response.uid]
             text = self._detokenizers.text(seq_id, response.token, response.finish_reason)
-            logprob = self._decoding.logprob(self._jobs[seq_id], response.token, response.logprobs)
+            logprob = self._decoding.logprob(
+                self._jobs[seq_id], response.token, response.logprobs, response.finish_reason
+            )
             if response.finish_reason is not None:
                 self._forget(seq_id)
                 if self._prompt_caches is not None:
@@ -324,7 +360,7 @@ class MlxSequentialEngine:
         self._model = model
         self._decoding = decoding
         self._eos = set(tokenizer.eos_token_ids)
-        self._detokenizers = _Detokenizers(tokenizer)
+        self._detokenizers = _Detokenizers(tokenizer, decoding)
         self._waiting: deque[tuple[int, GenerationJob]] = deque()
         # (seq_id, job, mlx-lm's generate_step generator, tokens so far)
         self._current: tuple[int, GenerationJob, Iterator[Any], int] | None = None
@@ -354,7 +390,11 @@ class MlxSequentialEngine:
         finish_reason = "stop" if token in self._eos else ("length" if count >= job.max_tokens else None)
         text = self._detokenizers.text(seq_id, token, finish_reason)
         self._current = None if finish_reason else (seq_id, job, tokens, count)
-        return [TokenOutput(seq_id, text, finish_reason, logprob=self._decoding.logprob(job, token, logprobs))]
+        return [
+            TokenOutput(
+                seq_id, text, finish_reason, logprob=self._decoding.logprob(job, token, logprobs, finish_reason)
+            )
+        ]
 
     def remove(self, seq_ids: Iterable[int]) -> None:
         gone = set(seq_ids)
@@ -382,28 +422,43 @@ def _parse_json_tool_call(text: str, tools: list[dict] | None) -> dict:
 
 def _output_format(tokenizer) -> OutputFormat:
     """The markers mlx-lm infers from the model's chat template and vocabulary."""
-    think = (tokenizer.think_start, tokenizer.think_end) if tokenizer.has_thinking else None
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    reasoning: dict[str, Any] = {}
+    if tokenizer.has_thinking:
+        reasoning = {
+            "think": (tokenizer.think_start, tokenizer.think_end),
+            "opens_reasoning": lambda prompt: tokenizer.rfind_think_start(prompt) > tokenizer.rfind_think_end(prompt),
+        }
     if tokenizer.tool_parser is not None:
+        tool_call = (tokenizer.tool_call_start, tokenizer.tool_call_end)
         return OutputFormat(
-            think=think,
-            tool_call=(tokenizer.tool_call_start, tokenizer.tool_call_end),
-            parse_tool_call=tokenizer.tool_parser,
-            renders_tools="tools" in template,
+            tool_call=tool_call, parse_tool_call=tokenizer.tool_parser, renders_tools="tools" in template, **reasoning
         )
-    return OutputFormat(think=think, tool_call=DEFAULT_TOOL_CALL_MARKERS, parse_tool_call=_parse_json_tool_call)
+    return OutputFormat(
+        tool_call=DEFAULT_TOOL_CALL_MARKERS,
+        parse_tool_call=_parse_json_tool_call,
+        renders_tools="tools" in template,
+        **reasoning,
+    )
 
 
 class MlxModel:
     """A model and tokenizer loaded by mlx-lm's own loader (from ``path``, a directory or repo id)."""
 
     def __init__(
-        self, name: str, adapter_path: str | None, tuning: EngineTuning = EngineTuning(), path: str | None = None
+        self,
+        name: str,
+        adapter_path: str | None,
+        tuning: EngineTuning = EngineTuning(),
+        path: str | None = None,
+        tool_parser: str | None = None,
     ) -> None:
         self.name = name
         self.adapter_path = adapter_path
         self.tuning = tuning
-        loaded = mlx_load(path or name, adapter_path=adapter_path)
+        # mlx-lm infers the tool-call parser from the chat template; the tokenizer config overrides that.
+        tokenizer_config = {"tool_parser_type": tool_parser} if tool_parser else None
+        loaded = mlx_load(path or name, tokenizer_config=tokenizer_config, adapter_path=adapter_path)
         self.model, self.tokenizer = loaded[0], loaded[1]
         # mlx-lm batches only models whose every cache layer can be merged across sequences.
         self.batchable = all(hasattr(c, "merge") for c in make_prompt_cache(self.model))
@@ -509,14 +564,21 @@ class ModelSources:
         return converted_model(source, self.cache_dir, self.weight_format(source), progress, sha256)
 
 
+# mlx-lm's tool-call parsers, one module per model family's call syntax.
+TOOL_PARSERS = sorted(module.name for module in pkgutil.iter_modules(mlx_lm.tool_parsers.__path__))
+
+
 class MlxBackend:
     """Loads models with mlx-lm (after fetching a built-in name and converting a GGUF file)."""
 
     default_model: str | None = builtin_models.DEFAULT_MODEL
 
-    def __init__(self, tuning: EngineTuning = EngineTuning(), sources: ModelSources | None = None) -> None:
+    def __init__(
+        self, tuning: EngineTuning = EngineTuning(), sources: ModelSources | None = None, tool_parser: str | None = None
+    ) -> None:
         self.tuning = tuning
         self.sources = sources or ModelSources()
+        self.tool_parser = tool_parser
 
     @classmethod
     def from_settings(cls, settings: Settings) -> MlxBackend:
@@ -531,6 +593,7 @@ class MlxBackend:
                 pathlib.Path(cache_dir) if cache_dir else default_cache_dir(),
                 settings.get("gguf_weights", GGUF_AUTO),
             ),
+            settings.get("tool_parser"),
         )
 
     def load(self, model_name: str, adapter_path: str | None, progress: Callable[[str], None]) -> MlxModel:
@@ -539,7 +602,7 @@ class MlxBackend:
             if directory is not None and os.path.isdir(os.path.expanduser(directory)):
                 check_model_directory(os.path.expanduser(directory))
         progress("loading weights")
-        return MlxModel(model_name, adapter_path, self.tuning, path=path)
+        return MlxModel(model_name, adapter_path, self.tuning, path=path, tool_parser=self.tool_parser)
 
 
 @hookimpl
@@ -586,6 +649,14 @@ def register_options(register):
             "with an optimized BLAS when it takes at most a quarter of the memory, else quantized.",
             type=click.Choice(GGUF_WEIGHT_CHOICES),
             default=GGUF_AUTO,
+        )
+    )
+    register(
+        Option(
+            "tool_parser",
+            "How tool calls are read from the model's output: one of mlx-lm's parsers by model family "
+            "(default: the one its chat template implies, else JSON between <tool_call> markers).",
+            type=click.Choice(TOOL_PARSERS),
         )
     )
 

@@ -187,15 +187,16 @@ def build_tiny_model(
     path: str | os.PathLike[str],
     *,
     seed: int = 0,
-    chat_template: bool = True,
+    chat_template: bool | str = True,
     config_overrides: dict[str, Any] | None = None,
 ) -> pathlib.Path:
     """Write a tiny random-weight Llama model into path and return it.
 
     Writes config.json, model.safetensors, the tokenizer files and (unless
-    chat_template is False) chat_template.jinja; the directory is created if
-    needed. The same seed always gives the same weights. config_overrides
-    changes the Llama shape (hidden_size, num_hidden_layers, ...), e.g. for a
+    chat_template is False) chat_template.jinja: a Zephyr-style template, or
+    the Jinja text chat_template gives; the directory is created if needed.
+    The same seed always gives the same weights. config_overrides changes
+    the Llama shape (hidden_size, num_hidden_layers, ...), e.g. for a
     model big enough that benchmark timings mean something.
     """
     out = pathlib.Path(path)
@@ -234,7 +235,7 @@ def build_tiny_model(
     template_file = out / "chat_template.jinja"
     if chat_template:
         # transformers 5 reads the template from this file next to the tokenizer.
-        template_file.write_text(CHAT_TEMPLATE, encoding="utf-8")
+        template_file.write_text(CHAT_TEMPLATE if chat_template is True else chat_template, encoding="utf-8")
     else:
         template_file.unlink(missing_ok=True)
 

@@ -128,20 +128,21 @@ class TurnSplitter:
         *,
         tools: list[dict[str, Any]] | None = None,
         forced: bool = False,
-        reasoning: bool = True,
+        in_reasoning: bool = False,
     ) -> None:
+        """``in_reasoning``: the prompt ended inside a think block, so the text starts as reasoning."""
         self._format = output_format
         self._tools = tools
         self._forced = forced
         self._calls = 0
         self._held = ""
-        self._in_think = False
         self._in_call = False
         self._call_text = ""
         self._forced_text = ""
         self._streamed_call: int | None = None  # the index of a forced call whose arguments are streaming
         self._streamed_upto = 0  # how much of the forced text has gone out as argument fragments
-        self._think = output_format.think if reasoning else None
+        self._think = output_format.think
+        self._in_think = in_reasoning and self._think is not None
         self._tool_markers = output_format.tool_call if tools else None
 
     def feed(self, text: str) -> list[TurnEvent]:

@@ -118,12 +118,21 @@ class Generation:
         self.output_format = model.output_format
         self.handle = handle
         self._request = request
+        opens_reasoning = self.output_format.opens_reasoning
+        self._starts_in_reasoning = bool(
+            opens_reasoning and request.messages is not None and opens_reasoning(handle.job.prompt_tokens)
+        )
 
     def splitter(self) -> TurnSplitter:
         """A fresh splitter for this generation's text."""
         request = self._request
         tools = request.tools if request.tool_choice.mode != "none" else None
-        return TurnSplitter(self.output_format, tools=tools, forced=bool(tools) and request.tool_choice.forced)
+        return TurnSplitter(
+            self.output_format,
+            tools=tools,
+            forced=bool(tools) and request.tool_choice.forced,
+            in_reasoning=self._starts_in_reasoning,
+        )
 
     @property
     def cached_prompt_tokens(self) -> int:
@@ -283,6 +292,7 @@ class GenerationService:
         def work() -> list[int]:
             if request.constraint is not None:
                 model.check_constraint(request.constraint)  # compiled here, off the event loop
+            self._checked_ids([token for token, _ in request.sampling.logit_bias], model.vocab_size, "logit_bias")
             if isinstance(request.prompt, list):
                 return self._checked_ids(request.prompt, model.vocab_size)
             if request.messages is None:
@@ -314,10 +324,11 @@ class GenerationService:
             raise bad_request(str(exc)) from None
 
     @staticmethod
-    def _checked_ids(tokens: list[int], vocab_size: int) -> list[int]:
+    def _checked_ids(tokens: list[int], vocab_size: int, field: str = "prompt") -> list[int]:
+        # An id out of range would index past the logits (MLX does not check; the process would crash).
         for token in tokens:
             if not 0 <= token < vocab_size:
-                raise ValueError(f"Token id {token} is not in the model's vocabulary (0 to {vocab_size - 1})")
+                raise ValueError(f"{field}: token id {token} is not in the model's vocabulary (0 to {vocab_size - 1})")
         return tokens
 
     async def account(self, caller: Caller, handle: SequenceHandle) -> None:

@@ -26,6 +26,9 @@ class OutputFormat:
     tool_call: tuple[str, str] | None = None
     parse_tool_call: ToolCallParser | None = None
     renders_tools: bool = False  # the chat template puts the request's tools into the prompt itself
+    # Whether a rendered prompt ends inside a think block (templates of reasoning models may open it), so that
+    # the answer starts as reasoning.
+    opens_reasoning: Callable[[list[int]], bool] | None = None
 
 
 class Engine(Protocol):
