@@ -7,6 +7,7 @@ fetches it once), so nothing here reaches Hugging Face. Run these alone with ``-
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import math
 import shutil
 import subprocess
@@ -206,3 +207,99 @@ def test_a_server_started_without_model_serves_the_default(smollm2_dir):
     with ServerProcess([], default_model=True) as server:  # ready: the default model loaded
         status = httpx.get(f"{server.url}/api/model/status").json()
         assert status["loaded"] and status["model_name"] == DEFAULT_MODEL
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "The city's name"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def _openai(client):
+    import openai
+
+    return openai.OpenAI(base_url=f"{client.base_url}/v1", api_key="unused", http_client=client, max_retries=0)
+
+
+def test_a_named_tool_call_names_paris(real):
+    choice = (
+        _openai(real)
+        .chat.completions.create(
+            model=DEFAULT_MODEL,
+            messages=[{"role": "user", "content": "What's the weather in Paris?"}],
+            tools=[WEATHER_TOOL],
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+            temperature=0,
+        )
+        .choices[0]
+    )
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert "Paris" in json.loads(call.function.arguments)["city"]
+
+
+def test_json_mode_answers_parseable_json(real):
+    choice = (
+        _openai(real)
+        .chat.completions.create(
+            model=DEFAULT_MODEL,
+            messages=[{"role": "user", "content": "Give the capital of France as JSON with the key capital."}],
+            response_format={"type": "json_object"},
+            max_tokens=200,
+            temperature=0,
+        )
+        .choices[0]
+    )
+    assert choice.finish_reason == "stop"
+    assert isinstance(json.loads(choice.message.content), dict)
+
+
+def test_structured_output_into_a_pydantic_model(real):
+    import pydantic
+
+    class Capital(pydantic.BaseModel):
+        country: str
+        capital: str
+
+    parsed = (
+        _openai(real)
+        .chat.completions.parse(
+            model=DEFAULT_MODEL,
+            messages=[{"role": "user", "content": "What is the capital of France? Answer in JSON."}],
+            response_format=Capital,
+            max_tokens=100,
+            temperature=0,
+        )
+        .choices[0]
+        .message.parsed
+    )
+    assert isinstance(parsed, Capital)
+    assert "Paris" in parsed.capital
+
+
+def test_logprobs_of_a_confident_answer(real):
+    choice = (
+        _openai(real)
+        .chat.completions.create(
+            model=DEFAULT_MODEL,
+            messages=[{"role": "user", "content": QUESTION}],
+            max_tokens=12,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=3,
+        )
+        .choices[0]
+    )
+    entries = choice.logprobs.content
+    assert "".join(entry.token for entry in entries) == choice.message.content
+    paris = next(entry for entry in entries if "Paris" in entry.token)
+    assert paris.logprob > math.log(0.5)  # the model is sure of it

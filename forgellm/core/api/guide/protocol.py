@@ -6,7 +6,7 @@ stream is encoded from them line by line, and the OpenAPI schema is generated fr
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import msgspec
 
@@ -75,6 +75,8 @@ class GenerateRequest(msgspec.Struct):
     system_prompt: str | None = None
     history: list[Message] | None = None
     streaming: bool = False
+    # The text is a JSON value valid against this JSON Schema, enforced by constrained decoding.
+    json_schema: dict[str, Any] | None = None
 
 
 class GenerateResponse(msgspec.Struct):

@@ -31,7 +31,7 @@ from forgellm.core.api.guide.protocol import (
     ndjson_line,
 )
 from forgellm.core.api.pipeline import Caller, Generation, GenerationRequest, GenerationService
-from forgellm.core.engine.generation import SamplingParams
+from forgellm.core.engine.generation import Constraint, SamplingParams
 from forgellm.core.http.errors import as_api_error, exception_handler
 from forgellm.core.http.openapi import NDJSON, error_responses, json_body, streamed_as
 from forgellm.core.http.strict_body import strict_body
@@ -128,6 +128,7 @@ def _generation_request(data: GenerateRequest, default_max_tokens: int) -> Gener
             seed=data.seed,
         ),
         stop=tuple(stop or ()),
+        constraint=None if data.json_schema is None else Constraint(data.json_schema),
     )
 
 

@@ -174,6 +174,8 @@ class ChatCompletionRequest(SamplingFields, kw_only=True, forbid_unknown_fields=
     chat_template_kwargs: dict[str, Any] | None = None  # extension: options for the chat template
     reasoning_effort: str | None = None  # accepted and ignored: the template's own options control thinking
     verbosity: str | None = None  # accepted and ignored
+    prompt_cache_options: dict[str, Any] | None = None  # accepted and ignored: prefixes are cached automatically
+    prompt_cache_retention: str | None = None  # accepted and ignored: --prompt-cache-size bounds the cache
     modalities: list[str] | None = None  # only ["text"]
     # Refused when set: this server generates text for one conversation, nothing else.
     audio: Any | None = None
@@ -181,6 +183,7 @@ class ChatCompletionRequest(SamplingFields, kw_only=True, forbid_unknown_fields=
     web_search_options: Any | None = None
     functions: Any | None = None
     function_call: Any | None = None
+    moderation: Any | None = None
 
 
 # -- responses -----------------------------------------------------------------------------------

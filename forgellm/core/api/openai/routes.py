@@ -180,12 +180,12 @@ def _response_format(data: ChatCompletionRequest) -> Constraint | None:
 
 def _chat_requests(data: ChatCompletionRequest) -> list[GenerationRequest]:
     _refuse_unsupported(
-        {name: getattr(data, name) for name in ("audio", "prediction", "web_search_options", "functions")}
+        {name: getattr(data, name) for name in ("audio", "prediction", "web_search_options", "functions", "moderation")}
     )
     if data.function_call is not None:
         raise bad_request("function_call is not supported by this server; use tools and tool_choice")
     if data.modalities not in (None, ["text"]):
-        raise bad_request("Only the text modality is supported by this server")
+        raise bad_request('modalities: only ["text"] is supported by this server')
     if data.top_logprobs is not None and not data.logprobs:
         raise bad_request("top_logprobs needs logprobs: true")
     base = GenerationRequest(
