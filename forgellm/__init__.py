@@ -1,14 +1,26 @@
 """ForgeLLM: a model server for MLX language models, extended through pluggy plugins.
 
 The names below are the public plugin API: a plugin (or a backend) needs nothing else from the
-package, and they keep their meaning across versions. ``docs/plugins.md`` documents each hook.
+package, and they keep their meaning across versions. ``docs/plugins.md`` documents each hook;
+``docs/api-dialects.md`` shows how an API dialect (a plugin's routes) uses the generation pipeline.
 """
 
+from forgellm.core.api.assistant_turn import (
+    AssistantTurn,
+    ContentDelta,
+    ReasoningDelta,
+    ToolCallArguments,
+    ToolCallStart,
+    TurnEvent,
+    TurnSplitter,
+)
+from forgellm.core.api.pipeline import Caller, Generation, GenerationRequest, GenerationService, ToolChoice
 from forgellm.core.config.settings import Option, Settings
 from forgellm.core.engine.backend import Backend, Engine, LoadedModel, OutputFormat
 from forgellm.core.engine.generation import (
     Completion,
     Constraint,
+    Delta,
     GenerationJob,
     SamplingParams,
     TokenLogprob,
@@ -25,28 +37,40 @@ from forgellm.core.errors import (
     service_unavailable,
 )
 from forgellm.core.hookspecs import hookimpl
+from forgellm.core.http.errors import as_api_error, exception_handler
+from forgellm.core.http.openapi import EVENT_STREAM, any_of, error_responses, json_body, server_sent_event, streamed_as
 from forgellm.core.http.request_context import RequestRecord, record_of
+from forgellm.core.http.strict_body import strict_body
 from forgellm.core.identity import ADMIN, GENERATE, LOAD, STATUS, Identity
 from forgellm.core.server import Server
 from forgellm.version import __version__
 
 __all__ = [
     "ADMIN",
+    "EVENT_STREAM",
     "GENERATE",
     "INVALID_CREDENTIALS",
     "LOAD",
     "STATUS",
     "ApiError",
+    "AssistantTurn",
     "Backend",
+    "Caller",
     "Completion",
     "Constraint",
+    "ContentDelta",
+    "Delta",
     "Engine",
     "Forbidden",
+    "Generation",
     "GenerationJob",
+    "GenerationRequest",
+    "GenerationService",
     "Identity",
     "LoadedModel",
     "Option",
     "OutputFormat",
+    "ReasoningDelta",
     "RequestRecord",
     "SamplingParams",
     "Server",
@@ -54,11 +78,24 @@ __all__ = [
     "TemplateRefused",
     "TokenLogprob",
     "TokenOutput",
+    "ToolCallArguments",
+    "ToolCallStart",
+    "ToolChoice",
+    "TurnEvent",
+    "TurnSplitter",
     "Unauthorized",
     "Usage",
     "__version__",
+    "any_of",
+    "as_api_error",
     "bad_request",
+    "error_responses",
+    "exception_handler",
     "hookimpl",
+    "json_body",
     "record_of",
+    "server_sent_event",
     "service_unavailable",
+    "streamed_as",
+    "strict_body",
 ]

@@ -125,6 +125,14 @@ def test_hook_register_routes_serves_its_route(plugin_server):
     assert response.json() == {"plugin": "testplugin", "model_loaded": True}
 
 
+def test_hook_register_error_shapes_answers_its_paths_in_its_shape(plugin_server):
+    response = plugin_server.get("/testplugin/no-such-route")
+
+    assert response.status_code == 404
+    assert response.json() == {"testplugin_error": "Not found"}
+    assert "testplugin_error" not in plugin_server.get("/no-such-route").json()
+
+
 def test_hook_before_generate_refuses_with_the_envelope(plugin_server):
     refused = plugin_server.post("/api/model/generate", json={"prompt": "say forbidden things", "max_tokens": 4})
 

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from forgellm.core.config.settings import Option, Settings
     from forgellm.core.engine.backend import Backend
     from forgellm.core.engine.generation import GenerationJob, Usage
+    from forgellm.core.errors import ApiError
     from forgellm.core.http.request_context import RequestRecord
     from forgellm.core.identity import Identity
     from forgellm.core.server import Server
@@ -45,6 +46,11 @@ def register_backends(register: Callable[[str, Backend], None], settings: Settin
 @hookspec
 def register_routes(register: Callable[[Any], None], server: Server) -> None:
     """Register extra Litestar route handlers or routers: call register(handler)."""
+
+
+@hookspec
+def register_error_shapes(register: Callable[[str, Callable[[ApiError], Any]], None]) -> None:
+    """Answer errors under a path prefix in your API's shape: call register(prefix, shape), shape(ApiError) -> body."""
 
 
 @hookspec

@@ -28,6 +28,8 @@ OPT_IN_PLUGINS: dict[str, str] = {
     "logging": "forgellm.plugins.access_log",
     "auth": "forgellm.plugins.auth",
     "metrics": "forgellm.plugins.metrics",
+    "responses": "forgellm.plugins.responses",
+    "anthropic": "forgellm.plugins.anthropic",
 }
 
 

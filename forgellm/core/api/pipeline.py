@@ -204,13 +204,7 @@ class GenerationService:
         Once the before_generate hooks have run, after_generate runs exactly once for the job: here, with no
         tokens, when the job is refused later; else when it ends."""
         server = self._server
-        model = server.models.require_model()
-        if request.model is not None and request.model != model.name:
-            raise ApiError(
-                404,
-                f"The model '{request.model}' is not loaded; this server serves '{model.name}'",
-                code="model_not_found",
-            )
+        model = self._serving_model(request)
         request = self._with_tools(request, model.output_format)
         job = GenerationJob(
             prompt_tokens=[],
@@ -248,6 +242,22 @@ class GenerationService:
         except BaseException:
             await self._finish(caller, job, Usage(len(job.prompt_tokens), 0))
             raise
+
+    async def count_prompt_tokens(self, caller: Caller, request: GenerationRequest) -> int:
+        """How many tokens the request's prompt is, as a generation would see it (template applied, tools
+        described); nothing is generated, so no before_generate or after_generate hook runs."""
+        model = self._serving_model(request)
+        return len(await self._tokenize(caller, model, self._with_tools(request, model.output_format)))
+
+    def _serving_model(self, request: GenerationRequest) -> LoadedModel:
+        model = self._server.models.require_model()
+        if request.model is not None and request.model != model.name:
+            raise ApiError(
+                404,
+                f"The model '{request.model}' is not loaded; this server serves '{model.name}'",
+                code="model_not_found",
+            )
+        return model
 
     @staticmethod
     def _with_tools(request: GenerationRequest, output_format: OutputFormat) -> GenerationRequest:

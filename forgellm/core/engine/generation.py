@@ -78,6 +78,7 @@ class TokenOutput:
     finish_reason: str | None = None  # "stop", "length", or None while running
     error: str | None = None
     logprob: TokenLogprob | None = None  # when the job asked for logprobs
+    stop_sequence: str | None = None  # the job's stop string that ended it (finish_reason "stop")
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,8 @@ class Completion:
     usage: Usage
     generation_time: float
     time_to_first_token: float
+    # The job's stop string that ended it; None when the model's end token (or the length) did.
+    stop_sequence: str | None = None
 
     @property
     def tokens_per_sec(self) -> float:

@@ -37,6 +37,7 @@ class SequenceHandle:
         self.completion_tokens = 0
         self.cached_prompt_tokens = 0  # prompt tokens whose KV the engine reused instead of computing
         self.finish_reason: str | None = None
+        self.stop_sequence: str | None = None  # the stop string that ended it, if one did
         self.error: str | None = None
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
@@ -71,6 +72,7 @@ class SequenceHandle:
             self.logprobs.append(output.logprob)
         if output.finish_reason is not None:
             self.finish_reason = output.finish_reason
+            self.stop_sequence = output.stop_sequence
         if output.error is not None or output.finish_reason is not None:
             self.finished_at = time.perf_counter()
             self._finished.set()
@@ -107,6 +109,7 @@ class SequenceHandle:
             usage=self.usage,
             generation_time=end - self.submitted_at,
             time_to_first_token=(self.first_token_at or end) - self.submitted_at,
+            stop_sequence=self.stop_sequence,
         )
 
     def cancel(self) -> None:
@@ -279,7 +282,7 @@ class Scheduler:
             if sequence is None:
                 continue
             text, reached_stop = sequence.stops.feed(output.text)
-            if reached_stop:
+            if reached_stop is not None:
                 stopped.append(output.seq_id)
                 finish_reason = "stop"
             elif output.finish_reason is not None:
@@ -289,7 +292,9 @@ class Scheduler:
                 finish_reason = None
             if finish_reason is not None:
                 del self._running[output.seq_id]
-            delivered.append(TokenOutput(output.seq_id, text, finish_reason, logprob=output.logprob))
+            delivered.append(
+                TokenOutput(output.seq_id, text, finish_reason, logprob=output.logprob, stop_sequence=reached_stop)
+            )
         self._post(delivered)
         if stopped:
             self._remove(stopped)

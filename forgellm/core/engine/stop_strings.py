@@ -12,18 +12,19 @@ class StopMatcher:
         self._stops = [s for s in stops if s]
         self._held = ""
 
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Return (text safe to emit, whether a stop string was reached)."""
+    def feed(self, text: str) -> tuple[str, str | None]:
+        """Return (text safe to emit, the stop string reached or None); the earliest in the text wins."""
         if not self._stops:
-            return text, False
+            return text, None
         buffer = self._held + text
-        found = [i for i in (buffer.find(stop) for stop in self._stops) if i >= 0]
+        found = [(i, stop) for i, stop in ((buffer.find(stop), stop) for stop in self._stops) if i >= 0]
         if found:
             self._held = ""
-            return buffer[: min(found)], True
+            position, stop = min(found, key=lambda match: match[0])
+            return buffer[:position], stop
         keep = self._partial_match_length(buffer)
         self._held = buffer[len(buffer) - keep :] if keep else ""
-        return buffer[: len(buffer) - keep], False
+        return buffer[: len(buffer) - keep], None
 
     def flush(self) -> str:
         """The held-back text, when generation ends without reaching a stop string."""

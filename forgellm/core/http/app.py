@@ -61,6 +61,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> Li
     # Answers to requests that matched no route, or were refused before routing, take their API's shape.
     error_shapes = ErrorShapes(default=guide_error_body)
     error_shapes.register(OPENAI_PREFIX, openai_error_body)
+    pm.hook.register_error_shapes(register=error_shapes.register)
     app = Litestar(
         route_handlers=handlers,
         guards=[access_guard],

@@ -79,19 +79,16 @@ def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
     return resolved
 
 
-def server_sent_event(data_schema: dict[str, Any]) -> dict[str, Any]:
-    """One server-sent event: its data is a JSON document matching data_schema, or the closing [DONE]."""
+def server_sent_event(data_schema: dict[str, Any], done_marker: bool = True) -> dict[str, Any]:
+    """One server-sent event: its data is a JSON document matching data_schema, or (with done_marker) the closing
+    [DONE]."""
+    document = {"type": "string", "contentMediaType": "application/json", "contentSchema": data_schema}
     return {
         "type": "object",
         "required": ["data"],
         "properties": {
             "event": {"type": "string"},
-            "data": {
-                "anyOf": [
-                    {"type": "string", "contentMediaType": "application/json", "contentSchema": data_schema},
-                    {"const": "[DONE]"},
-                ]
-            },
+            "data": {"anyOf": [document, {"const": "[DONE]"}]} if done_marker else document,
         },
     }
 

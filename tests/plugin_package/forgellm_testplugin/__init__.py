@@ -57,6 +57,11 @@ def register_routes(register, server):
 
 
 @hookimpl
+def register_error_shapes(register):
+    register("/testplugin", lambda error: {"testplugin_error": error.message})
+
+
+@hookimpl
 def register_cors_headers(allow, expose):
     allow("X-Testplugin-Token")
     expose("X-Testplugin-Seen")
