@@ -39,8 +39,8 @@ class LiveServer:
 
 @contextlib.contextmanager
 def serving(model, backend=None, **settings) -> Iterator[LiveServer]:
-    """The app with the model loaded (by backend, as the test kit's test_client takes it), served by
-    uvicorn on a free port until the block ends."""
+    """The app with the model loaded (by backend, as the test kit's test_client takes it; None: none), served
+    by uvicorn on a free port until the block ends."""
     app = create_test_app(model, backend=backend, **settings)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -48,7 +48,8 @@ def serving(model, backend=None, **settings) -> Iterator[LiveServer]:
     thread.start()
     try:
         wait_for(lambda: server.started, "uvicorn to start")
-        wait_for(lambda: app.state.server.models.state.loaded, "the model to load")
+        if model is not None:
+            wait_for(lambda: app.state.server.models.state.loaded, "the model to load")
         yield LiveServer(app, port)
     finally:
         server.should_exit = True

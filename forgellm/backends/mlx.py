@@ -26,6 +26,7 @@ import click
 import jinja2
 import mlx.core as mx
 import mlx_lm.tool_parsers
+from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_load
 from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
@@ -254,9 +255,10 @@ class _Detokenizers:
 @dataclass(frozen=True)
 class EngineTuning:
     """How the batch engine trades memory and latency against throughput (--prompt-cache-size,
-    --prefill-batch-size, --prefill-chunk-size)."""
+    --prompt-cache-bytes, --prefill-batch-size, --prefill-chunk-size)."""
 
     prompt_cache_size: int = DEFAULT_PROMPT_CACHE_SIZE
+    prompt_cache_bytes: int = 0  # 0: bounded by entries only
     prefill_batch_size: int = DEFAULT_PREFILL_BATCH_SIZE
     prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK_SIZE
 
@@ -278,8 +280,8 @@ class MlxBatchEngine:
             prefill_batch_size=tuning.prefill_batch(max_batch_size),
             prefill_step_size=tuning.prefill_chunk_size,
         )
-        size = tuning.prompt_cache_size
-        self._prompt_caches = LRUPromptCache(max_size=size) if size > 0 else None
+        size, limit = tuning.prompt_cache_size, tuning.prompt_cache_bytes
+        self._prompt_caches = LRUPromptCache(max_size=size, max_bytes=limit or 1 << 63) if size > 0 else None
         self._detokenizers = _Detokenizers(tokenizer, decoding)
         self._seq_of_uid: dict[int, int] = {}
         self._uid_of_seq: dict[int, int] = {}
@@ -331,6 +333,20 @@ class MlxBatchEngine:
                     self._prompt_caches.insert_cache(_CACHE_KEY, list(response.all_tokens), response.prompt_cache)
             outputs.append(TokenOutput(seq_id, text, response.finish_reason, logprob=logprob))
         return outputs
+
+    def cache_bytes(self) -> int:
+        """The KV caches held: the running batch's and the prompt cache's."""
+        held = self._prompt_caches.nbytes if self._prompt_caches is not None else 0
+        for batch in (
+            getattr(self._generator, "_generation_batch", None),
+            getattr(self._generator, "_prompt_batch", None),
+        ):
+            for layer in getattr(batch, "prompt_cache", None) or ():
+                try:
+                    held += int(layer.nbytes)
+                except (AttributeError, NotImplementedError, TypeError):
+                    pass  # an empty layer has no arrays yet
+        return held
 
     def remove(self, seq_ids: Iterable[int]) -> None:
         uids = [self._uid_of_seq[s] for s in seq_ids if s in self._uid_of_seq]
@@ -467,6 +483,8 @@ class MlxModel:
         self.context_length: int | None = getattr(args, "max_position_embeddings", None)
         self.decoding = Decoding(self.tokenizer, self.vocab_size)
         self.output_format = _output_format(self.tokenizer)
+        weights: list[tuple[str, mx.array]] = tree_flatten(self.model.parameters())  # type: ignore[assignment]
+        self.memory_bytes = sum(array.nbytes for _, array in weights)
 
     @property
     def has_chat_template(self) -> bool:
@@ -586,6 +604,7 @@ class MlxBackend:
         return cls(
             EngineTuning(
                 prompt_cache_size=settings.get("prompt_cache_size", DEFAULT_PROMPT_CACHE_SIZE),
+                prompt_cache_bytes=settings.get("prompt_cache_bytes", 0),
                 prefill_batch_size=settings.get("prefill_batch_size", DEFAULT_PREFILL_BATCH_SIZE),
                 prefill_chunk_size=settings.get("prefill_chunk_size", DEFAULT_PREFILL_CHUNK_SIZE),
             ),
@@ -595,6 +614,12 @@ class MlxBackend:
             ),
             settings.get("tool_parser"),
         )
+
+    @staticmethod
+    def device_memory_bytes() -> int:
+        """What a --memory-budget fraction is of: the GPU's memory, or the machine's on the CPU."""
+        info = mx.device_info() if mx.default_device().type == mx.DeviceType.gpu else {}
+        return int(info.get("memory_size", 0)) or physical_memory()
 
     def load(self, model_name: str, adapter_path: str | None, progress: Callable[[str], None]) -> MlxModel:
         path = self.sources.resolve(model_name, progress)
@@ -614,6 +639,15 @@ def register_options(register):
             "prefix's prefill (0: off).",
             type=int,
             default=DEFAULT_PROMPT_CACHE_SIZE,
+        )
+    )
+    register(
+        Option(
+            "prompt_cache_bytes",
+            "Most bytes the prompt cache of each resident model may hold; the least recently used entries go "
+            "first (0: bounded by --prompt-cache-size only).",
+            type=click.IntRange(min=0),
+            default=0,
         )
     )
     register(

@@ -13,10 +13,12 @@ import pluggy
 
 from forgellm.core.api.pipeline import GenerationService
 from forgellm.core.clients import InFlightLimit
-from forgellm.core.config.settings import Settings
+from forgellm.core.config.settings import Settings, memory_amount
 from forgellm.core.engine.backend import Backend
 from forgellm.core.engine.scheduler import Scheduler
+from forgellm.core.identity import LOAD
 from forgellm.core.models.manager import ModelManager
+from forgellm.core.models.registry import ModelRegistry, device_memory_bytes
 from forgellm.core.plugin_manager import await_me_maybe
 
 logger = logging.getLogger("forgellm")
@@ -50,22 +52,50 @@ class Server:
             available = ", ".join(sorted(self.backends)) or "none (is a backend plugin disabled?)"
             raise BackendError(f"no backend named {settings.backend!r} is registered; registered: {available}")
         self.backend = self.backends[settings.backend]
-        self.scheduler = Scheduler(max_concurrency=settings.max_concurrency, max_queue=settings.max_queue)
-        self.models = ModelManager(self.backend, self.scheduler, settings.load_timeout, settings.allow_model)
+        budget = settings.memory_budget
+        self.registry = ModelRegistry(
+            self.backend,
+            max_concurrency=settings.max_concurrency,
+            max_queue=settings.max_queue,
+            load_timeout=settings.load_timeout,
+            allow_patterns=tuple(settings.allow_model),
+            memory_budget=memory_amount(budget, device_memory_bytes(self.backend)) if budget else None,
+            max_models=settings.max_models,
+            keep_alive=settings.keep_alive,
+            load_wait=settings.model_load_wait,
+            authorized_to_load=self._may_load,
+        )
         self.in_flight = InFlightLimit(settings.max_inflight_per_client)
         self.generations = GenerationService(self)
         self.plugin_state: dict[str, Any] = {}
         self.app: Any | None = None
 
+    @property
+    def models(self) -> ModelManager:
+        """The default model's manager: the one the guide's routes speak of."""
+        return self.registry.default.manager
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The default model's scheduler."""
+        return self.registry.default.scheduler
+
+    async def _may_load(self, caller: Any) -> bool:
+        """Whether the authorize hooks let this caller load models (a request that names one not resident)."""
+        for verdict in self.hook.authorize(identity=caller.identity, action=LOAD, request=caller.request, server=self):
+            if await await_me_maybe(verdict) is False:
+                return False
+        return True
+
     async def startup(self) -> None:
-        self.scheduler.start()
+        self.registry.start()
         for result in self.hook.startup(server=self):
             await await_me_maybe(result)
-        model = self.settings.model or (None if self.settings.no_model else self.backend.default_model)
-        if model:
-            self.models.start_load(model, self.settings.adapter)
+        default = None if self.settings.no_model else self.backend.default_model
+        models = tuple(self.settings.model) or ((default,) if default else ())
+        await self.registry.load_at_start(models, self.settings.adapter, pinned=self.settings.pin_models)
 
     async def shutdown(self) -> None:
         for result in self.hook.shutdown(server=self):
             await await_me_maybe(result)
-        await self.scheduler.stop(timeout=self.settings.drain_timeout)
+        await self.registry.stop(timeout=self.settings.drain_timeout)

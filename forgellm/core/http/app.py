@@ -14,6 +14,7 @@ from litestar.openapi.spec import Server as OpenAPIServer
 
 from forgellm.core.api.guide.protocol import error_body as guide_error_body
 from forgellm.core.api.guide.routes import guide_router
+from forgellm.core.api.models.routes import ROUTES as MODELS_ROUTES
 from forgellm.core.api.openai.protocol import PREFIX as OPENAI_PREFIX
 from forgellm.core.api.openai.protocol import error_body as openai_error_body
 from forgellm.core.api.openai.routes import openai_router
@@ -56,7 +57,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> Li
     if pm is None:
         pm = create_plugin_manager(enabled_plugin_names(settings.plugins))
     server = Server(settings, pm)
-    handlers: list[Any] = [guide_router(), openai_router(), *health.ROUTES]
+    handlers: list[Any] = [guide_router(), *MODELS_ROUTES, openai_router(), *health.ROUTES]
     pm.hook.register_routes(register=handlers.append, server=server)
     # Answers to requests that matched no route, or were refused before routing, take their API's shape.
     error_shapes = ErrorShapes(default=guide_error_body)

@@ -36,6 +36,7 @@ class RequestRecord:
     route: str | None = None
     started: float = field(default_factory=time.perf_counter)
     identity: Identity | None = None
+    model: str | None = None  # the resident model a generation ran on, by the name requests use
     status: int | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None

@@ -60,7 +60,9 @@ async def load_model(
 ) -> LoadResponse:
     data = await strict_body(request, LoadRequest)
     server.models.check_load_target(data.model_name, data.adapter_path)
-    server.models.start_load(data.model_name, data.adapter_path, from_client=True)
+    if not server.registry.make_default(data.model_name, data.adapter_path):  # else: loaded beside it already
+        server.models.start_load(data.model_name, data.adapter_path, from_client=True)
+        server.registry.default.name = data.model_name
     return LoadResponse(
         success=True,
         message=f"Model {data.model_name} loading started",

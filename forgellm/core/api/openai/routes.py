@@ -299,8 +299,8 @@ def _finish_reason(generation: Generation, turn: AssistantTurn | None = None) ->
     responses=openai_errors(401, 403),
 )
 async def list_models(server: NamedDependency[Server]) -> ModelList:
-    model = server.models.current
-    return ModelList(data=[ModelCard(id=model.name)] if model is not None else [])
+    models = [resident.model for resident in server.registry.residents]
+    return ModelList(data=[ModelCard(id=model.name) for model in models if model is not None])
 
 
 @post(

@@ -1,0 +1,51 @@
+"""The resident-models routes' wire format (``/api/models``), in the guide's envelope."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
+ModelName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
+
+
+class ResidentModel(msgspec.Struct):
+    name: str  # what a request's `model` field names it by
+    model_name: str | None  # what was loaded: a built-in name, a path, a repo id
+    adapter_path: str | None
+    state: Literal["loading", "loaded", "failed", "unloaded"]
+    error: str | None
+    progress: str | None
+    memory_bytes: int  # weights and the KV caches its engine holds
+    last_used: float  # Unix time of the last request (or the load)
+    pinned: bool  # never unloaded to make room, nor when idle
+    default: bool  # the model the guide's routes and requests without `model` get
+    in_flight: int  # requests queued or generating
+    active_sequences: int
+    load_seconds: float | None
+
+
+class ModelsResponse(msgspec.Struct):
+    success: bool
+    models: list[ResidentModel]
+    memory_in_use: int
+    memory_budget: int | None  # --memory-budget in bytes; null: none
+    max_models: int  # 0: no limit
+
+
+class ModelLoadRequest(msgspec.Struct, forbid_unknown_fields=True):
+    model_name: NonEmptyStr  # a built-in name, a GGUF file, an MLX directory or a repo id
+    name: ModelName | None = None  # what requests call it; default: model_name
+    adapter_path: NonEmptyStr | None = None
+    pin: bool = False
+
+
+class ModelUnloadRequest(msgspec.Struct, forbid_unknown_fields=True):
+    name: NonEmptyStr
+
+
+class ModelActionResponse(msgspec.Struct):
+    success: bool
+    message: str
+    name: str

@@ -1,0 +1,97 @@
+"""``/api/models``: every resident model with its state, and loading or unloading one by name.
+
+The guide's ``/api/model/...`` routes keep their meaning (they speak of the default model); these
+list and manage all of them, in the guide's envelope.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, get, post
+from litestar.di import NamedDependency
+from litestar.params import JSONBody
+
+from forgellm.core.api.guide.routes import guide_errors
+from forgellm.core.api.models.protocol import (
+    ModelActionResponse,
+    ModelLoadRequest,
+    ModelsResponse,
+    ModelUnloadRequest,
+    ResidentModel,
+)
+from forgellm.core.http.strict_body import strict_body
+from forgellm.core.identity import LOAD, STATUS
+from forgellm.core.models.registry import Resident
+from forgellm.core.server import Server
+
+
+def _described(resident: Resident, default: bool) -> ResidentModel:
+    state = resident.manager.state
+    if state.is_loading:
+        kind = "loading"
+    elif state.loaded:
+        kind = "loaded"
+    else:
+        kind = "failed" if state.error else "unloaded"
+    return ResidentModel(
+        name=resident.name,
+        model_name=state.model_name,
+        adapter_path=state.adapter_path,
+        state=kind,  # type: ignore[arg-type]
+        error=state.error,
+        progress=state.progress,
+        memory_bytes=resident.memory_bytes,
+        last_used=resident.last_used,
+        pinned=resident.pinned,
+        default=default,
+        in_flight=resident.scheduler.in_flight,
+        active_sequences=resident.scheduler.active_count,
+        load_seconds=state.load_seconds,
+    )
+
+
+@get("/api/models", opt={"action": STATUS}, summary="Every resident model", responses=guide_errors(401, 403))
+async def list_models(server: NamedDependency[Server]) -> ModelsResponse:
+    registry = server.registry
+    return ModelsResponse(
+        success=True,
+        models=[_described(resident, resident is registry.default) for resident in registry.residents],
+        memory_in_use=registry.memory_in_use(),
+        memory_budget=registry.memory_budget,
+        max_models=registry.max_models,
+    )
+
+
+@post(
+    "/api/models/load",
+    opt={"action": LOAD},
+    status_code=200,
+    summary="Start loading a model under a name, beside the others",
+    responses=guide_errors(400, 401, 403, 409, 413, 415, 503),
+)
+async def load_named_model(
+    request: Request[Any, Any, Any], data: JSONBody[ModelLoadRequest], server: NamedDependency[Server]
+) -> ModelActionResponse:
+    data = await strict_body(request, ModelLoadRequest)
+    name = data.name or data.model_name
+    await server.registry.load(name, data.model_name, data.adapter_path, data.pin)
+    return ModelActionResponse(success=True, message=f"Model {data.model_name} loading as {name}", name=name)
+
+
+@post(
+    "/api/models/unload",
+    opt={"action": LOAD},
+    status_code=200,
+    summary="Unload a model by name, once its requests in flight finish",
+    responses=guide_errors(400, 401, 403, 404, 413, 415),
+)
+async def unload_named_model(
+    request: Request[Any, Any, Any], data: JSONBody[ModelUnloadRequest], server: NamedDependency[Server]
+) -> ModelActionResponse:
+    data = await strict_body(request, ModelUnloadRequest)
+    await server.registry.unload(data.name)
+    return ModelActionResponse(success=True, message=f"Model {data.name} unloaded", name=data.name)
+
+
+ROUTES = [list_models, load_named_model, unload_named_model]
