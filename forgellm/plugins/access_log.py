@@ -51,6 +51,7 @@ def json_line(entry: RequestRecord, timestamp: str) -> str:
             "auth": getattr(identity, "method", None),
             "method": entry.method,
             "path": entry.path,
+            "model": entry.model,
             "status": entry.status,
             "latency_ms": round(entry.latency_ms, 2) if entry.latency_ms is not None else None,
             "prompt_tokens": entry.prompt_tokens,
@@ -67,6 +68,7 @@ def text_line(entry: RequestRecord, timestamp: str) -> str:
     return (
         f"{timestamp} {_field(entry.client)} {_field(entry.subject)} {json.dumps(f'{entry.method} {entry.path}')} "
         f"{entry.status} {latency} id={entry.request_id} tokens={tokens}"
+        + (f" model={_field(entry.model)}" if entry.model is not None else "")
     )
 
 
