@@ -22,6 +22,7 @@ PROJECT = "forgellm"
 
 DEFAULT_PLUGINS = {
     "mlx": "forgellm.backends.mlx",
+    "console": "forgellm.plugins.console",
 }
 OPT_IN_PLUGINS: dict[str, str] = {
     "ratelimit": "forgellm.plugins.ratelimit",
