@@ -159,7 +159,9 @@ def test_every_route_needs_credentials_except_the_health_probes(server):
                 response = server.request(method, _example_path(route.path))
                 (protected if response.status_code == 401 else public).add(route.path)
 
-    assert public == {"/healthz", "/readyz"}
+    # The console's page and assets hold no secret (tests/test_console.py checks); what they show needs credentials.
+    assert public == {"/healthz", "/readyz", "/", "/console", "/console/assets/{name:str}"}
+    assert "/console/api/state" in protected
     assert {"/api/model/status", "/api/model/load", "/api/model/unload", "/api/model/generate"} <= protected
     assert {"/v1/models", "/v1/completions", "/v1/chat/completions", "/docs", "/docs/openapi.json"} <= protected
 
