@@ -40,6 +40,7 @@ from forgellm.core.hookspecs import hookimpl
 from forgellm.core.http.errors import as_api_error, exception_handler
 from forgellm.core.http.openapi import EVENT_STREAM, any_of, error_responses, json_body, server_sent_event, streamed_as
 from forgellm.core.http.request_context import RequestRecord, record_of
+from forgellm.core.http.streaming import streamed
 from forgellm.core.http.strict_body import strict_body
 from forgellm.core.identity import ADMIN, GENERATE, LOAD, STATUS, Identity
 from forgellm.core.server import Server
@@ -96,6 +97,7 @@ __all__ = [
     "record_of",
     "server_sent_event",
     "service_unavailable",
+    "streamed",
     "streamed_as",
     "strict_body",
 ]

@@ -31,6 +31,7 @@ from forgellm import (
     error_responses,
     exception_handler,
     json_body,
+    streamed,
     streamed_as,
     strict_body,
 )
@@ -253,8 +254,7 @@ def _stream(message_id: str, generation: Generation) -> Stream:
         yield encode_event(MessageDelta(StopDelta(reason, sequence), final))
         yield encode_event(MessageStop())
 
-    # A header, not media_type=: Litestar lets the route's default (JSON) override a Stream's media_type.
-    return Stream(events(), headers={"Content-Type": EVENT_STREAM, "Cache-Control": "no-cache"})
+    return streamed(events())
 
 
 @post(

@@ -133,55 +133,46 @@ class OutputBuilder:
             logprobs=logprobs,
         )
 
+    def _text_done(self, item: MessageItem | ReasoningItem, index: int, status: ItemStatus) -> list[StreamEvent]:
+        """The events that end a message's or a reasoning item's text, its part then final."""
+        part: OutputText | ReasoningText
+        if isinstance(item, MessageItem):
+            kind, logprobs = "output_text", self._logprobs
+            part = OutputText(self._text, logprobs=logprobs)
+            item.content = [part]
+        else:
+            kind, logprobs = "reasoning_text", None
+            part = ReasoningText(self._text)
+            item.content = [part]
+        item.status = status
+        return [
+            TextDoneEvent(
+                type=f"response.{kind}.done",
+                sequence_number=0,
+                item_id=item.id,
+                output_index=index,
+                content_index=0,
+                text=self._text,
+                logprobs=logprobs,
+            ),
+            ContentPartEvent(
+                type="response.content_part.done",
+                sequence_number=0,
+                item_id=item.id,
+                output_index=index,
+                content_index=0,
+                part=part,
+            ),
+        ]
+
     def _close(self, status: ItemStatus) -> list[StreamEvent]:
         item, self._open = self._open, None
         if item is None:
             return []
         index, item_id = self.items.index(item), item.id
         events: list[StreamEvent] = []
-        if isinstance(item, MessageItem):
-            part = OutputText(self._text, logprobs=self._logprobs)
-            item.content, item.status = [part], status
-            events += [
-                TextDoneEvent(
-                    type="response.output_text.done",
-                    sequence_number=0,
-                    item_id=item_id,
-                    output_index=index,
-                    content_index=0,
-                    text=self._text,
-                    logprobs=self._logprobs,
-                ),
-                ContentPartEvent(
-                    type="response.content_part.done",
-                    sequence_number=0,
-                    item_id=item_id,
-                    output_index=index,
-                    content_index=0,
-                    part=part,
-                ),
-            ]
-        elif isinstance(item, ReasoningItem):
-            reasoning = ReasoningText(self._text)
-            item.content, item.status = [reasoning], status
-            events += [
-                TextDoneEvent(
-                    type="response.reasoning_text.done",
-                    sequence_number=0,
-                    item_id=item_id,
-                    output_index=index,
-                    content_index=0,
-                    text=self._text,
-                ),
-                ContentPartEvent(
-                    type="response.content_part.done",
-                    sequence_number=0,
-                    item_id=item_id,
-                    output_index=index,
-                    content_index=0,
-                    part=reasoning,
-                ),
-            ]
+        if isinstance(item, MessageItem | ReasoningItem):
+            events += self._text_done(item, index, status)
         else:
             item.status = status
             events.append(

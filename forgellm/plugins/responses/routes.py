@@ -35,6 +35,7 @@ from forgellm import (
     error_responses,
     exception_handler,
     json_body,
+    streamed,
     streamed_as,
     strict_body,
 )
@@ -357,8 +358,7 @@ def _stream(reply: Reply, generation: Generation, keep: Any) -> Stream:
         kind = "response.completed" if status == "completed" else "response.incomplete"
         yield encoded(ResponseLifecycleEvent(type=kind, sequence_number=0, response=response))
 
-    # A header, not media_type=: Litestar lets the route's default (JSON) override a Stream's media_type.
-    return Stream(events(), headers={"Content-Type": EVENT_STREAM, "Cache-Control": "no-cache"})
+    return streamed(events())
 
 
 def _stored(server: Server, caller: Caller, response_id: str) -> StoredResponse:

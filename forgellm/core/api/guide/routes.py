@@ -34,6 +34,7 @@ from forgellm.core.api.pipeline import Caller, Generation, GenerationRequest, Ge
 from forgellm.core.engine.generation import Constraint, SamplingParams
 from forgellm.core.http.errors import as_api_error, exception_handler
 from forgellm.core.http.openapi import NDJSON, error_responses, json_body, streamed_as
+from forgellm.core.http.streaming import streamed
 from forgellm.core.http.strict_body import strict_body
 from forgellm.core.identity import GENERATE, LOAD, STATUS
 from forgellm.core.server import Server
@@ -107,8 +108,7 @@ async def generate(
     data = await strict_body(request, GenerateRequest)
     generation = await generations.start(caller, _generation_request(data, server.settings.default_max_tokens))
     if data.streaming:
-        # A header, not media_type=: Litestar lets the route's default (JSON) override a Stream's media_type.
-        return Stream(_ndjson(generation), headers={"Content-Type": NDJSON})
+        return streamed(_ndjson(generation), NDJSON)
     return GenerateResponse.of(await generation.complete())
 
 

@@ -72,6 +72,7 @@ from forgellm.core.engine.generation import Constraint, Delta, SamplingParams, T
 from forgellm.core.errors import bad_request
 from forgellm.core.http.errors import as_api_error, exception_handler
 from forgellm.core.http.openapi import EVENT_STREAM, error_responses, json_body, streamed_as
+from forgellm.core.http.streaming import streamed
 from forgellm.core.http.strict_body import strict_body
 from forgellm.core.identity import GENERATE, STATUS
 from forgellm.core.server import Server
@@ -522,8 +523,7 @@ def _events(
             yield event(usage())
         yield DONE
 
-    # A header, not media_type=: Litestar lets the route's default (JSON) override a Stream's media_type.
-    return Stream(events(), headers={"Content-Type": EVENT_STREAM, "Cache-Control": "no-cache"})
+    return streamed(events())
 
 
 def openai_router() -> Router:
