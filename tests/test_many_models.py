@@ -348,3 +348,13 @@ def test_the_guides_load_makes_a_resident_model_the_default(models):
         assert listing(client)["b"]["default"] and not listing(client)["a"]["default"]
         generated = client.post("/api/model/generate", json={"prompt": "Hi", "max_tokens": 2})
         assert generated.status_code == 200
+
+
+@pytest.mark.parametrize(("limit", "reused"), [(0, True), (1, False)])
+def test_prompt_cache_bytes_bounds_each_models_prompt_cache(models, limit, reused):
+    # 0: bounded by entries only, so a repeated prompt reuses its KV; 1 byte: nothing fits, nothing is kept.
+    with test_client(models[0], prompt_cache_bytes=limit) as client:
+        ask = {"messages": [{"role": "user", "content": "the same prompt twice"}], "max_tokens": 2}
+        client.post("/v1/chat/completions", json=ask)
+        again = client.post("/v1/chat/completions", json=ask).json()
+    assert (again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0) is reused

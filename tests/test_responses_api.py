@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -304,3 +305,15 @@ def test_responses_match_the_openapi_schema(server):
     assert server.get(f"/v1/responses/{answer.json()['id']}").status_code == 200
     assert server.delete(f"/v1/responses/{answer.json()['id']}").status_code == 200
     assert server.post("/v1/responses", json={"input": 5}).status_code == 400
+
+
+def test_a_client_that_leaves_a_stream_frees_its_slot(tiny_model):
+    from live_server import idle, serving, wait_for
+
+    with serving(tiny_model, plugins="responses") as live:
+        body = {"input": "x", "stream": True, "max_output_tokens": 4000}
+        with httpx.stream("POST", f"{live.url}/v1/responses", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if "response.output_text.delta" in line:
+                    break  # leave mid-stream
+        wait_for(lambda: idle(live.scheduler), "the abandoned generation to leave the batch")
