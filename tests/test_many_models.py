@@ -358,3 +358,26 @@ def test_prompt_cache_bytes_bounds_each_models_prompt_cache(models, limit, reuse
         client.post("/v1/chat/completions", json=ask)
         again = client.post("/v1/chat/completions", json=ask).json()
     assert (again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0) is reused
+
+
+def test_forgellm_run_serves_two_named_models_concurrently_through_the_openai_client(models):
+    from forgellm.testing import ServerProcess
+
+    args = ["--model", f"a={models[0]}", "--model", f"b={models[1]}", "--memory-budget", "1GiB"]
+    with ServerProcess(args) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        deadline = time.monotonic() + 60
+        while len(client.models.list().data) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+        def ask(name: str):
+            return client.chat.completions.create(
+                model=name, messages=[{"role": "user", "content": "Hi"}], max_tokens=20, temperature=0
+            )
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(ask, ["a", "b", "a", "b"]))
+        assert [answer.model for answer in answers] == [str(models[0]), str(models[1])] * 2
+        assert answers[0].choices[0].message.content == answers[2].choices[0].message.content  # greedy, same model
+        listing_ = httpx.get(f"{server.url}/api/models").json()
+        assert listing_["memory_budget"] == 2**30 and listing_["memory_in_use"] <= 2**30
