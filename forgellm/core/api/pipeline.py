@@ -205,17 +205,18 @@ class GenerationService:
         Once the before_generate hooks have run, after_generate runs exactly once for the job: here, with no
         tokens, when the job is refused later; else when it ends."""
         server = self._server
-        resident = await server.registry.serving(request.model, caller)
+        resident, model = await server.registry.serving(request.model, caller)
         resident.pending += 1  # chosen: not to be unloaded while its prompt is prepared
         try:
-            return await self._start_on(resident, caller, request)
+            return await self._start_on(resident, model, caller, request)
         finally:
             resident.pending -= 1
             resident.touch()
 
-    async def _start_on(self, resident: Resident, caller: Caller, request: GenerationRequest) -> Generation:
+    async def _start_on(
+        self, resident: Resident, model: LoadedModel, caller: Caller, request: GenerationRequest
+    ) -> Generation:
         server = self._server
-        model = resident.manager.require_model()
         caller.record.model = resident.name
         request = self._with_tools(request, model.output_format)
         job = GenerationJob(
@@ -258,8 +259,7 @@ class GenerationService:
     async def count_prompt_tokens(self, caller: Caller, request: GenerationRequest) -> int:
         """How many tokens the request's prompt is, as a generation would see it (template applied, tools
         described); nothing is generated, so no before_generate or after_generate hook runs."""
-        resident = await self._server.registry.serving(request.model, caller)
-        model = resident.manager.require_model()
+        _, model = await self._server.registry.serving(request.model, caller)
         return len(await self._tokenize(caller, model, self._with_tools(request, model.output_format)))
 
     @staticmethod

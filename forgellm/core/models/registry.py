@@ -61,6 +61,11 @@ class Resident:
         return self.pending > 0 or self.scheduler.in_flight > 0
 
     @property
+    def unloadable(self) -> bool:
+        """Whether the registry may unload it on its own (to make room, or idle): loaded, unpinned, idle."""
+        return self.model is not None and not self.pinned and not self.busy
+
+    @property
     def memory_bytes(self) -> int:
         """Its weights and the KV caches its engine holds, as the backend reports them."""
         model = self.model
@@ -125,7 +130,6 @@ class ModelRegistry:
         self._started = False
         self.residents: list[Resident] = [self._new_resident("default", pinned=True)]
         self.evictions: dict[str, int] = {}  # by model name, for the metrics
-        self.refusals = 0  # loads refused or undone for want of room
         self._sweeper: asyncio.Task[None] | None = None
 
     # -- the default model (the guide's) ---------------------------------------------------------
@@ -161,7 +165,8 @@ class ModelRegistry:
         self._started = True
         for resident in self.residents:
             resident.scheduler.start()
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep(sweep_every))
+        if self.keep_alive > 0:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep(sweep_every))
 
     async def stop(self, timeout: float | None) -> None:
         if self._sweeper is not None:
@@ -182,22 +187,24 @@ class ModelRegistry:
     def find(self, requested: str) -> Resident | None:
         return next((resident for resident in self.residents if resident.answers_to(requested)), None)
 
+    def _named(self, name: str) -> Resident | None:
+        return next((resident for resident in self.residents if resident.name == name), None)
+
     def names(self) -> list[str]:
         return [resident.name for resident in self.residents if resident.model is not None]
 
-    async def serving(self, requested: str | None, caller: Any) -> Resident:
-        """The resident model a request names (the default when it names none), loading it first when it is
-        allowed and the caller may load models; waits up to --model-load-wait for a load under way."""
+    async def serving(self, requested: str | None, caller: Any) -> tuple[Resident, LoadedModel]:
+        """The resident model a request names (the default when it names none) and its loaded model, loading it
+        first when it is allowed and the caller may load models; waits up to --model-load-wait for a load under
+        way. No model for the default is the guide's 400, one loading its 503."""
         if requested is None or self.default.answers_to(requested):
-            self.default.manager.require_model()  # 400 no model, 503 loading: the guide's answers
-            return self.default
+            return self.default, self.default.manager.require_model()
         resident = self.find(requested)
         if resident is None:
             resident = await self._load_on_demand(requested, caller)
         if resident.manager.state.is_loading:
             await self._wait_for(resident)
-        resident.manager.require_model()
-        return resident
+        return resident, resident.manager.require_model()
 
     async def _load_on_demand(self, requested: str, caller: Any) -> Resident:
         if not self._allow_patterns:
@@ -233,7 +240,7 @@ class ModelRegistry:
     async def load(self, name: str, source: str, adapter: str | None, pinned: bool) -> Resident:
         """Start loading a model under this name; the same model again is a no-op, another under a name in use a
         409."""
-        existing = next((resident for resident in self.residents if resident.name == name), None)
+        existing = self._named(name)
         if existing is not None:
             state = existing.manager.state
             if (state.loaded or state.is_loading) and state.model_name == source and state.adapter_path == adapter:
@@ -265,7 +272,6 @@ class ModelRegistry:
             await self._make_room(0, for_name=resident.name, keep=resident)
         except ApiError as refused:
             logger.error("unloading %s again: %s", resident.name, refused.message)
-            self.refusals += 1
             await self._remove(resident)
 
     async def _remove_later(self, resident: Resident, linger: float = 30.0) -> None:
@@ -275,7 +281,7 @@ class ModelRegistry:
 
     async def unload(self, name: str) -> None:
         """Unload a model by name, once its requests in flight have finished; the default stays as a slot."""
-        resident = next((r for r in self.residents if r.name == name), None)
+        resident = self._named(name)
         if resident is None:
             raise self._not_resident(name)
         if resident is self.default:
@@ -306,7 +312,7 @@ class ModelRegistry:
             return too_many or too_big
 
         while over():
-            candidates = [r for r in self.residents if r is not keep and not r.pinned and not r.busy and r.model]
+            candidates = [r for r in self.residents if r is not keep and r.unloadable]
             if not candidates:
                 budget = f"{self.memory_budget:,} bytes" if self.memory_budget is not None else "no byte limit"
                 raise service_unavailable(
@@ -324,11 +330,8 @@ class ModelRegistry:
         """Unload unpinned models idle for longer than --keep-alive."""
         while True:
             await asyncio.sleep(every)
-            if self.keep_alive <= 0:
-                continue
             now = time.time()
             for resident in list(self.residents):
-                idle = not resident.pinned and not resident.busy and resident.model is not None
-                if idle and now - resident.last_used > self.keep_alive:
+                if resident.unloadable and now - resident.last_used > self.keep_alive:
                     logger.info("unloading %s: idle for more than %gs (--keep-alive)", resident.name, self.keep_alive)
                     await self.unload(resident.name)
