@@ -16,7 +16,7 @@ from forgellm.core.clients import InFlightLimit
 from forgellm.core.config.settings import Settings, memory_amount
 from forgellm.core.engine.backend import Backend
 from forgellm.core.engine.scheduler import Scheduler
-from forgellm.core.identity import LOAD
+from forgellm.core.identity import LOAD, Identity
 from forgellm.core.models.manager import ModelManager
 from forgellm.core.models.registry import ModelRegistry, device_memory_bytes
 from forgellm.core.plugin_manager import await_me_maybe
@@ -80,12 +80,16 @@ class Server:
         """The default model's scheduler."""
         return self.registry.default.scheduler
 
-    async def _may_load(self, caller: Any) -> bool:
-        """Whether the authorize hooks let this caller load models (a request that names one not resident)."""
-        for verdict in self.hook.authorize(identity=caller.identity, action=LOAD, request=caller.request, server=self):
+    async def allows(self, identity: Identity | None, action: str, request: Any) -> bool:
+        """Whether the authorize hooks let this identity do the action: any one of them answering False forbids."""
+        for verdict in self.hook.authorize(identity=identity, action=action, request=request, server=self):
             if await await_me_maybe(verdict) is False:
                 return False
         return True
+
+    async def _may_load(self, caller: Any) -> bool:
+        """Whether a caller may load models (a request that names one not resident)."""
+        return await self.allows(caller.identity, LOAD, caller.request)
 
     async def startup(self) -> None:
         self.registry.start()

@@ -39,6 +39,5 @@ async def access_guard(connection: ASGIConnection[Any, Any, Any, Any], route_han
             has_body=headers.get("content-length", "0") != "0" or "transfer-encoding" in headers,
             cors_origins=server.settings.cors_origin,
         )
-    for verdict in server.hook.authorize(identity=identity, action=action, request=connection, server=server):
-        if await await_me_maybe(verdict) is False:
-            raise Forbidden(f"Not allowed to {action}")
+    if not await server.allows(identity, action, connection):
+        raise Forbidden(f"Not allowed to {action}")

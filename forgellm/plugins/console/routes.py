@@ -17,7 +17,7 @@ from litestar.response import Redirect
 
 from forgellm import LOAD, STATUS, Server, record_of
 from forgellm.core.api.guide.routes import guide_errors
-from forgellm.core.plugin_manager import available_plugins, await_me_maybe
+from forgellm.core.plugin_manager import available_plugins
 
 STATE_KEY = "console"
 CONTENT_SECURITY_POLICY = (
@@ -54,14 +54,6 @@ async def asset(name: FromPath[str]) -> Response[bytes]:
 @get("/", include_in_schema=False)
 async def home(request: Request[Any, Any, Any]) -> Redirect:
     return Redirect(path=f"{request.scope.get('root_path', '')}/console")
-
-
-async def _allowed(server: Server, request: Request[Any, Any, Any], action: str) -> bool:
-    identity = record_of(request).identity
-    for verdict in server.hook.authorize(identity=identity, action=action, request=request, server=server):
-        if await await_me_maybe(verdict) is False:
-            return False
-    return True
 
 
 @get(
@@ -101,7 +93,7 @@ async def state(request: Request[Any, Any, Any], server: NamedDependency[Server]
             for name, info in sorted(available.items())
         ],
         "config": server.settings.masked(),
-        "can_load": await _allowed(server, request, LOAD),
+        "can_load": await server.allows(record_of(request).identity, LOAD, request),
     }
 
 
