@@ -17,6 +17,7 @@ from litestar.response import Redirect
 
 from forgellm import LOAD, STATUS, Server, record_of
 from forgellm.core.api.guide.routes import guide_errors
+from forgellm.core.api.models.routes import resident_model
 from forgellm.core.plugin_manager import available_plugins
 
 STATE_KEY = "console"
@@ -68,23 +69,7 @@ async def state(request: Request[Any, Any, Any], server: NamedDependency[Server]
     available = available_plugins()
     enabled = {name for name, _ in server.pm.list_name_plugin()}
     return {
-        "models": [
-            {
-                "name": resident.name,
-                "model_name": resident.manager.state.model_name,
-                "adapter_path": resident.manager.state.adapter_path,
-                "loaded": resident.manager.state.loaded,
-                "is_loading": resident.manager.state.is_loading,
-                "error": resident.manager.state.error,
-                "progress": resident.manager.state.progress,
-                "memory_bytes": resident.memory_bytes,
-                "default": resident is registry.default,
-                "pinned": resident.pinned,
-                "active": resident.scheduler.active_count,
-                "queued": resident.scheduler.waiting_count,
-            }
-            for resident in registry.residents
-        ],
+        "models": [resident_model(resident, resident is registry.default) for resident in registry.residents],
         "memory_in_use": registry.memory_in_use(),
         "memory_budget": registry.memory_budget,
         "series": server.plugin_state[STATE_KEY].series(),

@@ -23,6 +23,7 @@ class ResidentModel(msgspec.Struct):
     default: bool  # the model the guide's routes and requests without `model` get
     in_flight: int  # requests queued or generating
     active_sequences: int
+    queued_sequences: int  # admitted, waiting for a batch slot
     load_seconds: float | None
 
 

@@ -26,7 +26,8 @@ from forgellm.core.models.registry import Resident
 from forgellm.core.server import Server
 
 
-def _described(resident: Resident, default: bool) -> ResidentModel:
+def resident_model(resident: Resident, default: bool) -> ResidentModel:
+    """A resident model as /api/models (and the console) describe it."""
     state = resident.manager.state
     if state.is_loading:
         kind = "loading"
@@ -47,6 +48,7 @@ def _described(resident: Resident, default: bool) -> ResidentModel:
         default=default,
         in_flight=resident.scheduler.in_flight,
         active_sequences=resident.scheduler.active_count,
+        queued_sequences=resident.scheduler.waiting_count,
         load_seconds=state.load_seconds,
     )
 
@@ -56,7 +58,7 @@ async def list_models(server: NamedDependency[Server]) -> ModelsResponse:
     registry = server.registry
     return ModelsResponse(
         success=True,
-        models=[_described(resident, resident is registry.default) for resident in registry.residents],
+        models=[resident_model(resident, resident is registry.default) for resident in registry.residents],
         memory_in_use=registry.memory_in_use(),
         memory_budget=registry.memory_budget,
         max_models=registry.max_models,

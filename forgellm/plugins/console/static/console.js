@@ -77,9 +77,9 @@ $("forget-key").addEventListener("click", () => {
 // -- state ---------------------------------------------------------------------------------------
 
 function modelState(model) {
-  if (model.is_loading) return ["loading" + (model.progress ? `: ${model.progress}` : ""), "state-loading"];
-  if (model.loaded) return ["loaded", "state-loaded"];
-  if (model.error) return [`failed: ${model.error}`, "state-failed"];
+  if (model.state === "loading") return ["loading" + (model.progress ? `: ${model.progress}` : ""), "state-loading"];
+  if (model.state === "loaded") return ["loaded", "state-loaded"];
+  if (model.state === "failed") return [`failed: ${model.error}`, "state-failed"];
   return ["no model", ""];
 }
 
@@ -91,9 +91,10 @@ function renderModels(state) {
     const [label, className] = modelState(model);
     const name = model.name + (model.default ? " (default)" : "") + (model.pinned ? ", pinned" : "");
     row.append(element("td", name), element("td", model.model_name || "–"), element("td", label, className));
-    row.append(element("td", bytes(model.memory_bytes)), element("td", `${model.active} active, ${model.queued} queued`));
+    const batch = `${model.active_sequences} active, ${model.queued_sequences} queued`;
+    row.append(element("td", bytes(model.memory_bytes)), element("td", batch));
     const actions = element("td");
-    if (state.can_load && (model.loaded || model.is_loading)) {
+    if (state.can_load && (model.state === "loaded" || model.state === "loading")) {
       const unload = element("button", "Unload", "secondary");
       unload.type = "button";
       unload.addEventListener("click", () => unloadModel(model.name));
@@ -108,12 +109,12 @@ function renderModels(state) {
 
   const select = $("chat-model");
   const chosen = select.value;
-  const names = state.models.filter((model) => model.loaded).map((model) => model.name);
+  const names = state.models.filter((model) => model.state === "loaded").map((model) => model.name);
   if (names.join("\n") !== [...select.options].map((option) => option.value).join("\n")) {
     select.replaceChildren(...names.map((name) => element("option", name)));
     if (names.includes(chosen)) select.value = chosen;
   }
-  const loaded = state.models.filter((model) => model.loaded).length;
+  const loaded = names.length;
   $("summary").textContent = `${loaded} model${loaded === 1 ? "" : "s"} loaded`;
 }
 
