@@ -38,7 +38,15 @@ from forgellm.core.errors import (
 )
 from forgellm.core.hookspecs import hookimpl
 from forgellm.core.http.errors import as_api_error, exception_handler
-from forgellm.core.http.openapi import EVENT_STREAM, any_of, error_responses, json_body, server_sent_event, streamed_as
+from forgellm.core.http.openapi import (
+    EVENT_STREAM,
+    GENERATION_ERRORS,
+    any_of,
+    error_responses,
+    json_body,
+    server_sent_event,
+    streamed_as,
+)
 from forgellm.core.http.request_context import RequestRecord, record_of
 from forgellm.core.http.streaming import streamed
 from forgellm.core.http.strict_body import strict_body
@@ -50,6 +58,7 @@ __all__ = [
     "ADMIN",
     "EVENT_STREAM",
     "GENERATE",
+    "GENERATION_ERRORS",
     "INVALID_CREDENTIALS",
     "LOAD",
     "STATUS",

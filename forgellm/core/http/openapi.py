@@ -33,7 +33,7 @@ ERROR_DESCRIPTIONS = {
     401: "Missing or invalid credentials (an auth plugin is on); see the WWW-Authenticate header",
     403: "The credentials lack the scope this route needs, a plugin refused the request, the model is not allowed, "
     "or a request without credentials came from another web origin",
-    404: "The model named in the request is not the one this server serves",
+    404: "The model named in the request is not resident (nor loaded on demand), or no such item exists",
     409: "A model is loading already; wait for it to finish",
     413: "The request body is larger than the server accepts (--max-body-size)",
     415: "A request without credentials sent a body that is not application/json",
@@ -42,6 +42,10 @@ ERROR_DESCRIPTIONS = {
     503: "The server is at capacity or the model is loading; retry after the Retry-After header's seconds",
     504: "The generation ran longer than the request timeout (--request-timeout)",
 }
+
+
+# What a route that generates may answer besides 200, in its API's error shape.
+GENERATION_ERRORS = (400, 401, 403, 404, 413, 415, 429, 500, 503, 504)
 
 
 def error_responses(body: type, *statuses: int) -> dict[int, ResponseSpec]:

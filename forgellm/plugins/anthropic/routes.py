@@ -20,6 +20,7 @@ from litestar.response import Stream
 from forgellm import (
     EVENT_STREAM,
     GENERATE,
+    GENERATION_ERRORS,
     Caller,
     Generation,
     GenerationRequest,
@@ -58,7 +59,6 @@ from forgellm.plugins.anthropic.protocol import (
     error_body,
 )
 
-GENERATION_ERRORS = (400, 401, 403, 404, 413, 415, 429, 500, 503, 504)
 _TOOL_CHOICE_MODES: dict[str, Literal["auto", "none", "required"]] = {"auto": "auto", "any": "required", "none": "none"}
 
 

@@ -21,6 +21,7 @@ from litestar.response import Stream
 from forgellm import (
     EVENT_STREAM,
     GENERATE,
+    GENERATION_ERRORS,
     ApiError,
     Caller,
     Constraint,
@@ -66,7 +67,6 @@ from forgellm.plugins.responses.protocol import (
 from forgellm.plugins.responses.store import ResponseStore, StoredResponse
 
 STATE_KEY = "responses"
-GENERATION_ERRORS = (400, 401, 403, 404, 413, 415, 429, 500, 503, 504)
 # Values of ``include`` this server can honour: logprobs, and encrypted reasoning (none is ever encrypted: a
 # reasoning item carries its text in the clear, so there is nothing to add).
 INCLUDABLE = {"message.output_text.logprobs", "reasoning.encrypted_content"}

@@ -71,13 +71,11 @@ from forgellm.core.api.pipeline import Caller, Generation, GenerationRequest, Ge
 from forgellm.core.engine.generation import Constraint, Delta, SamplingParams, TokenLogprob
 from forgellm.core.errors import bad_request
 from forgellm.core.http.errors import as_api_error, exception_handler
-from forgellm.core.http.openapi import EVENT_STREAM, error_responses, json_body, streamed_as
+from forgellm.core.http.openapi import EVENT_STREAM, GENERATION_ERRORS, error_responses, json_body, streamed_as
 from forgellm.core.http.streaming import streamed
 from forgellm.core.http.strict_body import strict_body
 from forgellm.core.identity import GENERATE, STATUS
 from forgellm.core.server import Server
-
-GENERATION_ERRORS = (400, 401, 403, 404, 413, 415, 429, 500, 503, 504)
 
 
 def openai_errors(*statuses: int) -> dict[int, Any]:
