@@ -13,6 +13,8 @@ from forgellm.core.api.assistant_turn import (
     ToolCallStart,
     TurnEvent,
     TurnSplitter,
+    template_tool,
+    template_tool_call,
 )
 from forgellm.core.api.pipeline import Caller, Generation, GenerationRequest, GenerationService, ToolChoice
 from forgellm.core.config.settings import Option, Settings
@@ -109,4 +111,6 @@ __all__ = [
     "streamed",
     "streamed_as",
     "strict_body",
+    "template_tool",
+    "template_tool_call",
 ]

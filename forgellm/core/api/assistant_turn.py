@@ -33,6 +33,21 @@ TOOL_PROMPT = (
 _FORCED_OPENING = re.compile(r'^\{"name":"((?:[^"\\]|\\.)*)","arguments":')
 
 
+def template_tool(name: str, parameters: dict[str, Any] | None, description: str | None = None) -> dict[str, Any]:
+    """A function tool as the pipeline and chat templates take it (OpenAI's function format); no parameter schema
+    is an object of any shape."""
+    function: dict[str, Any] = {"name": name, "parameters": parameters or {"type": "object"}}
+    if description:
+        function["description"] = description
+    return {"type": "function", "function": function}
+
+
+def template_tool_call(call_id: str, name: str, arguments: Any) -> dict[str, Any]:
+    """An earlier call, as an assistant message's ``tool_calls`` holds it for chat templates (arguments as an
+    object, as templates expect)."""
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
 def tool_prompt(tools: list[dict[str, Any]], output_format: OutputFormat) -> str:
     """The system text that describes the tools to a model whose chat template does not."""
     start, end = output_format.tool_call or ("", "")

@@ -35,6 +35,8 @@ from forgellm import (
     streamed,
     streamed_as,
     strict_body,
+    template_tool,
+    template_tool_call,
 )
 from forgellm.plugins.anthropic.content import ContentBuilder
 from forgellm.plugins.anthropic.protocol import (
@@ -99,13 +101,7 @@ def conversation_of(data: CountTokensRequest) -> list[dict[str, Any]]:
             elif block.type == "tool_use" and message.role == "assistant":
                 if not block.id or not block.name:
                     raise bad_request(f"{where} is a tool_use block without id and name")
-                calls.append(
-                    {
-                        "id": block.id,
-                        "type": "function",
-                        "function": {"name": block.name, "arguments": block.input or {}},
-                    }
-                )
+                calls.append(template_tool_call(block.id, block.name, block.input or {}))
             elif block.type == "tool_result" and message.role == "user":
                 if not block.tool_use_id:
                     raise bad_request(f"{where} is a tool_result block without tool_use_id")
@@ -141,17 +137,7 @@ def _tool_choice(data: CountTokensRequest) -> ToolChoice:
 
 
 def _base_request(data: CountTokensRequest) -> GenerationRequest:
-    tools = [
-        {
-            "type": "function",
-            "function": {
-                "name": tool.name,
-                "parameters": tool.input_schema,
-                **({"description": tool.description} if tool.description else {}),
-            },
-        }
-        for tool in data.tools or ()
-    ]
+    tools = [template_tool(tool.name, tool.input_schema, tool.description) for tool in data.tools or ()]
     thinking = data.thinking is not None and data.thinking.type != "disabled"
     return GenerationRequest(
         messages=conversation_of(data),

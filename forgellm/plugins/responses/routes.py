@@ -39,6 +39,8 @@ from forgellm import (
     streamed,
     streamed_as,
     strict_body,
+    template_tool,
+    template_tool_call,
 )
 from forgellm.plugins.responses.output import OutputBuilder, new_id
 from forgellm.plugins.responses.protocol import (
@@ -47,7 +49,6 @@ from forgellm.plugins.responses.protocol import (
     DeletedResponse,
     ErrorEvent,
     FunctionCallItem,
-    FunctionTool,
     IncompleteDetails,
     InputItem,
     InputTokensDetails,
@@ -126,11 +127,7 @@ def conversation_of(items: str | list[InputItem]) -> list[dict[str, Any]]:
         elif item.type == "function_call":
             if not item.call_id or not item.name:
                 raise bad_request(f"{where} is a function_call without call_id and name")
-            call = {
-                "id": item.call_id,
-                "type": "function",
-                "function": {"name": item.name, "arguments": _arguments(item.arguments)},
-            }
+            call = template_tool_call(item.call_id, item.name, _arguments(item.arguments))
             if not messages or messages[-1]["role"] != "assistant":
                 messages.append({"role": "assistant", "content": ""})
             messages[-1].setdefault("tool_calls", []).append(call)
@@ -161,20 +158,13 @@ def _constraint(text: TextOptions | None) -> Constraint | None:
     return Constraint(format.schema)
 
 
-def _function(tool: FunctionTool) -> dict[str, Any]:
-    described: dict[str, Any] = {"name": tool.name, "parameters": tool.parameters or {"type": "object"}}
-    if tool.description:
-        described["description"] = tool.description
-    return {"type": "function", "function": described}
-
-
 def generation_request(data: ResponseRequest, conversation: list[dict[str, Any]]) -> GenerationRequest:
     instructions = [{"role": "system", "content": data.instructions}] if data.instructions else []
     logprobs = "message.output_text.logprobs" in (data.include or ())
     effort = data.reasoning.effort if data.reasoning is not None else None
     return GenerationRequest(
         messages=instructions + conversation,
-        tools=[_function(tool) for tool in data.tools or ()] or None,
+        tools=[template_tool(tool.name, tool.parameters, tool.description) for tool in data.tools or ()] or None,
         tool_choice=_tool_choice(data),
         template_options={"reasoning_effort": effort} if effort else None,
         max_tokens=data.max_output_tokens,
@@ -252,11 +242,7 @@ def _assistant_messages(output: list[OutputItem]) -> list[dict[str, Any]]:
         if isinstance(item, MessageItem):
             message["content"] += "".join(part.text for part in item.content)
         elif isinstance(item, FunctionCallItem):
-            call = {
-                "id": item.call_id,
-                "type": "function",
-                "function": {"name": item.name, "arguments": _arguments(item.arguments)},
-            }
+            call = template_tool_call(item.call_id, item.name, _arguments(item.arguments))
             message.setdefault("tool_calls", []).append(call)
     return [message]
 

@@ -29,6 +29,8 @@ from forgellm.core.api.assistant_turn import (
     ToolCallStart,
     TurnEvent,
     TurnSplitter,
+    template_tool,
+    template_tool_call,
 )
 from forgellm.core.api.openai.protocol import (
     CHAT_COMPLETION_EVENTS,
@@ -137,10 +139,9 @@ def _template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
         }
         if message.tool_calls:
             item["tool_calls"] = [
-                {"id": call.id, "type": "function",
-                 "function": {"name": call.function.name, "arguments": _arguments(call.function.arguments, number)}}
+                template_tool_call(call.id, call.function.name, _arguments(call.function.arguments, number))
                 for call in message.tool_calls
-            ]  # fmt: skip
+            ]
         if message.role == "tool":
             if message.tool_call_id is None:
                 raise bad_request(f"Message {number} is a tool result without a tool_call_id")
@@ -189,7 +190,7 @@ def _chat_requests(data: ChatCompletionRequest) -> list[GenerationRequest]:
         raise bad_request("top_logprobs needs logprobs: true")
     base = GenerationRequest(
         messages=_template_messages(data.messages),
-        tools=[{"type": "function", "function": _function(tool)} for tool in data.tools or ()] or None,
+        tools=[_function(tool) for tool in data.tools or ()] or None,
         tool_choice=_tool_choice(data),
         template_options=data.chat_template_kwargs,
         max_tokens=data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens,
@@ -201,10 +202,7 @@ def _chat_requests(data: ChatCompletionRequest) -> list[GenerationRequest]:
 
 def _function(tool: Any) -> dict[str, Any]:
     function = tool.function
-    described: dict[str, Any] = {"name": function.name, "parameters": function.parameters or {"type": "object"}}
-    if function.description:
-        described["description"] = function.description
-    return described
+    return template_tool(function.name, function.parameters, function.description)
 
 
 def _completion_prompts(data: CompletionRequest) -> list[str | list[int]]:
