@@ -30,13 +30,12 @@ import asyncio
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-from serve_bench import REQUEST_TIMEOUT, running
+from serve_bench import REQUEST_TIMEOUT, forgellm_run, running
 
 from forgellm.backends.builtin_models import DEFAULT_MODEL
 from forgellm.backends.mlx import ModelSources
@@ -127,13 +126,6 @@ def mask_times(model_dir: str, samples: int = 200) -> list[float]:
     return times
 
 
-def forgellm_run(python: str, model_dir: str, port: int, concurrency: int) -> list[str]:
-    return [
-        python, "-m", "forgellm", "run", "--host", "127.0.0.1", "--port", str(port), "--model", model_dir,
-        "--max-concurrency", str(concurrency), "--log-level", "warning",
-    ]  # fmt: skip
-
-
 def parse_args(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="A built-in name, GGUF file or MLX directory.")
@@ -161,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         for round_number in range(args.rounds):
             for server_name, source in servers:
                 port = free_port()
-                command = forgellm_run(sys.executable, model_dir, port, args.concurrency)
+                command = forgellm_run(port, "--model", model_dir, "--max-concurrency", str(args.concurrency))
                 env = {"PYTHONPATH": str(source)}
                 with running(server_name, command, port, "/readyz", {}, env=env) as server:
                     for load_name, half in loads if server_name == "this" else loads[:1]:

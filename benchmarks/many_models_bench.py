@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import httpx
-from serve_bench import REQUEST_TIMEOUT, running
+from serve_bench import REQUEST_TIMEOUT, forgellm_run, running
 
 from forgellm.backends.builtin_models import DEFAULT_MODEL
 from forgellm.backends.cpu_blas import selected_blas
@@ -78,22 +78,6 @@ def timed_request(url: str, model: str, n: int, max_tokens: int) -> float:
     return time.perf_counter() - started
 
 
-def forgellm_command(port: int, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "forgellm",
-        "run",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        *args,
-    ]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=4, help="Closed-loop clients per model.")
@@ -112,7 +96,7 @@ def main() -> None:
             os.symlink(source, copy)
             copies.append(copy)
         port = free_port()
-        serve = forgellm_command(
+        serve = forgellm_run(
             port,
             "--model",
             f"a={copies[0]}",

@@ -164,28 +164,19 @@ def running(
         os.unlink(log.name)
 
 
+def forgellm_run(port: int, *options: str) -> list[str]:
+    """``forgellm run`` on 127.0.0.1:port, quiet but for warnings, with these options."""
+    return [sys.executable, "-m", "forgellm", "run", "--host", "127.0.0.1", "--port", str(port),
+            "--log-level", "warning", *options]  # fmt: skip
+
+
 def forgellm_command(args, path: Path, port: int) -> list[str]:
-    command = [
-        sys.executable,
-        "-m",
-        "forgellm",
-        "run",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--model",
-        str(path),
-        "--max-concurrency",
-        str(args.decode_concurrency),
-        "--log-level",
-        "warning",
-    ]
+    options = ["--model", str(path), "--max-concurrency", str(args.decode_concurrency)]
     if args.plugins:
-        command += ["--plugins", args.plugins]
+        options += ["--plugins", args.plugins]
     for extra in args.forgellm_arg:
-        command += shlex.split(extra)
-    return command
+        options += shlex.split(extra)
+    return forgellm_run(port, *options)
 
 
 def mlx_lm_command(args, path: Path, port: int) -> list[str]:
