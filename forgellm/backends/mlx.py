@@ -617,9 +617,11 @@ class MlxBackend:
 
     @staticmethod
     def device_memory_bytes() -> int:
-        """What a --memory-budget fraction is of: the GPU's memory, or the machine's on the CPU."""
-        info = mx.device_info() if mx.default_device().type == mx.DeviceType.gpu else {}
-        return int(info.get("memory_size", 0)) or physical_memory()
+        """What a --memory-budget fraction is of on a GPU: its memory; 0 on the CPU, where the core takes the
+        machine's."""
+        if mx.default_device().type != mx.DeviceType.gpu:
+            return 0
+        return int(mx.device_info().get("memory_size", 0))
 
     def load(self, model_name: str, adapter_path: str | None, progress: Callable[[str], None]) -> MlxModel:
         path = self.sources.resolve(model_name, progress)

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from forgellm.core.api.assistant_turn import TurnSplitter, forced_call_schema, tool_prompt
+from forgellm.core.api.assistant_turn import TurnEvent, TurnSplitter, forced_call_schema, tool_prompt
 from forgellm.core.engine.backend import LoadedModel, OutputFormat
 from forgellm.core.engine.generation import Completion, Constraint, Delta, GenerationJob, SamplingParams, Usage
 from forgellm.core.engine.scheduler import SequenceHandle
@@ -134,6 +134,12 @@ class Generation:
             forced=bool(tools) and request.tool_choice.forced,
             in_reasoning=self._starts_in_reasoning,
         )
+
+    def turn_events(self) -> list[TurnEvent]:
+        """The finished generation's whole text read as an assistant's turn (what a route that does not stream
+        returns)."""
+        splitter = self.splitter()
+        return splitter.feed(self.completion().text) + splitter.finish()
 
     @property
     def cached_prompt_tokens(self) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from litestar import Request, Router, delete, get, post
@@ -184,11 +184,8 @@ class Reply:
 
     data: ResponseRequest
     model: str
-    id: str = ""
-    created_at: int = 0
-
-    def __post_init__(self) -> None:
-        self.id, self.created_at = new_id("resp"), int(time.time())
+    id: str = field(default_factory=lambda: new_id("resp"))
+    created_at: int = field(default_factory=lambda: int(time.time()))
 
     def object(
         self,
@@ -298,17 +295,12 @@ async def create_response(
     if data.stream:
         return _stream(reply, generation, keep)
     await generation.complete()
-    builder = OutputBuilder()
-    builder.feed(_turn_events(generation), generation.handle.logprobs)
-    builder.finish(_status(generation))
-    response = reply.object(_status(generation), builder.items, generation)
+    status, builder = _status(generation), OutputBuilder()
+    builder.feed(generation.turn_events(), generation.handle.logprobs)
+    builder.finish(status)
+    response = reply.object(status, builder.items, generation)
     keep(response)
     return response
-
-
-def _turn_events(generation: Generation) -> list[Any]:
-    splitter = generation.splitter()
-    return splitter.feed(generation.completion().text) + splitter.finish()
 
 
 def _stream(reply: Reply, generation: Generation, keep: Any) -> Stream:

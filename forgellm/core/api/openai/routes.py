@@ -399,9 +399,8 @@ async def chat_completions(
     await _complete_all(started)
     choices = []
     for index, generation in enumerate(started):
-        splitter = generation.splitter()
         turn = AssistantTurn()
-        turn.add(splitter.feed(generation.completion().text) + splitter.finish())
+        turn.add(generation.turn_events())
         message = AssistantMessage(
             role="assistant",
             content=turn.content if turn.content or not turn.tool_calls else None,
