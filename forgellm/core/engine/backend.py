@@ -45,6 +45,9 @@ class Engine(Protocol):
     def __len__(self) -> int:
         """The number of sequences the engine holds."""
 
+    # Optional: ``cache_bytes()``, the bytes of KV caches the engine holds (running sequences and any
+    # prompt cache), counted against --memory-budget; an engine without it counts none.
+
 
 class LoadedModel(Protocol):
     name: str
@@ -80,11 +83,13 @@ class LoadedModel(Protocol):
         """Free the model's memory."""
 
     # Optional: ``release_thread()``, called once on the engine thread as it ends, after the last
-    # model is closed, to free per-thread resources (the MLX backend frees its streams there).
+    # model is closed, to free per-thread resources (the MLX backend frees its streams there); and
+    # ``memory_bytes``, the bytes its weights take, counted against --memory-budget.
 
 
 class Backend(Protocol):
     # The model `forgellm run` loads when given no --model (None: start with none).
+    # Optional: ``device_memory_bytes()``, the memory a --memory-budget fraction is of (0: the machine's RAM).
     default_model: str | None
 
     def load(self, model_name: str, adapter_path: str | None, progress: Callable[[str], None]) -> LoadedModel:

@@ -1,4 +1,4 @@
-"""The scheduler: one engine thread owns MLX and feeds every request through one batched engine.
+"""The scheduler: one resident model's engine thread, feeding that model's requests through one batched engine.
 
 Requests enter a bounded queue from the asyncio side. The engine thread admits them
 into the batch, steps the engine, matches stop strings, and hands each step's
