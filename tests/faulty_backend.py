@@ -11,6 +11,8 @@ Generation is real (mlx-lm's batch engine on the loaded model); only these fault
 - while ``faults.step_fault`` is set, every engine step whose batch holds a prompt with ``STEP_FAULT``
   raises, as a device error in the middle of a batch would. It is set from the start unless the
   plugin is made with ``step_fault=False``, so a test can first line up the batch and the queue;
+- a prompt holding ``ROW_FAULT`` gets a logits processor of its own that raises while ``faults.row_fault``
+  is set, as a request's own processing (a grammar, a penalty) might, inside the batch's shared step;
 - removing a sequence whose prompt holds ``REMOVE_FAULT`` from the batch (a stop string reached, a
   client gone) raises;
 - while ``faults.close_fault`` is set, closing an engine (a model swap, shutdown) raises;
@@ -29,6 +31,8 @@ from forgellm.backends.mlx import MlxBackend
 ADD_FAULT = "[fault: refuse to start]"
 STEP_FAULT = "[fault: break the batch]"
 REMOVE_FAULT = "[fault: cannot be removed]"
+ROW_FAULT = "[fault: break this row]"
+ROW_FAULT_MESSAGE = "injected fault: this row's logits processor failed"
 ADD_FAULT_MESSAGE = "injected fault: the engine refused the sequence"
 STEP_FAULT_MESSAGE = "injected fault: the device failed mid-batch"
 REMOVE_FAULT_MESSAGE = "injected fault: the engine could not remove the sequence"
@@ -72,6 +76,24 @@ class FaultyEngine:
         self._engine.close()
 
 
+def _with_row_fault(processors_of, row_fault: threading.Event):
+    """The model's processors for a job, plus, for a ROW_FAULT prompt, one that fails while row_fault is set."""
+
+    def processors(job):
+        found = processors_of(job)
+        if ROW_FAULT in job.prompt_text:
+
+            def fail_when_told(tokens, logits):
+                if row_fault.is_set():
+                    raise RuntimeError(ROW_FAULT_MESSAGE)
+                return logits
+
+            found.append(fail_when_told)
+        return found
+
+    return processors
+
+
 class FaultyModel:
     """The loaded MLX model; only its engines are wrapped."""
 
@@ -98,6 +120,7 @@ class FaultyBackend:
             if not self._faults.load_gate.wait(timeout=60):
                 raise TimeoutError("the test never opened the load gate")
         model = self._mlx.load(model_name, adapter_path, progress)
+        model.decoding.processors = _with_row_fault(model.decoding.processors, self._faults.row_fault)
         if not self._faults.batchable:
             model.batchable = False
         return FaultyModel(model, self._faults)
@@ -111,6 +134,7 @@ class Faults:
         if step_fault:
             self.step_fault.set()
         self.close_fault = threading.Event()
+        self.row_fault = threading.Event()
         self.load_gate = threading.Event()
         self.load_gate.set()
         self.batchable = batchable

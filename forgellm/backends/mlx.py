@@ -266,11 +266,76 @@ class EngineTuning:
         return min(self.prefill_batch_size, max_batch_size)
 
 
+class RowFaults:
+    """Failures of one row's own processing (its logits processors, its sampler), kept to that row.
+
+    mlx-lm calls each row's processors and sampler inside the batch's step, so an exception in one would fail
+    the step and every sequence in it. Wrapped here, a failure marks its row failed and hands back the logits
+    unchanged (or a greedy token), so the step completes for the others; the engine then ends the failed row
+    with its error."""
+
+    def __init__(self) -> None:
+        self.failed: dict[int, str] = {}
+
+    def _fail(self, seq_id: int, exc: Exception) -> None:
+        logger.exception("sequence %d failed in its own processing; the batch goes on", seq_id, exc_info=exc)
+        self.failed.setdefault(seq_id, str(exc) or type(exc).__name__)
+
+    def processors(self, seq_id: int, processors: list) -> list:
+        def guarded(processor):
+            def process(tokens: mx.array, logits: mx.array) -> mx.array:
+                if seq_id in self.failed:
+                    return logits
+                try:
+                    return processor(tokens, logits)
+                except Exception as exc:
+                    self._fail(seq_id, exc)
+                    return logits
+
+            return process
+
+        return [guarded(processor) for processor in processors]
+
+    def sampler(self, seq_id: int, sampler):
+        if sampler is greedy_sampler:
+            return sampler  # shared by the greedy rows so they sample in one call; it cannot fail for one row
+
+        def sample(logprobs: mx.array) -> mx.array:
+            try:
+                return sampler(logprobs)
+            except Exception as exc:
+                self._fail(seq_id, exc)
+                return mx.argmax(logprobs, axis=-1)
+
+        return sample
+
+    def take(self) -> dict[int, str]:
+        failed, self.failed = self.failed, {}
+        return failed
+
+
+def checked_prompt(prompt: list[int], vocab_size: int) -> list[int]:
+    """The prompt, if it is token ids the model has; else ValueError (an engine would fail the whole prefill
+    pass it joined, not this prompt alone)."""
+    if not prompt:
+        raise ValueError("the prompt has no tokens")
+    for token in prompt:
+        if type(token) is not int or not 0 <= token < vocab_size:
+            raise ValueError(f"the prompt holds {token!r}, which is not a token id of this model")
+    return prompt
+
+
 class MlxBatchEngine:
     """Continuous batching on mlx-lm's BatchGenerator, reusing the KV caches of finished sequences."""
 
     def __init__(
-        self, model, tokenizer, decoding: Decoding, max_batch_size: int, tuning: EngineTuning = EngineTuning()
+        self,
+        model,
+        tokenizer,
+        decoding: Decoding,
+        max_batch_size: int,
+        vocab_size: int,
+        tuning: EngineTuning = EngineTuning(),
     ) -> None:
         self._decoding = decoding
         self._generator = BatchGenerator(
@@ -286,8 +351,11 @@ class MlxBatchEngine:
         self._seq_of_uid: dict[int, int] = {}
         self._uid_of_seq: dict[int, int] = {}
         self._jobs: dict[int, GenerationJob] = {}
+        self._faults = RowFaults()
+        self._vocab_size = vocab_size
 
     def add(self, seq_id: int, job: GenerationJob) -> int:
+        checked_prompt(job.prompt_tokens, self._vocab_size)
         cache, rest = self._nearest_cache(job.prompt_tokens)
         cached = len(job.prompt_tokens) - len(rest)
         (uid,) = self._generator.insert(
@@ -295,8 +363,8 @@ class MlxBatchEngine:
             max_tokens=[job.max_tokens],
             caches=[cache],  # type: ignore[list-item]  # None: mlx-lm starts a fresh cache
             all_tokens=[job.prompt_tokens[:cached]],
-            samplers=[self._decoding.sampler(job)],
-            logits_processors=[self._decoding.processors(job)],
+            samplers=[self._faults.sampler(seq_id, self._decoding.sampler(job))],
+            logits_processors=[self._faults.processors(seq_id, self._decoding.processors(job))],
         )
         self._seq_of_uid[uid] = seq_id
         self._uid_of_seq[seq_id] = uid
@@ -319,9 +387,13 @@ class MlxBatchEngine:
 
     def step(self) -> list[TokenOutput]:
         _, responses = self._generator.next()
-        outputs = []
+        failed = self._faults.take()
+        outputs = [TokenOutput(seq_id, "", error=error) for seq_id, error in failed.items() if seq_id in self._jobs]
+        self.remove(failed)
         for response in responses:
-            seq_id = self._seq_of_uid[response.uid]
+            seq_id = self._seq_of_uid.get(response.uid)
+            if seq_id is None:
+                continue  # failed in this step
             text = self._detokenizers.text(seq_id, response.token, response.finish_reason)
             logprob = self._decoding.logprob(
                 self._jobs[seq_id], response.token, response.logprobs, response.finish_reason
@@ -372,7 +444,8 @@ class MlxBatchEngine:
 class MlxSequentialEngine:
     """One sequence at a time through mlx-lm's generate_step, for models whose cache cannot be batched."""
 
-    def __init__(self, model, tokenizer, decoding: Decoding) -> None:
+    def __init__(self, model, tokenizer, decoding: Decoding, vocab_size: int) -> None:
+        self._vocab_size = vocab_size
         self._model = model
         self._decoding = decoding
         self._eos = set(tokenizer.eos_token_ids)
@@ -382,6 +455,7 @@ class MlxSequentialEngine:
         self._current: tuple[int, GenerationJob, Iterator[Any], int] | None = None
 
     def add(self, seq_id: int, job: GenerationJob) -> int:
+        checked_prompt(job.prompt_tokens, self._vocab_size)
         self._waiting.append((seq_id, job))
         return 0
 
@@ -497,13 +571,14 @@ class MlxModel:
         self, messages: list[dict], *, tools: list[dict] | None = None, template_options: dict | None = None
     ) -> list[int]:
         try:
-            return list(
-                self.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tools=tools, **(template_options or {})
-                )
+            tokens = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tools=tools, **(template_options or {})
             )
         except (jinja2.TemplateError, ValueError, TypeError) as exc:
             raise TemplateRefused(str(exc)) from None
+        if not isinstance(tokens, list) or not all(type(token) is int for token in tokens):
+            raise TemplateRefused("the chat template did not give token ids")
+        return tokens
 
     def check_constraint(self, constraint: Constraint) -> None:
         self.decoding.constraints.grammar(constraint)
@@ -513,8 +588,10 @@ class MlxModel:
         # and the scheduler replaces a failed engine with a new one: start each from a fresh state.
         mx.random.seed(int.from_bytes(os.urandom(8), "little"))
         if self.batchable:
-            return MlxBatchEngine(self.model, self.tokenizer, self.decoding, max_batch_size, self.tuning)
-        return MlxSequentialEngine(self.model, self.tokenizer, self.decoding)
+            return MlxBatchEngine(
+                self.model, self.tokenizer, self.decoding, max_batch_size, self.vocab_size, self.tuning
+            )
+        return MlxSequentialEngine(self.model, self.tokenizer, self.decoding, self.vocab_size)
 
     def close(self) -> None:
         del self.model, self.tokenizer

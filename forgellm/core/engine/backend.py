@@ -37,7 +37,9 @@ class Engine(Protocol):
         prompt tokens were served from a cache rather than computed (0 for an engine without one)."""
 
     def step(self) -> list[TokenOutput]:
-        """Advance every sequence by one token; a finished one carries its finish_reason."""
+        """Advance every sequence by one token; a finished one carries its finish_reason. A sequence whose own
+        processing failed carries the error instead, and the engine has dropped it; an exception fails the
+        whole batch."""
 
     def remove(self, seq_ids: Iterable[int]) -> None:
         """Drop sequences (cancelled, or stopped by a stop string) from the batch."""

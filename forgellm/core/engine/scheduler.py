@@ -282,6 +282,10 @@ class Scheduler:
             sequence = self._running.get(output.seq_id)
             if sequence is None:
                 continue
+            if output.error is not None:  # its own processing failed; the engine has dropped it, the rest go on
+                del self._running[output.seq_id]
+                delivered.append(output)
+                continue
             text, reached_stop = sequence.stops.feed(output.text)
             if reached_stop is not None:
                 stopped.append(output.seq_id)

@@ -70,6 +70,7 @@ from forgellm.core.api.openai.protocol import (
     event,
 )
 from forgellm.core.api.pipeline import Caller, Generation, GenerationRequest, GenerationService, ToolChoice
+from forgellm.core.api.template_variables import template_variables
 from forgellm.core.engine.generation import Constraint, Delta, SamplingParams, TokenLogprob
 from forgellm.core.errors import bad_request
 from forgellm.core.http.errors import as_api_error, exception_handler
@@ -192,7 +193,7 @@ def _chat_requests(data: ChatCompletionRequest) -> list[GenerationRequest]:
         messages=_template_messages(data.messages),
         tools=[_function(tool) for tool in data.tools or ()] or None,
         tool_choice=_tool_choice(data),
-        template_options=data.chat_template_kwargs,
+        template_options=template_variables(data.chat_template_kwargs),
         max_tokens=data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens,
         constraint=_response_format(data),
         logprobs=(data.top_logprobs or 0) if data.logprobs else None,
