@@ -133,7 +133,9 @@ def _connection_limits(settings: Settings) -> ConnectionLimits:
             "--max-connections %d lowered to %d: the open-file limit is %d", max_connections, fitting, open_files
         )
         max_connections = fitting
-    return ConnectionLimits(settings.header_timeout, settings.max_header_size, max_connections)
+    return ConnectionLimits(
+        settings.header_timeout, settings.max_header_size, max_connections, body_timeout=settings.body_timeout
+    )
 
 
 def build_cli() -> click.Group:

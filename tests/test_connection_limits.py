@@ -125,6 +125,50 @@ def test_idle_connections_past_the_cap_make_room_for_a_new_client():
             assert sum(_closed_by_server(sock) for sock in idle) >= 20  # the oldest idle ones made room
 
 
+SLOW_BODY = b"POST /api/model/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+
+
+def test_a_body_that_does_not_arrive_in_time_is_a_408_and_the_connection_closes():
+    with ServerProcess(["--body-timeout", "1"], wait_ready=False) as server, _connect(server) as sock:
+        sock.sendall(SLOW_BODY)  # headers whole, then 1 byte of a 100-byte body
+        started = time.monotonic()
+        answer = _read_until_closed(sock)
+        assert time.monotonic() - started < 10
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {
+        "success": False,
+        "error": "The request body did not arrive in time",
+    }
+
+
+def test_slow_bodies_cannot_hold_the_connection_cap():
+    # Before: connections that sent headers and 1 byte of their body were never timed out; at the cap,
+    # /healthz failed 20 of 20.
+    args = ["--max-connections", "20", "--body-timeout", "1", "--header-timeout", "60"]
+    with ServerProcess(args, wait_ready=False) as server, contextlib.ExitStack() as stack:
+        slow = [stack.enter_context(_connect(server)) for _ in range(30)]
+        for sock in slow:
+            with contextlib.suppress(OSError):
+                sock.sendall(SLOW_BODY)
+        time.sleep(2)
+        answers = [httpx.get(f"{server.url}/healthz", timeout=10).status_code for _ in range(20)]
+        assert answers == [200] * 20
+        for sock in slow:  # each closed: with a 408, or at once when it came past the cap
+            sock.settimeout(5)
+            try:
+                answer = _read_until_closed(sock)
+            except ConnectionResetError:
+                continue
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 408 ")
+
+
+def test_a_whole_body_in_time_is_served():
+    with ServerProcess(["--body-timeout", "1"], wait_ready=False) as server:
+        answer = httpx.post(f"{server.url}/api/model/generate", json={"prompt": "hi"})
+        assert answer.status_code == 400  # read whole and answered: no model is loaded
+        assert answer.json() == {"success": False, "error": "No model loaded"}
+
+
 def _serve_under_open_file_limit(soft: int, hard: int):
     """`forgellm run` started under this RLIMIT_NOFILE; yields (its URL, its pid)."""
     port = free_port()

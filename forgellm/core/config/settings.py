@@ -251,6 +251,13 @@ CORE_OPTIONS = (
         default=10.0,
     ),
     Option(
+        "body_timeout",
+        "Seconds a request's body may take to arrive, from the end of its headers; slower is a 408 and the "
+        "connection closes (0: no limit).",
+        type=click.FloatRange(min=0),
+        default=30.0,
+    ),
+    Option(
         "max_connections",
         "Open connections at most; a new one past that closes the connection idle longest, or is closed "
         "itself when all are busy. Lowered to fit the open-file limit.",

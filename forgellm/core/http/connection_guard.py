@@ -11,6 +11,8 @@ and Go's net/http have:
   408 and the connection closes;
 - a header size limit (``--max-header-size``): more bytes before the end of the headers is a 431,
   and the bytes past the limit are never parsed;
+- a body deadline (``--body-timeout``): from the end of a request's headers its body must arrive whole
+  within it, else 408 and the connection closes, so slow bodies cannot hold the connection cap either;
 - a connection cap (``--max-connections``): a new connection over the cap closes the connection
   that has waited longest for its request headers (idle or slow), as nginx reuses idle keep-alive
   connections; when every connection is busy with a request, the new one is closed at once.
@@ -42,6 +44,7 @@ class ConnectionLimits:
     header_timeout: float  # seconds; 0: none
     max_header_bytes: int
     max_connections: int
+    body_timeout: float = 0  # seconds; 0: none
 
 
 def _plain_response(status: int, reason: str, message: str, retry_after: int | None = None) -> bytes:
@@ -65,6 +68,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     _header_bytes: int
     _header_tail: bytes
     _header_timer: asyncio.TimerHandle | None
+    _body_timer: asyncio.TimerHandle | None
     _awaiting_headers_since: float | None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -72,6 +76,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._header_bytes = 0
         self._header_tail = b""
         self._header_timer = None
+        self._body_timer = None
         self._awaiting_headers_since = None
         self._await_headers()
         if len(self.connections) > self.limits.max_connections and not self._evict_idle_connection():
@@ -150,7 +155,29 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._headers_arrived()
+        if self.limits.body_timeout > 0:
+            # Cancelled by on_message_complete, at once for a request without a body.
+            self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_timed_out)
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._body_arrived()
+        super().on_message_complete()
+
+    def _body_arrived(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is None or not cycle.response_started:
+            # The handler still waits for the body: it will see the client gone once the connection closes.
+            self.transport.write(_plain_response(408, "Request Timeout", "The request body did not arrive in time"))
+        self.transport.close()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -166,6 +193,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._headers_arrived()
+        self._body_arrived()
         super().connection_lost(exc)
 
 
