@@ -125,7 +125,10 @@ def test_idle_connections_past_the_cap_make_room_for_a_new_client():
             assert sum(_closed_by_server(sock) for sock in idle) >= 20  # the oldest idle ones made room
 
 
-SLOW_BODY = b"POST /api/model/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+SLOW_BODY = (
+    b"POST /api/model/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+)
 
 
 def test_a_body_that_does_not_arrive_in_time_is_a_408_and_the_connection_closes():
