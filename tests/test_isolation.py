@@ -135,3 +135,36 @@ def test_a_prompt_that_is_not_token_ids_fails_alone(tiny_model):
         outputs += engine.step()
     assert all(output.seq_id == 2 and output.error is None for output in outputs)
     engine.close()
+
+
+# -- every route that costs work passes the same limits --------------------------------------------
+
+COUNT = "/v1/messages/count_tokens"
+ASK = {"model": "any", "messages": [{"role": "user", "content": "Hello there"}]}
+
+
+def test_count_tokens_spends_the_request_budget(tiny_model):
+    # Before: a 5/minute key got 12 of 12 counts after its limit was spent.
+    with test_client(tiny_model, plugins="anthropic,ratelimit", rate_limit="5/minute") as client:
+        codes = [client.post(COUNT, json={**ASK, "model": str(tiny_model)}).status_code for _ in range(8)]
+        assert codes == [200] * 5 + [429] * 3
+        refused = client.post(COUNT, json={**ASK, "model": str(tiny_model)})
+        assert refused.json()["type"] == "error"
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        assert int(refused.headers["Retry-After"]) >= 1
+
+
+def test_count_tokens_counts_against_the_in_flight_limit(tiny_model):
+    import httpx
+    from live_server import serving
+
+    settings = {"plugins": "anthropic", "max_inflight_per_client": 1, "max_tokens_cap": 50_000}
+    with serving(tiny_model, **settings) as live, httpx.Client(base_url=live.url, timeout=30) as http:
+        body = {"prompt": "hello", "max_tokens": 50_000, "streaming": True}
+        with http.stream("POST", "/api/model/generate", json=body) as running:
+            lines = running.iter_lines()
+            assert next(lines)  # generating
+            refused = http.post(COUNT, json={**ASK, "model": str(tiny_model)})
+        assert refused.status_code == 429, refused.text
+        wait_for(lambda: idle(live.scheduler), "the stream to end")
+        assert http.post(COUNT, json={**ASK, "model": str(tiny_model)}).status_code == 200

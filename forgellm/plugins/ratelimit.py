@@ -1,7 +1,8 @@
 """The ``ratelimit`` plugin: generation requests and generated tokens per client, on the ``limits`` library.
 
-What counts: generation requests (the guide's generate, /v1/completions, /v1/chat/completions),
-checked in ``before_generate`` before the prompt is even tokenized, so a refused client costs
+What counts: generation requests (the guide's generate, /v1/completions, /v1/chat/completions, and the
+dialect plugins' routes, Anthropic's count_tokens included: rendering a prompt is work too), checked in
+``before_generate`` before the prompt is even tokenized, so a refused client costs
 next to nothing, and a request refused afterwards (a prompt over the limit, say) has counted.
 Status polls, model lists, loads and health probes do not count: the guide's clients poll
 status every second while a model loads, and loading needs the ``models:load`` scope anyway.
@@ -168,7 +169,7 @@ class Budgets:
         key = connection_client_key(request, identity, self.settings.ipv6_client_prefix)
         token_limits = self.limits_for(identity, "token_limit", self.token_limits)
         try:
-            if token_limits:
+            if token_limits and job.max_tokens > 0:  # a job of 0 tokens only counts a prompt's tokens
                 job.max_tokens = await self._reserve(key, token_limits, job.max_tokens)
                 self._reservations[id(job)] = (key, job.max_tokens, token_limits)
             for limit in self.limits_for(identity, "rate_limit", self.request_limits):

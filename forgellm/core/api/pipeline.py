@@ -234,16 +234,7 @@ class GenerationService:
             constraint=request.constraint,
             logprobs=request.logprobs,
         )
-        server.in_flight.acquire(caller.client_key)
-        try:
-            hooks = server.hook.before_generate(
-                identity=caller.identity, request=caller.request, job=job, server=server
-            )
-            for result in hooks:
-                await await_me_maybe(result)
-        except BaseException:
-            server.in_flight.release(caller.client_key)
-            raise
+        await self._admit(caller, job)
         try:
             job.prompt_tokens = await self._tokenize(caller, model, request)
             if not job.prompt_tokens:
@@ -264,9 +255,35 @@ class GenerationService:
 
     async def count_prompt_tokens(self, caller: Caller, request: GenerationRequest) -> int:
         """How many tokens the request's prompt is, as a generation would see it (template applied, tools
-        described); nothing is generated, so no before_generate or after_generate hook runs."""
-        _, model = await self._server.registry.serving(request.model, caller)
-        return len(await self._tokenize(caller, model, self._with_tools(request, model.output_format)))
+        described). Rendering a prompt is work, so it is admitted as a generation is (the in-flight limit and
+        the before_generate hooks, rate limits among them) with a job of max_tokens 0, and accounted with no
+        tokens generated."""
+        server = self._server
+        resident, model = await server.registry.serving(request.model, caller)
+        caller.record.model = resident.name
+        request = self._with_tools(request, model.output_format)
+        job = GenerationJob(prompt_tokens=[], max_tokens=0, prompt_text=request.prompt_text)
+        await self._admit(caller, job)
+        try:
+            job.prompt_tokens = await self._tokenize(caller, model, request)
+            caller.record.prompt_tokens = len(job.prompt_tokens)
+            return len(job.prompt_tokens)
+        finally:
+            await self._finish(caller, job, Usage(len(job.prompt_tokens), 0))
+
+    async def _admit(self, caller: Caller, job: GenerationJob) -> None:
+        """The caller's in-flight slot, then the plugins' before_generate hooks; a refusal frees the slot."""
+        server = self._server
+        server.in_flight.acquire(caller.client_key)
+        try:
+            hooks = server.hook.before_generate(
+                identity=caller.identity, request=caller.request, job=job, server=server
+            )
+            for result in hooks:
+                await await_me_maybe(result)
+        except BaseException:
+            server.in_flight.release(caller.client_key)
+            raise
 
     @staticmethod
     def _with_tools(request: GenerationRequest, output_format: OutputFormat) -> GenerationRequest:

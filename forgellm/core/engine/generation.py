@@ -36,7 +36,8 @@ class GenerationJob:
 
     The before_generate hooks see it before the prompt is tokenized (prompt_tokens still empty), so that
     limits are checked before any work; a plugin may lower max_tokens (the ratelimit plugin does, to what a
-    client's token budget has left)."""
+    client's token budget has left). A job of max_tokens 0 only counts its prompt's tokens (Anthropic's
+    count_tokens): it is admitted and accounted like the others, and generates nothing."""
 
     prompt_tokens: list[int]
     max_tokens: int
