@@ -168,3 +168,76 @@ def test_count_tokens_counts_against_the_in_flight_limit(tiny_model):
         assert refused.status_code == 429, refused.text
         wait_for(lambda: idle(live.scheduler), "the stream to end")
         assert http.post(COUNT, json={**ASK, "model": str(tiny_model)}).status_code == 200
+
+
+# -- bounded amplification: n times max_tokens, n slots in flight, rows shared fairly ----------------
+
+
+def test_n_times_max_tokens_past_the_request_budget_is_refused(client):
+    # Before: n=16 with max_tokens=4096 was accepted, 65,536 tokens from one request.
+    answer = client.post(CHAT, json=chat("Hello", n=16, max_tokens=4096))
+    assert answer.status_code == 400
+    assert "16 choice(s)" in answer.json()["error"]["message"]
+    assert "limit is 8192" in answer.json()["error"]["message"]
+    assert client.post(CHAT, json=chat("Hello", n=16, max_tokens=512)).status_code == 200
+
+
+def test_choices_without_max_tokens_share_the_request_budget(tiny_model):
+    with test_client(tiny_model, max_request_tokens=12, max_tokens_cap=12) as client:
+        answer = client.post(CHAT, json={"messages": [{"role": "user", "content": "Hello"}], "n": 4})
+        assert answer.status_code == 200, answer.text
+        assert all(choice["finish_reason"] in ("length", "stop") for choice in answer.json()["choices"])
+        assert answer.json()["usage"]["completion_tokens"] <= 12
+        one = client.post("/v1/completions", json={"prompt": "Hello"}).json()  # its own default (16) fits
+        assert one["usage"]["completion_tokens"] <= 12
+
+
+def test_each_choice_counts_against_the_in_flight_limit(tiny_model):
+    with test_client(tiny_model, max_inflight_per_client=2) as client:
+        refused = client.post(CHAT, json=chat("Hello", n=3))
+        assert refused.status_code == 429
+        assert client.post(CHAT, json=chat("Hello", n=2)).status_code == 200
+
+
+FAIR_TOKENS = 40
+
+
+def test_a_client_with_many_rows_does_not_make_another_wait_behind_them(tiny_model):
+    import httpx
+    from live_server import serving
+
+    keys = ("key-of-the-hog", "key-of-the-victim")
+    settings = {"plugins": "auth", "api_key": keys, "max_concurrency": 2}
+    with serving(tiny_model, **settings) as live:
+        body = {"prompt": "Once upon a time", "max_tokens": FAIR_TOKENS, "temperature": 0}
+        finished: dict[str, float] = {}
+
+        def send(key: str, fields: dict) -> httpx.Response:
+            headers = {"Authorization": f"Bearer {key}"}
+            answer = httpx.post(f"{live.url}/v1/completions", json={**body, **fields}, headers=headers, timeout=60)
+            finished[key] = __import__("time").monotonic()
+            return answer
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            hog = pool.submit(send, keys[0], {"n": 6})  # three waves of two rows
+            wait_for(lambda: live.scheduler.waiting_count == 4, "the hog's rows to fill the batch and queue")
+            victim = pool.submit(send, keys[1], {})
+            wait_for(lambda: live.scheduler.waiting_count == 5, "the victim to queue")
+            assert hog.result(timeout=60).status_code == 200
+            assert victim.result(timeout=60).status_code == 200
+        # In arrival order the victim would run in the fourth wave, after every one of the hog's rows.
+        assert finished[keys[1]] < finished[keys[0]]
+
+
+def test_max_rows_per_client_caps_one_clients_rows_even_with_rows_free(tiny_model):
+    import httpx
+    from live_server import serving
+
+    settings = {"max_concurrency": 8, "max_rows_per_client": 2, "max_tokens_cap": 50_000, "max_request_tokens": 0}
+    with serving(tiny_model, **settings) as live:
+        body = {"prompt": "Once upon a time", "max_tokens": 50_000, "n": 4, "stream": True}
+        with httpx.Client(base_url=live.url, timeout=60) as http, http.stream("POST", "/v1/completions", json=body):
+            wait_for(lambda: live.scheduler.active_count == 2, "two rows to run")
+            wait_for(lambda: live.scheduler.waiting_count == 2, "two rows to wait")
+            assert live.scheduler.active_count == 2  # six rows free, and still two
+        wait_for(lambda: idle(live.scheduler), "the stream to end")

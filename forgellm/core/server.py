@@ -57,6 +57,7 @@ class Server:
             self.backend,
             max_concurrency=settings.max_concurrency,
             max_queue=settings.max_queue,
+            max_rows_per_client=settings.max_rows_per_client,
             load_timeout=settings.load_timeout,
             allow_patterns=tuple(settings.allow_model),
             memory_budget=memory_amount(budget, device_memory_bytes(self.backend)) if budget else None,

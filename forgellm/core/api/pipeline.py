@@ -193,11 +193,12 @@ class GenerationService:
         self._server = server
 
     async def start_all(self, caller: Caller, requests: list[GenerationRequest]) -> list[Generation]:
-        """Start several generations (a request's choices); if one is refused, those started are stopped."""
+        """Start several generations (a request's choices) within one request's token budget; if one is
+        refused, those started are stopped."""
         started: list[Generation] = []
         try:
-            for request in requests:
-                started.append(await self.start(caller, request))
+            for request in self._within_request_budget(requests):
+                started.append(await self._start(caller, request))
         except BaseException:
             for generation in started:
                 generation.handle.cancel()
@@ -210,6 +211,32 @@ class GenerationService:
 
         Once the before_generate hooks have run, after_generate runs exactly once for the job: here, with no
         tokens, when the job is refused later; else when it ends."""
+        (request,) = self._within_request_budget([request])
+        return await self._start(caller, request)
+
+    def _within_request_budget(self, requests: list[GenerationRequest]) -> list[GenerationRequest]:
+        """The choices of one request, refused (400) when together they ask for more than --max-request-tokens,
+        and, when they name no max_tokens, each given an equal share of it. One choice may always ask for
+        --max-tokens-cap: the budget bounds what n multiplies."""
+        settings = self._server.settings
+        if not settings.max_request_tokens or not requests:
+            return requests
+        budget: int = max(settings.max_request_tokens, settings.max_tokens_cap)
+        asked = sum(request.max_tokens or 0 for request in requests)
+        if asked > budget:
+            raise bad_request(
+                f"The request asks for {asked} tokens over its {len(requests)} choice(s) (n times max_tokens); "
+                f"the limit is {budget}"
+            )
+        share = max(1, budget // len(requests))
+        return [
+            request
+            if request.max_tokens is not None
+            else replace(request, default_max_tokens=min(request.default_max_tokens or share, share))
+            for request in requests
+        ]
+
+    async def _start(self, caller: Caller, request: GenerationRequest) -> Generation:
         server = self._server
         resident, model = await server.registry.serving(request.model, caller)
         resident.pending += 1  # chosen: not to be unloaded while its prompt is prepared
@@ -233,6 +260,7 @@ class GenerationService:
             prompt_text=request.prompt_text,
             constraint=request.constraint,
             logprobs=request.logprobs,
+            client=caller.client_key,
         )
         await self._admit(caller, job)
         try:

@@ -203,6 +203,20 @@ CORE_OPTIONS = (
     ),
     Option("max_concurrency", "Sequences decoded together in one batch.", type=int, default=32),
     Option(
+        "max_rows_per_client",
+        "Batch rows one client's generations may hold at once, even with rows free (0: no fixed cap; clients "
+        "still take free rows fewest-held first, so no client's requests queue behind another's).",
+        type=click.IntRange(min=0),
+        default=0,
+    ),
+    Option(
+        "max_request_tokens",
+        "Most tokens one request may ask to generate over all its choices (n times max_tokens), at least "
+        "--max-tokens-cap; more is a 400, and choices without max_tokens get an equal share each (0: no limit).",
+        type=click.IntRange(min=0),
+        default=8192,
+    ),
+    Option(
         "max_queue",
         "Requests allowed to wait for a batch slot; beyond that, 503 with Retry-After.",
         type=int,

@@ -48,6 +48,8 @@ class GenerationJob:
     constraint: Constraint | None = None
     # Per generated token, its log-probability and those of this many most likely alternatives (None: none).
     logprobs: int | None = None
+    # Whose share of the batch it takes (the pipeline's client key): rows go to the clients holding fewest.
+    client: str = ""
 
 
 @dataclass(frozen=True)

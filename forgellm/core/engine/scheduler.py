@@ -1,7 +1,8 @@
 """The scheduler: one resident model's engine thread, feeding that model's requests through one batched engine.
 
 Requests enter a bounded queue from the asyncio side. The engine thread admits them
-into the batch, steps the engine, matches stop strings, and hands each step's
+into the batch (a free row goes to the waiting sequence whose client holds fewest rows, so one
+client's many sequences never make another's wait behind them), steps the engine, matches stop strings, and hands each step's
 outputs back to the event loop in one call. Model swaps run on the same thread,
 once the work already admitted has finished.
 """
@@ -15,7 +16,7 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 
 from forgellm.core.engine.backend import Engine, LoadedModel
@@ -132,9 +133,10 @@ class _Sequence:
 class Scheduler:
     """Admission control on the asyncio side, continuous batching on the engine thread."""
 
-    def __init__(self, *, max_concurrency: int, max_queue: int) -> None:
+    def __init__(self, *, max_concurrency: int, max_queue: int, max_rows_per_client: int = 0) -> None:
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
+        self.max_rows_per_client = max_rows_per_client  # 0: none beyond the fair order
         self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -253,7 +255,9 @@ class Scheduler:
 
     def _admit(self) -> None:
         while self._waiting and len(self._running) < self.max_concurrency:
-            sequence = self._waiting.popleft()
+            sequence = self._next_fair()
+            if sequence is None:
+                return  # every waiting client holds --max-rows-per-client rows
             if self._engine is None:
                 self._post([TokenOutput(sequence.seq_id, "", error="no model loaded")])
                 continue
@@ -266,6 +270,26 @@ class Scheduler:
             self._running[sequence.seq_id] = sequence
             if cached:
                 self._cached_prompt_tokens[sequence.seq_id] = cached
+
+    def _next_fair(self) -> _Sequence | None:
+        """Take the waiting sequence whose client holds fewest rows (the longest waiting among equals), skipping
+        clients at --max-rows-per-client."""
+        held = Counter(sequence.job.client for sequence in self._running.values())
+        cap = self.max_rows_per_client
+        chosen: int | None = None
+        for index, sequence in enumerate(self._waiting):
+            rows = held[sequence.job.client]
+            if cap and rows >= cap:
+                continue
+            if chosen is None or rows < held[self._waiting[chosen].job.client]:
+                chosen = index
+                if rows == 0:
+                    break
+        if chosen is None:
+            return None
+        sequence = self._waiting[chosen]
+        del self._waiting[chosen]
+        return sequence
 
     def _step(self) -> None:
         if self._engine is None:  # a failed reset left none; _reset_engine failed what was running

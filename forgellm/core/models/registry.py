@@ -110,6 +110,7 @@ class ModelRegistry:
         max_concurrency: int,
         max_queue: int,
         load_timeout: float,
+        max_rows_per_client: int = 0,
         allow_patterns: tuple[str, ...],
         memory_budget: int | None,
         max_models: int,
@@ -120,6 +121,7 @@ class ModelRegistry:
         self._backend = backend
         self._max_concurrency = max_concurrency
         self._max_queue = max_queue
+        self._max_rows_per_client = max_rows_per_client
         self._load_timeout = load_timeout
         self._allow_patterns = allow_patterns
         self.memory_budget = memory_budget
@@ -153,7 +155,11 @@ class ModelRegistry:
         return False
 
     def _new_resident(self, name: str, pinned: bool) -> Resident:
-        scheduler = Scheduler(max_concurrency=self._max_concurrency, max_queue=self._max_queue)
+        scheduler = Scheduler(
+            max_concurrency=self._max_concurrency,
+            max_queue=self._max_queue,
+            max_rows_per_client=self._max_rows_per_client,
+        )
         manager = ModelManager(self._backend, scheduler, self._load_timeout, self._allow_patterns)
         resident = Resident(name, manager, scheduler, pinned)
         if self._started:
