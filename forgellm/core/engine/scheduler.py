@@ -1,10 +1,10 @@
 """The scheduler: one resident model's engine thread, feeding that model's requests through one batched engine.
 
 Requests enter a bounded queue from the asyncio side. The engine thread admits them
-into the batch (a free row goes to the waiting sequence whose client holds fewest rows, so one
-client's many sequences never make another's wait behind them), steps the engine, matches stop strings, and hands each step's
-outputs back to the event loop in one call. Model swaps run on the same thread,
-once the work already admitted has finished.
+into the batch (a free row goes to the waiting sequence whose client holds fewest rows, so
+one client's many sequences never make another's wait behind them), steps the engine,
+matches stop strings, and hands each step's outputs back to the event loop in one call.
+Model swaps run on the same thread, once the work already admitted has finished.
 """
 
 from __future__ import annotations
