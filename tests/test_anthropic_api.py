@@ -15,6 +15,7 @@ import anthropic
 import httpx
 import jsonschema
 import pytest
+from faulty_backend import ROW_FAULT, ROW_FAULT_MESSAGE, Faults
 from live_server import idle, serving, wait_for
 from wire import sse
 
@@ -315,12 +316,25 @@ def test_a_client_that_leaves_a_stream_frees_its_slot(live, model_name):
 
 
 def test_a_failure_mid_stream_is_an_error_event(tiny_model):
-    with test_client(tiny_model, plugins="anthropic", request_timeout=0.5) as server:
-        response = server.post(
-            "/v1/messages", json={"max_tokens": 4000, "stream": True, "messages": [{"role": "user", "content": "x"}]}
-        )
+    faults = Faults(step_fault=False)
+    faults.row_fault.set()
+    with test_client(tiny_model, plugins="anthropic", backend=faults.backend) as server:
+        ask = [{"role": "user", "content": f"x {ROW_FAULT}"}]
+        response = server.post("/v1/messages", json={"max_tokens": 4000, "stream": True, "messages": ask})
     last = sse(response)[-1]
-    assert last["type"] == "error" and last["error"]["type"] == "timeout_error"
+    assert last["type"] == "error" and last["error"]["type"] == "api_error"
+    assert ROW_FAULT_MESSAGE in last["error"]["message"]
+
+
+def test_the_request_timeout_keeps_the_text_as_max_tokens(tiny_model):
+    with test_client(tiny_model, plugins="anthropic", request_timeout=0.5) as server:
+        ask = {"max_tokens": 4000, "messages": [{"role": "user", "content": "x"}]}
+        whole = server.post("/v1/messages", json=ask).json()
+        streamed = sse(server.post("/v1/messages", json={**ask, "stream": True}))
+    assert whole["stop_reason"] == "max_tokens" and whole["content"][0]["text"]
+    assert whole["usage"]["output_tokens"] > 0
+    stops = [event["delta"]["stop_reason"] for event in streamed if event["type"] == "message_delta"]
+    assert stops == ["max_tokens"] and streamed[-1]["type"] == "message_stop"
 
 
 def test_responses_match_the_openapi_schema(tiny_model):

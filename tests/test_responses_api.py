@@ -14,6 +14,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from faulty_backend import ROW_FAULT, ROW_FAULT_MESSAGE, Faults
 from wire import sse
 
 from forgellm.testing import test_client
@@ -262,12 +263,26 @@ def test_rate_limits_apply(tiny_model):
 
 
 def test_a_failure_mid_stream_is_an_error_event_then_response_failed(tiny_model):
+    faults = Faults(step_fault=False)
+    faults.row_fault.set()
+    with test_client(tiny_model, plugins="responses", backend=faults.backend) as server:
+        body = {"input": f"x {ROW_FAULT}", "stream": True, "max_output_tokens": 4000}
+        response = server.post("/v1/responses", json=body)
+    events = sse(response)
+    assert events[-2]["type"] == "error" and ROW_FAULT_MESSAGE in events[-2]["message"]
+    assert events[-1]["type"] == "response.failed"
+    assert events[-1]["response"]["error"]["code"] == "generation_failed"
+
+
+def test_the_request_timeout_keeps_the_text_as_an_incomplete_response(tiny_model):
     # --request-timeout ends a generation the tiny model would carry on for thousands of tokens.
     with test_client(tiny_model, plugins="responses", request_timeout=0.5) as server:
-        response = server.post("/v1/responses", json={"input": "x", "stream": True, "max_output_tokens": 4000})
-    events = sse(response)
-    assert events[-2]["type"] == "error" and "request timeout" in events[-2]["message"]
-    assert events[-1]["type"] == "response.failed" and events[-1]["response"]["error"]["code"] == "timeout"
+        whole = server.post("/v1/responses", json={"input": "x", "max_output_tokens": 4000}).json()
+        events = sse(server.post("/v1/responses", json={"input": "x", "stream": True, "max_output_tokens": 4000}))
+    assert whole["status"] == "incomplete" and whole["incomplete_details"] == {"reason": "timeout"}
+    assert whole["output"][0]["content"][0]["text"]
+    assert events[-1]["type"] == "response.incomplete"
+    assert events[-1]["response"]["incomplete_details"] == {"reason": "timeout"}
 
 
 def test_the_route_is_absent_without_the_plugin(client):

@@ -119,6 +119,7 @@ class Generation:
         self.output_format = model.output_format
         self.handle = handle
         self._request = request
+        self._timed_out = False  # --request-timeout ended it: what it generated stands, with finish_reason "timeout"
         opens_reasoning = self.output_format.opens_reasoning
         self._starts_in_reasoning = bool(
             opens_reasoning and request.messages is not None and opens_reasoning(handle.job.prompt_tokens)
@@ -165,25 +166,33 @@ class Generation:
         if not handle.done:
             if disconnected.done():
                 raise ApiError(499, "Client closed the request")
-            raise self._service.timed_out()
-        return handle.completion()
+            self._time_out()
+        return self.completion()
 
     async def deltas(self) -> AsyncIterator[Delta]:
         """Text (and logprobs) as generated, one delta per engine step; stopped when the iteration is closed (the
-        client left) or the timeout passes."""
+        client left) or the timeout passes (the stream then ends, its completion saying "timeout")."""
         try:
             async with asyncio.timeout_at(self._service.deadline()):
                 async for delta in self.handle.chunks():
                     yield delta
         except TimeoutError:
-            raise self._service.timed_out() from None
+            self._time_out()
         finally:
             self.handle.cancel()
             await self._service.account(self._caller, self.handle)  # a stream the client abandoned is charged
 
+    def _time_out(self) -> None:
+        """--request-timeout has passed: the text so far is the answer, unless there is none (a 504)."""
+        if self.handle.completion_tokens == 0:
+            raise self._service.timed_out()
+        self._timed_out = True
+
     def completion(self) -> Completion:
-        """The finished generation, once ``text()`` is exhausted."""
-        return self.handle.completion()
+        """The finished generation, once ``deltas()`` is exhausted; cut by --request-timeout, its finish_reason is
+        "timeout"."""
+        completion = self.handle.completion()
+        return replace(completion, finish_reason="timeout") if self._timed_out else completion
 
 
 class GenerationService:
@@ -219,6 +228,8 @@ class GenerationService:
         and, when they name no max_tokens, each given an equal share of it. One choice may always ask for
         --max-tokens-cap: the budget bounds what n multiplies."""
         settings = self._server.settings
+        for request in requests:
+            self._max_tokens(request)  # one choice past --max-tokens-cap is refused as such
         if not settings.max_request_tokens or not requests:
             return requests
         budget: int = max(settings.max_request_tokens, settings.max_tokens_cap)

@@ -167,7 +167,7 @@ def _stop(generation: Generation, called: bool) -> tuple[StopReason, str | None]
     completion = generation.completion()
     if called:
         return "tool_use", None
-    if completion.finish_reason == "length":
+    if completion.finish_reason in ("length", "timeout"):  # cut short by a limit: of tokens, or of time
         return "max_tokens", None
     if completion.stop_sequence is not None:
         return "stop_sequence", completion.stop_sequence

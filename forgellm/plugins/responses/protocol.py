@@ -195,7 +195,7 @@ class ResponseUsage(msgspec.Struct):
 
 
 class IncompleteDetails(msgspec.Struct):
-    reason: Literal["max_output_tokens"]
+    reason: Literal["max_output_tokens", "timeout"]  # timeout: the server's --request-timeout ended it
 
 
 class ResponseErrorDetail(msgspec.Struct):

@@ -205,6 +205,10 @@ class Reply:
                 InputTokensDetails(generation.cached_prompt_tokens),
             )
         tool_choice: Any = data.tool_choice or "auto"
+        incomplete = None
+        if status == "incomplete":
+            timed_out = generation is not None and generation.completion().finish_reason == "timeout"
+            incomplete = IncompleteDetails("timeout" if timed_out else "max_output_tokens")
         return ResponseObject(
             id=self.id,
             created_at=self.created_at,
@@ -213,7 +217,7 @@ class Reply:
             output=output,
             usage=usage,
             error=error,
-            incomplete_details=IncompleteDetails("max_output_tokens") if status == "incomplete" else None,
+            incomplete_details=incomplete,
             instructions=data.instructions,
             max_output_tokens=data.max_output_tokens,
             previous_response_id=data.previous_response_id,
@@ -229,7 +233,7 @@ class Reply:
 
 
 def _status(generation: Generation) -> Any:
-    return "incomplete" if generation.completion().finish_reason == "length" else "completed"
+    return "incomplete" if generation.completion().finish_reason in ("length", "timeout") else "completed"
 
 
 def _assistant_messages(output: list[OutputItem]) -> list[dict[str, Any]]:
