@@ -241,3 +241,63 @@ def test_max_rows_per_client_caps_one_clients_rows_even_with_rows_free(tiny_mode
             wait_for(lambda: live.scheduler.waiting_count == 2, "two rows to wait")
             assert live.scheduler.active_count == 2  # six rows free, and still two
         wait_for(lambda: idle(live.scheduler), "the stream to end")
+
+
+# -- one resident per model, whatever its spelling; failed loads hold nothing ---------------------
+
+
+@pytest.fixture()
+def models_dir(tiny_model, tmp_path):
+    (tmp_path / "smol").symlink_to(tiny_model, target_is_directory=True)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')  # no weights, no tokenizer
+    return tmp_path
+
+
+def test_spellings_of_one_directory_share_one_resident(models_dir):
+    # Before: models//smol, models/./smol, models/smol/ and four more spellings gave 7 resident copies.
+    spellings = ["smol", "/smol", "//smol", "/./smol", "/smol/", "/../" + models_dir.name + "/smol"]
+    with test_client(allow_model=(f"{models_dir}/*",)) as client:
+        for spelling in spellings:
+            answer = client.post(CHAT, json=chat("Hello", model=f"{models_dir}/{spelling}"))
+            assert answer.status_code == 200, (spelling, answer.text)
+        listing = client.get("/api/models").json()["models"]
+        loaded = [model for model in listing if model["state"] == "loaded"]
+        assert len(loaded) == 1
+        server = client.app.state.server
+        assert sum(resident.scheduler.alive for resident in server.registry.residents) == 2  # the default slot too
+
+
+def test_a_failed_load_on_demand_says_why_and_leaves_no_thread(models_dir):
+    with test_client(allow_model=(f"{models_dir}/*",), model_load_wait=30) as client:
+        server = client.app.state.server
+        threads_before = sum(resident.scheduler.alive for resident in server.registry.residents)
+        answer = client.post(CHAT, json=chat("Hello", model=f"{models_dir}/broken"))
+        assert answer.status_code == 404, answer.text
+        message = answer.json()["error"]["message"]
+        assert f"'{models_dir}/broken' could not be loaded" in message and message != "No model loaded"
+        wait_for(
+            lambda: sum(r.scheduler.alive for r in server.registry.residents) == threads_before,
+            "the failed load's engine thread to end",
+            timeout=10,
+        )
+        again = client.post(CHAT, json=chat("Hello", model=f"{models_dir}/broken"))
+        assert again.status_code == 404 and "could not be loaded" in again.json()["error"]["message"]
+        missing = client.post(CHAT, json=chat("Hello", model=f"{models_dir}/absent"))
+        assert missing.status_code == 400 and "not found" in missing.json()["error"]["message"]
+        assert sum(r.scheduler.alive for r in server.registry.residents) == threads_before
+
+
+def test_a_clients_load_error_does_not_map_the_disk(tmp_path):
+    # Before: /api/models/load answered FileNotFoundError ... '/etc/config.json', a file-system probe.
+    with test_client() as client:
+        answer = client.post("/api/models/load", json={"model_name": "/etc", "name": "probe"})
+        assert answer.status_code == 200  # a directory that exists: the load starts, and fails
+        wait_for(
+            lambda: client.get("/api/models").json()["models"][-1]["state"] == "failed", "the load to fail", timeout=30
+        )
+        error = client.get("/api/models").json()["models"][-1]["error"]
+        assert error == "Model /etc was not found or is not loadable"
+        retried = client.post("/api/models/load", json={"model_name": "/etc", "name": "probe"})
+        assert retried.status_code == 200  # a failed load's name is free again

@@ -164,12 +164,13 @@ class Scheduler:
     async def stop(self, timeout: float | None = None) -> None:
         """Finish admitted work, free the model, and end the engine thread; after timeout seconds, give up on a
         thread that is stuck (in a load that never returns, say): it is a daemon, so the process still exits."""
-        if self._thread is None:
+        thread = self._thread
+        if thread is None:
             return
         self._inbox.put(Stop())
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        while self._thread.is_alive():
+        while thread.is_alive():
             if deadline is not None and loop.time() > deadline:
                 logger.warning("the engine thread did not stop within %gs; exiting without it", timeout)
                 break

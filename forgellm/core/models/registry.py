@@ -14,6 +14,7 @@ model with requests in flight is never unloaded; when nothing can go, the load i
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -73,10 +74,32 @@ class Resident:
 
     def answers_to(self, requested: str) -> bool:
         state = self.manager.state
-        return requested in (self.name, state.model_name) or (self.model is not None and requested == self.model.name)
+        if requested in (self.name, state.model_name) or (self.model is not None and requested == self.model.name):
+            return True
+        # Another spelling of the same local directory or file (models//smol, ./models/smol/) is the same model.
+        return state.model_name is not None and source_key(requested) == source_key(state.model_name)
+
+    @property
+    def failed(self) -> bool:
+        """Its load failed: it holds no model, and its error says why."""
+        state = self.manager.state
+        return self.model is None and not state.is_loading and state.error is not None
 
     def touch(self) -> None:
         self.last_used = time.time()
+
+
+@functools.lru_cache(maxsize=1024)
+def source_key(source: str) -> str:
+    """What a model source names, whatever its spelling: a local path's real path (symbolic links, ``..``,
+    doubled and trailing slashes resolved), else the name as given (a repo id, a built-in name)."""
+    path = os.path.expanduser(source)
+    try:
+        if os.path.exists(path):
+            return os.path.realpath(path)
+    except (OSError, ValueError):
+        pass
+    return source
 
 
 def device_memory_bytes(backend: Backend) -> int:
@@ -210,6 +233,12 @@ class ModelRegistry:
             resident = await self._load_on_demand(requested, caller)
         if resident.manager.state.is_loading:
             await self._wait_for(resident)
+        if resident.failed:  # kept a while after its load failed, so that requests learn why
+            raise ApiError(
+                404,
+                f"The model '{requested}' could not be loaded: {resident.manager.state.error}",
+                code="model_load_failed",
+            )
         return resident, resident.manager.require_model()
 
     async def _load_on_demand(self, requested: str, caller: Any) -> Resident:
@@ -221,8 +250,11 @@ class ModelRegistry:
             raise self._not_served(requested) from None
         if not await self._authorized_to_load(caller):
             raise self._not_resident(requested, "; loading it needs the models:load scope")
+        self.default.manager.check_load_target(requested, None)  # a missing path starts no load at all
         resident = self.find(requested)  # another request may have started it meanwhile
-        return resident if resident is not None else await self._add(requested, requested, None, pinned=False)
+        if resident is not None:
+            return resident
+        return await self._add(requested, requested, None, pinned=False, from_client=True)
 
     def _not_served(self, requested: str) -> ApiError:
         """What a generation naming a model that is not resident (and will not be loaded) gets."""
@@ -247,6 +279,9 @@ class ModelRegistry:
         """Start loading a model under this name; the same model again is a no-op, another under a name in use a
         409."""
         existing = self._named(name)
+        if existing is not None and existing.failed and existing is not self.default:
+            await self._remove(existing)  # a failed load's name is free to load again
+            existing = None
         if existing is not None:
             state = existing.manager.state
             if (state.loaded or state.is_loading) and state.model_name == source and state.adapter_path == adapter:
@@ -254,21 +289,25 @@ class ModelRegistry:
                 return existing
             raise ApiError(409, f"A model named {name} is resident; unload it first", code="name_in_use")
         self.default.manager.check_load_target(source, adapter)
-        return await self._add(name, source, adapter, pinned)
+        return await self._add(name, source, adapter, pinned, from_client=True)
 
-    async def _add(self, name: str, source: str, adapter: str | None, pinned: bool) -> Resident:
+    async def _add(
+        self, name: str, source: str, adapter: str | None, pinned: bool, from_client: bool = False
+    ) -> Resident:
         await self._make_room(on_disk_bytes(source), for_name=name)
         resident = self._new_resident(name, pinned)
         self.residents.append(resident)
         loop = asyncio.get_running_loop()
-        future = resident.manager.start_load(source, adapter)
+        future = resident.manager.start_load(source, adapter, from_client=from_client)
         future.add_done_callback(lambda done: loop.call_soon_threadsafe(self._after_load, resident))
         return resident
 
     def _after_load(self, resident: Resident) -> None:
-        """A failed load leaves the registry (after a while, so its error can be read); a model that turned out
-        bigger than the room left is unloaded again."""
+        """A failed load's engine thread ends at once, and the slot leaves the registry after a while (its
+        error read meanwhile by /api/models and by requests naming it); a model that turned out bigger than the
+        room left is unloaded again."""
         if resident.model is None:
+            asyncio.ensure_future(resident.scheduler.stop(timeout=None))
             asyncio.ensure_future(self._remove_later(resident))
         elif self.memory_budget is not None:
             asyncio.ensure_future(self._fit_after_load(resident))
