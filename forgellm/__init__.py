@@ -16,6 +16,8 @@ from forgellm.core.api.assistant_turn import (
     template_tool,
     template_tool_call,
 )
+from forgellm.core.api.openai.protocol import OpenAIError
+from forgellm.core.api.openai.protocol import error_body as openai_error_body
 from forgellm.core.api.pipeline import Caller, Generation, GenerationRequest, GenerationService, ToolChoice
 from forgellm.core.config.settings import Option, Settings
 from forgellm.core.engine.backend import Backend, Engine, LoadedModel, OutputFormat
@@ -80,6 +82,7 @@ __all__ = [
     "GenerationService",
     "Identity",
     "LoadedModel",
+    "OpenAIError",
     "Option",
     "OutputFormat",
     "ReasoningDelta",
@@ -105,6 +108,7 @@ __all__ = [
     "exception_handler",
     "hookimpl",
     "json_body",
+    "openai_error_body",
     "record_of",
     "server_sent_event",
     "service_unavailable",

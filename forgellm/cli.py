@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import sys
 from functools import partial
@@ -85,6 +86,7 @@ PRINT_CONFIG_OPTION = click.Option(
 
 def _run(options: list[Option], print_config: bool, **values) -> None:
     import uvicorn
+    from uvicorn.main import STARTUP_FAILURE
 
     from forgellm.core.http.app import create_app
 
@@ -106,7 +108,7 @@ def _run(options: list[Option], print_config: bool, **values) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: sys.exit(0))
     trusted_proxies = [network for network in (settings.trusted_proxies or "").split(",") if network]
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -121,6 +123,22 @@ def _run(options: list[Option], print_config: bool, **values) -> None:
         root_path=normalized_root_path(settings.root_path),
         http=guarded_protocol(limits),
     )
+    logging.getLogger("uvicorn.error").addFilter(_startup_failure_in_one_line)
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
+
+
+def _startup_failure_in_one_line(record: logging.LogRecord) -> bool:
+    """A plugin's refusal to start (a keys file others may write, a storage that does not answer) as its message
+    alone: Litestar hands uvicorn the whole formatted traceback, whose last line is that message."""
+    message = record.getMessage()
+    if message.lstrip(" +").startswith(("Traceback", "Exception Group Traceback")):
+        lines = [line.strip(" |") for line in message.splitlines()]
+        last = next(line for line in reversed(lines) if line and not line.startswith(("+-", "+")))
+        record.msg, record.args = "cannot start: " + re.sub(r"^[\w.]+: ", "", last), ()
+    return True
 
 
 def _connection_limits(settings: Settings) -> ConnectionLimits:

@@ -301,3 +301,80 @@ def test_a_clients_load_error_does_not_map_the_disk(tmp_path):
         assert error == "Model /etc was not found or is not loadable"
         retried = client.post("/api/models/load", json={"model_name": "/etc", "name": "probe"})
         assert retried.status_code == 200  # a failed load's name is free again
+
+
+# -- the cheap Lows -------------------------------------------------------------------------------
+
+
+def test_a_refused_keys_file_stops_the_server_with_one_line_not_a_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    keys = tmp_path / "keys.json"
+    keys.write_text("{}")
+    keys.chmod(0o666)
+    env = {**os.environ, "FORGELLM_NO_MODEL": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "forgellm", "run", "--port", "0", "--plugins", "auth"]
+    ran = subprocess.run([*command, "--api-keys-file", str(keys)], env=env, capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 3
+    assert "cannot start: auth plugin: keys file" in ran.stderr and "chmod go-w" in ran.stderr
+    assert "Traceback" not in ran.stderr
+
+
+def test_responses_405_is_openais_invalid_request_error(tiny_model):
+    with test_client(tiny_model, plugins="responses") as client:
+        answer = client.get("/v1/responses")
+        assert answer.status_code == 405
+        assert answer.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_metadata_is_bounded_as_openai_bounds_it(tiny_model):
+    with test_client(tiny_model, plugins="responses") as client:
+        body = {"input": "x", "max_output_tokens": 2}
+        too_long = client.post("/v1/responses", json={**body, "metadata": {"k": "v" * 513}})
+        assert too_long.status_code == 400
+        too_many = client.post("/v1/responses", json={**body, "metadata": {f"k{i}": "v" for i in range(17)}})
+        assert too_many.status_code == 400
+        assert client.post("/v1/responses", json={**body, "metadata": {"k": "v" * 512}}).status_code == 200
+
+
+def test_one_clients_many_responses_evict_its_own_not_anothers():
+    # Before: another key's 260 requests evicted a client's stored response from the one shared LRU.
+    from types import SimpleNamespace
+
+    from forgellm.plugins.responses.store import ResponseStore, StoredResponse
+
+    def stored(owner: str, number: int) -> StoredResponse:
+        return StoredResponse(owner, SimpleNamespace(id=f"{owner}-{number}"), [])  # type: ignore[arg-type]
+
+    store = ResponseStore(capacity=8)
+    store.put(stored("patient", 0))
+    for number in range(260):
+        store.put(stored("greedy", number))
+    assert store.get("patient-0", "patient") is not None
+    assert store.get("greedy-259", "greedy") is not None and store.get("greedy-0", "greedy") is None
+    assert len(store) == 8
+
+
+def test_state_shows_the_settings_to_administrators_only(tiny_model):
+    import time
+
+    import jwt
+
+    secret = "hs256-secret-for-the-tests-0123456789abcdef"
+    now = int(time.time())
+    token = jwt.encode({"sub": "reader", "exp": now + 600, "iat": now}, secret, algorithm="HS256")
+    with test_client(tiny_model, plugins="auth,console", api_key=("admin-key",), jwt_secret=secret) as client:
+        unscoped = client.get("/console/api/state", headers={"Authorization": f"Bearer {token}"})
+        assert unscoped.status_code == 200 and unscoped.json()["config"] is None
+        admin = client.get("/console/api/state", headers={"Authorization": "Bearer admin-key"})
+        assert admin.json()["config"]["max_concurrency"] == 32
+
+
+def test_a_schema_no_value_satisfies_is_a_400_not_an_empty_answer(client):
+    cycle = {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}
+    format = {"type": "json_schema", "json_schema": {"name": "loop", "schema": cycle}}
+    answer = client.post(CHAT, json=chat("Hello", response_format=format))
+    assert answer.status_code == 400
+    assert "no JSON value satisfies it" in answer.json()["error"]["message"]

@@ -56,6 +56,12 @@ class ConstraintCompiler:
         problem = LLMatcher.validate_grammar(grammar, self._llg_tokenizer())
         if problem:
             raise ValueError(f"the JSON schema cannot be used: {problem}")
+        start = LLMatcher(self._llg_tokenizer(), grammar)
+        start.compute_logit_bias()  # a grammar that no value satisfies fails its first mask
+        if start.is_error():
+            # It compiles but no value can start (a $ref that only refers to itself, say): the model could only
+            # end at once, with an empty answer.
+            raise ValueError("the JSON schema cannot be used: no JSON value satisfies it (a $ref cycle?)")
         return grammar
 
     def processor(self, constraint: Constraint) -> LogitsProcessor:

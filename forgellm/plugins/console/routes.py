@@ -15,7 +15,7 @@ from litestar.exceptions import NotFoundException
 from litestar.params import FromPath
 from litestar.response import Redirect
 
-from forgellm import LOAD, STATUS, Server, record_of
+from forgellm import ADMIN, LOAD, STATUS, Server, record_of
 from forgellm.core.api.guide.routes import guide_errors
 from forgellm.core.api.models.routes import resident_model
 from forgellm.core.plugin_manager import available_plugins
@@ -66,6 +66,7 @@ async def home(request: Request[Any, Any, Any]) -> Redirect:
 )
 async def state(request: Request[Any, Any, Any], server: NamedDependency[Server]) -> dict[str, Any]:
     registry = server.registry
+    identity = record_of(request).identity
     available = available_plugins()
     enabled = {name for name, _ in server.pm.list_name_plugin()}
     return {
@@ -77,8 +78,9 @@ async def state(request: Request[Any, Any, Any], server: NamedDependency[Server]
             {"name": name, "version": info.version, "enabled": name in enabled}
             for name, info in sorted(available.items())
         ],
-        "config": server.settings.masked(),
-        "can_load": await server.allows(record_of(request).identity, LOAD, request),
+        # The settings name files and allowed paths: for administrators only, secrets masked even then.
+        "config": server.settings.masked() if await server.allows(identity, ADMIN, request) else None,
+        "can_load": await server.allows(identity, LOAD, request),
     }
 
 

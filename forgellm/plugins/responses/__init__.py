@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import click
 
-from forgellm import Option, hookimpl
-from forgellm.plugins.responses.protocol import PATH, error_body
+from forgellm import Option, hookimpl, openai_error_body
+from forgellm.plugins.responses.protocol import PATH
 from forgellm.plugins.responses.routes import STATE_KEY, responses_router
 from forgellm.plugins.responses.store import ResponseStore
 
@@ -36,7 +36,7 @@ def register_routes(register):
 
 @hookimpl
 def register_error_shapes(register):
-    register(PATH, error_body)
+    register(PATH, openai_error_body)
 
 
 @hookimpl

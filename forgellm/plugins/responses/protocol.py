@@ -1,6 +1,6 @@
-"""OpenAI's Responses API on the wire: the request, the response object, its output items, the typed
-stream events and the error object. Each shape is defined once here; the routes encode and decode these,
-and the OpenAPI schema is generated from them.
+"""OpenAI's Responses API on the wire: the request, the response object, its output items and the typed
+stream events (errors are OpenAI's error object, as on every /v1 route). Each shape is defined once
+here; the routes encode and decode these, and the OpenAPI schema is generated from them.
 """
 
 from __future__ import annotations
@@ -9,39 +9,9 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from forgellm import ApiError, any_of, server_sent_event
+from forgellm import any_of, server_sent_event
 
 PATH = "/v1/responses"
-
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "server_overloaded",
-}
-
-
-class ErrorDetail(msgspec.Struct):
-    message: str
-    type: str
-    param: None
-    code: str | None
-
-
-class ResponsesError(msgspec.Struct):
-    """The error body of every Responses route (OpenAI's error object)."""
-
-    error: ErrorDetail
-
-
-def error_body(error: ApiError) -> ResponsesError:
-    kind = _ERROR_TYPES.get(error.status_code, "server_error")
-    return ResponsesError(ErrorDetail(error.message, kind, None, error.code))
-
 
 # -- the request ---------------------------------------------------------------------------------
 
@@ -108,6 +78,13 @@ class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
     include_obfuscation: bool | None = None  # accepted; no obfuscation padding is sent
 
 
+# OpenAI's bounds: 16 pairs, keys of at most 64 characters, values of at most 512.
+Metadata = Annotated[
+    dict[Annotated[str, msgspec.Meta(max_length=64)], Annotated[str, msgspec.Meta(max_length=512)]],
+    msgspec.Meta(max_length=16),
+]
+
+
 class ResponseRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Every field of OpenAI's request is here: honoured, accepted without effect (docs/responses.md says which),
     or refused with a 400 that names it."""
@@ -130,8 +107,8 @@ class ResponseRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     include: list[str] | None = None
     reasoning: ReasoningOptions | None = None
     truncation: Literal["disabled"] | None = None  # "auto" (dropping the conversation's start) is not offered
-    # Accepted without effect.
-    metadata: dict[str, str] | None = None
+    # Accepted without effect, and stored with the response: bounded as OpenAI bounds it.
+    metadata: Metadata | None = None
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None

@@ -28,6 +28,7 @@ from forgellm import (
     Generation,
     GenerationRequest,
     GenerationService,
+    OpenAIError,
     SamplingParams,
     Server,
     ToolChoice,
@@ -36,6 +37,7 @@ from forgellm import (
     error_responses,
     exception_handler,
     json_body,
+    openai_error_body,
     streamed,
     streamed_as,
     strict_body,
@@ -58,12 +60,10 @@ from forgellm.plugins.responses.protocol import (
     ResponseLifecycleEvent,
     ResponseObject,
     ResponseRequest,
-    ResponsesError,
     ResponseUsage,
     StreamEvent,
     TextOptions,
     encode_event,
-    error_body,
 )
 from forgellm.plugins.responses.store import ResponseStore, StoredResponse
 
@@ -252,7 +252,7 @@ def _assistant_messages(output: list[OutputItem]) -> list[dict[str, Any]]:
 
 
 def _errors(*statuses: int) -> dict[int, Any]:
-    return error_responses(ResponsesError, *statuses)
+    return error_responses(OpenAIError, *statuses)
 
 
 @post(
@@ -381,5 +381,5 @@ def responses_router() -> Router:
     return Router(
         "/",
         route_handlers=[create_response, get_response, delete_response],
-        exception_handlers={Exception: exception_handler(error_body)},
+        exception_handlers={Exception: exception_handler(openai_error_body)},
     )

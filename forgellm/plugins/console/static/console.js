@@ -124,7 +124,8 @@ function renderPlugins(state) {
       element("li", `${plugin.name} ${plugin.version}${plugin.enabled ? "" : " (off)"}`, plugin.enabled ? "" : "muted"),
     ),
   );
-  $("config").textContent = JSON.stringify(state.config, null, 2);
+  $("config").textContent =
+    state.config === null ? "Shown to administrators only (the admin scope)." : JSON.stringify(state.config, null, 2);
 }
 
 function drawChart(canvas, points, value) {
