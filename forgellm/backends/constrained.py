@@ -30,6 +30,39 @@ JSON_OPTIONS: Any = {"whitespace_flexible": False, "item_separator": ",", "key_s
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
+# Keywords whose value is one schema, a list of schemas, or a map of names to schemas.
+_ONE_SCHEMA = ("additionalProperties", "items", "contains", "not", "if", "then", "else", "propertyNames")
+_SCHEMA_LISTS = ("prefixItems", "anyOf", "oneOf")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def strict_objects(schema: Any, *, in_all_of: bool = False) -> Any:
+    """The schema with every object that names its properties closed to others, unless it says otherwise
+    (``additionalProperties`` or ``unevaluatedProperties`` of its own).
+
+    Plain JSON Schema lets an object hold any property it does not name, and a small model under such a
+    grammar invents keys until max_tokens. OpenAI's strict mode requires closed objects, and xgrammar's
+    strict mode (vLLM's and SGLang's default) closes them; so do we. An object that names no properties
+    (JSON mode's {"type": "object"}) stays open, and so do allOf's branches, which name each other's."""
+    if isinstance(schema, list):
+        return [strict_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    strict: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _ONE_SCHEMA or key in _SCHEMA_LISTS:
+            strict[key] = strict_objects(value)
+        elif key == "allOf" and isinstance(value, list):
+            strict[key] = [strict_objects(item, in_all_of=True) for item in value]
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            strict[key] = {name: strict_objects(item) for name, item in value.items()}
+        else:
+            strict[key] = value
+    named = isinstance(schema.get("properties"), dict)
+    if named and not in_all_of and "additionalProperties" not in schema and "unevaluatedProperties" not in schema:
+        strict["additionalProperties"] = False
+    return strict
+
 
 class ConstraintCompiler:
     """One model's grammars: its tokenizer as llguidance sees it (built on first use, about half a second)."""
@@ -50,7 +83,8 @@ class ConstraintCompiler:
     def grammar(self, constraint: Constraint) -> str:
         """The llguidance grammar for a constraint; ValueError says why a schema cannot be compiled."""
         try:
-            grammar = LLMatcher.grammar_from_json_schema(json.dumps(constraint.json_schema), defaults=JSON_OPTIONS)
+            schema = json.dumps(strict_objects(constraint.json_schema))
+            grammar = LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
         except ValueError as exc:
             raise ValueError(f"the JSON schema cannot be used: {exc}") from None
         problem = LLMatcher.validate_grammar(grammar, self._llg_tokenizer())

@@ -9,7 +9,8 @@ the tool-call markers, whose text the model's parser turns into a name and argum
 
 A forced tool call (tool_choice ``required`` or a named function) is generated under a JSON grammar
 (``forced_call_schema``), so the whole text is the call (or, with parallel calls, a list of them):
-``TurnSplitter(forced=True)`` streams its name first, then its arguments as they are generated.
+``TurnSplitter(forced=True)`` streams each call's name first, then its arguments as they are generated.
+A forced call is always a call: cut short by max_tokens, it is the call with the arguments generated so far.
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ TOOL_PROMPT = (
 )
 
 
-# How a forced single call begins, under the compact JSON grammar: its name, then its arguments.
-_FORCED_OPENING = re.compile(r'^\{"name":"((?:[^"\\]|\\.)*)","arguments":')
+# How each forced call begins, under the compact JSON grammar (after the list's "[" or a "," between calls):
+# its name, then its arguments; and the start of one cut off inside its name.
+_FORCED_OPENING = re.compile(r'[\[,]?\{"name":"((?:[^"\\]|\\.)*)","arguments":')
+_FORCED_NAME_START = '{"name":"'
+_JSON = json.JSONDecoder()
 
 
 def template_tool(name: str, parameters: dict[str, Any] | None, description: str | None = None) -> dict[str, Any]:
@@ -154,7 +158,9 @@ class TurnSplitter:
         self._in_call = False
         self._call_text = ""
         self._forced_text = ""
+        self._forced_at = 0  # where the next forced call begins in the forced text
         self._streamed_call: int | None = None  # the index of a forced call whose arguments are streaming
+        self._arguments_at = 0  # where that call's arguments begin in the forced text
         self._streamed_upto = 0  # how much of the forced text has gone out as argument fragments
         self._think = output_format.think
         self._in_think = in_reasoning and self._think is not None
@@ -181,9 +187,7 @@ class TurnSplitter:
     def finish(self) -> list[TurnEvent]:
         """The events the end of the text completes: held-back text, an unclosed call, a forced call."""
         if self._forced:
-            if self._streamed_call is not None:
-                return self._finish_streamed_call()
-            return self._forced_events(self._forced_text)
+            return self._finish_forced()
         events = self._emit(self._held)
         self._held = ""
         if self._in_call:  # the model ended inside a call: parse what it wrote
@@ -243,42 +247,50 @@ class TurnSplitter:
         return [ToolCallStart(index, new_call_id(), name), ToolCallArguments(index, arguments)]
 
     def _feed_forced(self, text: str) -> list[TurnEvent]:
-        """A forced single call streams: its name once the grammar's fixed opening is complete, then its
-        arguments as they come, all but the last character, which may be the call's closing brace."""
+        """Forced calls stream: each call's name once the grammar's fixed opening is complete, then its arguments
+        as they come; a call ends where its arguments' JSON value does."""
         self._forced_text += text
-        if self._streamed_call is None:
-            opening = _FORCED_OPENING.match(self._forced_text)
-            if opening is None:
-                return []
-            name = json.loads(f'"{opening.group(1)}"')
-            index, self._calls = self._calls, self._calls + 1
-            self._streamed_call, self._streamed_upto = index, opening.end()
-            return [ToolCallStart(index, new_call_id(), name), *self._stream_arguments()]
-        return self._stream_arguments()
+        events: list[TurnEvent] = []
+        while True:
+            if self._streamed_call is None:
+                opening = _FORCED_OPENING.match(self._forced_text, self._forced_at)
+                if opening is None:
+                    return events
+                index, self._calls = self._calls, self._calls + 1
+                self._streamed_call = index
+                self._arguments_at = self._streamed_upto = opening.end()
+                events.append(ToolCallStart(index, new_call_id(), json.loads(f'"{opening.group(1)}"')))
+            try:
+                _, end = _JSON.raw_decode(self._forced_text, self._arguments_at)
+            except ValueError:  # not complete yet: all of it is arguments so far
+                events += self._stream_arguments(len(self._forced_text))
+                return events
+            events += self._stream_arguments(end)
+            self._streamed_call = None
+            self._forced_at = end + 1  # past the call's closing brace
 
-    def _stream_arguments(self) -> list[TurnEvent]:
-        ready = len(self._forced_text) - 1
-        if ready <= self._streamed_upto or self._streamed_call is None:
+    def _stream_arguments(self, upto: int) -> list[TurnEvent]:
+        if self._streamed_call is None or upto <= self._streamed_upto:
             return []
-        fragment = self._forced_text[self._streamed_upto : ready]
-        self._streamed_upto = ready
+        fragment = self._forced_text[self._streamed_upto : upto]
+        self._streamed_upto = upto
         return [ToolCallArguments(self._streamed_call, fragment)]
 
-    def _finish_streamed_call(self) -> list[TurnEvent]:
-        rest = self._forced_text[self._streamed_upto :]
-        if rest.endswith("}"):
-            rest = rest[:-1]  # the call's own closing brace, not the arguments'
-        return [ToolCallArguments(self._streamed_call, rest)] if rest and self._streamed_call is not None else []
-
-    def _forced_events(self, text: str) -> list[TurnEvent]:
-        try:
-            value = json.loads(text)
-        except ValueError:
-            return [ContentDelta(text)]  # cut off before the call was complete
-        events: list[TurnEvent] = []
-        for call in value if isinstance(value, list) else [value]:
-            events += self._call(str(call["name"]), json.dumps(call["arguments"], ensure_ascii=False))
-        return events
+    def _finish_forced(self) -> list[TurnEvent]:
+        """A forced generation cut short (max_tokens, a timeout) is still the call it was making: with the
+        arguments generated so far, or, cut inside the name, the one tool that name can still be."""
+        if self._streamed_call is not None or self._calls:
+            return []
+        rest = self._forced_text[self._forced_at :].lstrip("[,")
+        if _FORCED_NAME_START.startswith(rest):
+            begun = ""
+        elif rest.startswith(_FORCED_NAME_START):
+            begun = rest[len(_FORCED_NAME_START) :].partition('"')[0]
+        else:
+            return []
+        names = [tool["function"]["name"] for tool in self._tools or ()]
+        candidates = [name for name in names if json.dumps(name)[1:-1].startswith(begun)]
+        return self._call(candidates[0], "") if len(candidates) == 1 else []
 
 
 def _partial_suffix(text: str, marker: str | None) -> int:

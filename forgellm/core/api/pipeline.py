@@ -128,7 +128,10 @@ class Generation:
     def splitter(self) -> TurnSplitter:
         """A fresh splitter for this generation's text."""
         request = self._request
-        tools = request.tools if request.tool_choice.mode != "none" else None
+        choice = request.tool_choice
+        tools = request.tools if choice.mode != "none" else None
+        if tools and choice.name is not None:  # the grammar allows this one only
+            tools = [tool for tool in tools if tool["function"]["name"] == choice.name]
         return TurnSplitter(
             self.output_format,
             tools=tools,

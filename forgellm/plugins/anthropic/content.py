@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import partial_json_parser
+
 from forgellm import ContentDelta, ReasoningDelta, ToolCallArguments, ToolCallStart, TurnEvent
 from forgellm.plugins.anthropic.protocol import (
     ContentBlockDelta,
@@ -24,6 +26,14 @@ from forgellm.plugins.anthropic.protocol import (
     ThinkingDelta,
     ToolUseBlock,
 )
+
+
+def _partial_object(text: str) -> Any:
+    """The object a JSON text cut short begins, or None when it begins none."""
+    try:
+        return partial_json_parser.loads(text)
+    except (ValueError, RecursionError):  # its JSONDecodeError is a ValueError
+        return None
 
 
 def tool_use_id(call_id: str) -> str:
@@ -74,8 +84,9 @@ class ContentBuilder:
         return self._stop()
 
     def blocks(self) -> list[OutputBlock]:
-        """The message's content; a call whose arguments are not a JSON object (a model may write one) is kept as
-        text, so nothing it said is lost."""
+        """The message's content. A call cut short by max_tokens has the input its arguments so far make (their
+        open strings and objects closed); one whose arguments are no JSON object at all (a model may write one)
+        is kept as text, so nothing it said is lost."""
         content: list[OutputBlock] = []
         for index, block in enumerate(self._blocks):
             if isinstance(block, ToolUseBlock):
@@ -83,7 +94,7 @@ class ContentBuilder:
                 try:
                     parsed: Any = json.loads(arguments or "{}")
                 except ValueError:
-                    parsed = None
+                    parsed = _partial_object(arguments)
                 if not isinstance(parsed, dict):
                     content.append(TextBlock(arguments))
                     continue

@@ -165,10 +165,10 @@ def generation_request(data: MessagesRequest) -> GenerationRequest:
 
 def _stop(generation: Generation, called: bool) -> tuple[StopReason, str | None]:
     completion = generation.completion()
+    if completion.finish_reason in ("length", "timeout"):  # cut short by a limit (of tokens, or of time)
+        return "max_tokens", None
     if called:
         return "tool_use", None
-    if completion.finish_reason in ("length", "timeout"):  # cut short by a limit: of tokens, or of time
-        return "max_tokens", None
     if completion.stop_sequence is not None:
         return "stop_sequence", completion.stop_sequence
     return "end_turn", None

@@ -283,8 +283,13 @@ def _completion_logprobs(logprobs: Sequence[TokenLogprob], asked: bool, offset: 
     )
 
 
-def _finish_reason(generation: Generation, turn: AssistantTurn | None = None) -> Any:
-    return "tool_calls" if turn is not None and turn.tool_calls else generation.completion().finish_reason
+# Limits that cut a generation short: its finish_reason says so even when it was making a tool call.
+CUT_SHORT = ("length", "timeout")
+
+
+def _finish_reason(generation: Generation, called: bool) -> Any:
+    reason = generation.completion().finish_reason
+    return "tool_calls" if called and reason not in CUT_SHORT else reason
 
 
 # -- routes --------------------------------------------------------------------------------------
@@ -409,7 +414,7 @@ async def chat_completions(
             reasoning_content=turn.reasoning or None,
         )
         logprobs = _chat_logprobs(generation.handle.logprobs, data.logprobs)
-        choices.append(ChatChoice(index, message, _finish_reason(generation, turn), logprobs))
+        choices.append(ChatChoice(index, message, _finish_reason(generation, bool(turn.tool_calls)), logprobs))
     return ChatCompletionResponse(
         id=response_id, created=created, model=model, choices=choices, usage=_usage(started, 1)
     )
@@ -437,8 +442,8 @@ class _ChatStream:
 
     def end(self) -> list[ChatChunkChoice]:
         deltas = self._deltas(self._splitter.finish(), None)
-        reason = "tool_calls" if self._called else self.generation.completion().finish_reason
-        return [*deltas, ChatChunkChoice(self.index, ChatDelta(), None, reason)]  # type: ignore[arg-type]
+        reason = _finish_reason(self.generation, self._called)
+        return [*deltas, ChatChunkChoice(self.index, ChatDelta(), None, reason)]
 
     def _deltas(self, events: list[TurnEvent], logprobs: ChatLogprobs | None) -> list[ChatChunkChoice]:
         choices = []
