@@ -112,10 +112,11 @@ class Generation:
         model: LoadedModel,
         handle: SequenceHandle,
         request: GenerationRequest,
+        served_as: str,
     ) -> None:
         self._service = service
         self._caller = caller
-        self.model_name = model.name
+        self.model_name = served_as  # the name clients know the model by (--model NAME=...), not its path
         self.output_format = model.output_format
         self.handle = handle
         self._request = request
@@ -290,7 +291,7 @@ class GenerationService:
                 # Left unbounded, a generation stops where the model's context ends.
                 job.max_tokens = max(1, min(job.max_tokens, model.context_length - len(job.prompt_tokens)))
             caller.record.prompt_tokens = len(job.prompt_tokens)
-            return Generation(self, caller, model, resident.scheduler.submit(job), request)
+            return Generation(self, caller, model, resident.scheduler.submit(job), request, resident.name)
         except BaseException:
             await self._finish(caller, job, Usage(len(job.prompt_tokens), 0))
             raise

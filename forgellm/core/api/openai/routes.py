@@ -72,7 +72,7 @@ from forgellm.core.api.openai.protocol import (
 from forgellm.core.api.pipeline import Caller, Generation, GenerationRequest, GenerationService, ToolChoice
 from forgellm.core.api.template_variables import template_variables
 from forgellm.core.engine.generation import Constraint, Delta, SamplingParams, TokenLogprob
-from forgellm.core.errors import bad_request
+from forgellm.core.errors import ApiError, bad_request
 from forgellm.core.http.errors import as_api_error, exception_handler
 from forgellm.core.http.openapi import EVENT_STREAM, GENERATION_ERRORS, error_responses, json_body, streamed_as
 from forgellm.core.http.streaming import streamed
@@ -302,8 +302,22 @@ def _finish_reason(generation: Generation, called: bool) -> Any:
     responses=openai_errors(401, 403),
 )
 async def list_models(server: NamedDependency[Server]) -> ModelList:
-    models = [resident.model for resident in server.registry.residents]
-    return ModelList(data=[ModelCard(id=model.name) for model in models if model is not None])
+    """Each model under the name it is served as (its source stays visible in /api/models)."""
+    return ModelList(data=[ModelCard(id=name) for name in server.registry.names()])
+
+
+@get(
+    f"{PREFIX}/models/{{model_id:path}}",
+    opt={"action": STATUS},
+    summary="One model this server can serve now",
+    responses=openai_errors(400, 401, 403, 404),
+)
+async def get_model(model_id: str, server: NamedDependency[Server]) -> ModelCard:
+    name = model_id.lstrip("/")
+    resident = server.registry.find(name)
+    if resident is None or resident.model is None:
+        raise ApiError(404, f"The model '{name}' is not loaded", code="model_not_found")
+    return ModelCard(id=resident.name)
 
 
 @post(
@@ -531,6 +545,6 @@ def openai_router() -> Router:
     """The OpenAI-compatible routes, answering errors in OpenAI's shape."""
     return Router(
         "/",
-        route_handlers=[list_models, completions, chat_completions],
+        route_handlers=[list_models, get_model, completions, chat_completions],
         exception_handlers={Exception: exception_handler(error_body)},
     )
