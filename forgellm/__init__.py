@@ -18,10 +18,18 @@ from forgellm.core.api.assistant_turn import (
 )
 from forgellm.core.api.openai.protocol import OpenAIError
 from forgellm.core.api.openai.protocol import error_body as openai_error_body
-from forgellm.core.api.pipeline import Caller, Generation, GenerationRequest, GenerationService, ToolChoice
+from forgellm.core.api.pipeline import (
+    Caller,
+    Generation,
+    GenerationRequest,
+    GenerationService,
+    ToolChoice,
+    client_sampling,
+)
 from forgellm.core.config.settings import Option, Settings
 from forgellm.core.engine.backend import Backend, Engine, LoadedModel, OutputFormat
 from forgellm.core.engine.generation import (
+    LAYERED_SAMPLING,
     Completion,
     Constraint,
     Delta,
@@ -55,6 +63,7 @@ from forgellm.core.http.request_context import RequestRecord, record_of
 from forgellm.core.http.streaming import streamed
 from forgellm.core.http.strict_body import strict_body
 from forgellm.core.identity import ADMIN, GENERATE, LOAD, STATUS, Identity
+from forgellm.core.models.sampling_defaults import checked_value as checked_sampling_value
 from forgellm.core.server import Server
 from forgellm.version import __version__
 
@@ -64,6 +73,7 @@ __all__ = [
     "GENERATE",
     "GENERATION_ERRORS",
     "INVALID_CREDENTIALS",
+    "LAYERED_SAMPLING",
     "LOAD",
     "STATUS",
     "ApiError",
@@ -104,6 +114,8 @@ __all__ = [
     "any_of",
     "as_api_error",
     "bad_request",
+    "checked_sampling_value",
+    "client_sampling",
     "error_responses",
     "exception_handler",
     "hookimpl",

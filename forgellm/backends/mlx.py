@@ -35,6 +35,7 @@ from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from forgellm import (
+    LAYERED_SAMPLING,
     Constraint,
     GenerationJob,
     Option,
@@ -44,6 +45,7 @@ from forgellm import (
     TemplateRefused,
     TokenLogprob,
     TokenOutput,
+    checked_sampling_value,
     hookimpl,
 )
 from forgellm.backends import builtin_models, cpu_blas, gguf
@@ -93,9 +95,20 @@ def _min_p_filter(min_p: float):
     return keep
 
 
-def make_random_sampler(params: SamplingParams):
+def _xtc_cut(logprobs: mx.array, threshold: mx.array, keep: mx.array) -> mx.array:
+    """XTC's cut: every token likelier than the threshold but the least likely of them is dropped (tokens in
+    keep, the end and newline tokens, never are)."""
+    probs = mx.exp(logprobs)
+    least_above = mx.where(probs > threshold, probs, mx.inf).min(axis=-1, keepdims=True)
+    return mx.where((probs > least_above) & ~keep, -mx.inf, logprobs)
+
+
+def make_random_sampler(params: SamplingParams, xtc_kept: list[int] | None = None):
     """Filters, then a draw at the request's temperature; a seeded request draws from its own PRNG key,
-    so it is reproducible even inside a shared batch."""
+    so it is reproducible even inside a shared batch.
+
+    XTC is written here rather than taken from mlx-lm (apply_xtc), whose draw comes from MLX's global random
+    state: a seeded request would no longer be reproducible in a shared batch."""
     key = mx.random.key(params.seed) if params.seed is not None else None
     filters = []
     # Values go in as arrays: mlx-lm compiles its filters, and a Python float would make every
@@ -107,39 +120,65 @@ def make_random_sampler(params: SamplingParams):
         filters.append(_min_p_filter(params.min_p))
     if params.top_k > 0:
         filters.append(_top_k_filter(params.top_k))
+    xtc = params.xtc_probability > 0
+    xtc_threshold, xtc_probability = mx.array(params.xtc_threshold), mx.array(params.xtc_probability)
+    xtc_keep: mx.array | None = None
+
+    def draw_key():
+        nonlocal key
+        if key is None:
+            return None
+        key, subkey = mx.random.split(key)
+        return subkey
 
     def sample(logprobs: mx.array) -> mx.array:
-        nonlocal key
+        nonlocal xtc_keep
         for keep in filters:
             logprobs = keep(logprobs)
+        if xtc:
+            if xtc_keep is None:
+                xtc_keep = mx.zeros((logprobs.shape[-1],), dtype=mx.bool_)
+                if xtc_kept:
+                    xtc_keep[mx.array(xtc_kept)] = True
+            cut = mx.random.uniform(key=draw_key()) < xtc_probability
+            logprobs = mx.where(cut, _xtc_cut(logprobs, xtc_threshold, xtc_keep), logprobs)
         scaled = logprobs * (1.0 / params.temperature)
-        if key is None:
-            return mx.random.categorical(scaled)
-        key, subkey = mx.random.split(key)
-        return mx.random.categorical(scaled, key=subkey)
+        return mx.random.categorical(scaled, key=draw_key())
 
     return sample
 
 
-def sampler_for(params: SamplingParams):
+def sampler_for(params: SamplingParams, xtc_kept: list[int] | None = None):
     if params.temperature == 0:
         # Greedy requests all share mlx-lm's one greedy sampler, so a batch of them samples in one call.
         return greedy_sampler
-    return make_random_sampler(params)
+    return make_random_sampler(params, xtc_kept)
 
 
-def _penalty_processor(presence: float, frequency: float, prompt_length: int):
-    """OpenAI's presence and frequency penalties, over the tokens generated so far (not the prompt's).
+def _penalty_processor(params: SamplingParams, prompt_length: int):
+    """The presence and frequency penalties: OpenAI's, over the tokens generated so far (not the prompt's); or,
+    given a context size, mlx_lm.server's, over the last that many tokens of prompt and output alike.
 
-    Written here rather than taken from mlx-lm, whose penalties look at the last 20 tokens of prompt and
-    output alike; the penalties are plain array arithmetic, so no value costs a compilation."""
+    Written here rather than taken from mlx-lm, whose penalties always look at a window; the penalties are
+    plain array arithmetic, so no value costs a compilation."""
+
+    def counts(tokens: mx.array, window: int | None, size: int, dtype) -> mx.array | None:
+        seen = tokens[-window:] if window else tokens[prompt_length:]
+        if seen.size == 0:
+            return None
+        return mx.zeros((size,), dtype=dtype).at[seen].add(1)
 
     def penalize(tokens: mx.array, logits: mx.array) -> mx.array:
-        generated = tokens[prompt_length:]
-        if generated.size == 0:
-            return logits
-        counts = mx.zeros((logits.shape[-1],), dtype=logits.dtype).at[generated].add(1)
-        return logits - (presence * (counts > 0) + frequency * counts)
+        size = logits.shape[-1]
+        if params.presence_penalty:
+            present = counts(tokens, params.presence_context_size, size, logits.dtype)
+            if present is not None:
+                logits = logits - params.presence_penalty * (present > 0)
+        if params.frequency_penalty:
+            frequent = counts(tokens, params.frequency_context_size, size, logits.dtype)
+            if frequent is not None:
+                logits = logits - params.frequency_penalty * frequent
+        return logits
 
     return penalize
 
@@ -151,22 +190,23 @@ class Decoding:
     def __init__(self, tokenizer, vocab_size: int) -> None:
         self._tokenizer = tokenizer
         self.constraints = ConstraintCompiler(tokenizer._tokenizer, vocab_size, tokenizer.eos_token_ids)
+        # XTC never drops these (as mlx_lm.server): ending, and a new line.
+        self._xtc_kept = [*tokenizer.encode("\n", add_special_tokens=False), *tokenizer.eos_token_ids]
         self._token_texts: dict[int, tuple[str, bytes]] = {}
         self._byte_values = {char: byte for byte, char in bytes_to_unicode().items()}
 
-    @staticmethod
-    def sampler(job: GenerationJob):
-        return sampler_for(job.sampling)
+    def sampler(self, job: GenerationJob):
+        return sampler_for(job.sampling, self._xtc_kept)
 
     def processors(self, job: GenerationJob) -> list:
         params = job.sampling
         processors = make_logits_processors(
-            logit_bias=dict(params.logit_bias) or None, repetition_penalty=params.repetition_penalty
+            logit_bias=dict(params.logit_bias) or None,
+            repetition_penalty=params.repetition_penalty,
+            repetition_context_size=params.repetition_context_size,
         )
         if params.presence_penalty or params.frequency_penalty:
-            processors.append(
-                _penalty_processor(params.presence_penalty, params.frequency_penalty, len(job.prompt_tokens))
-            )
+            processors.append(_penalty_processor(params, len(job.prompt_tokens)))
         if job.constraint is not None:
             processors.append(self.constraints.processor(job.constraint))  # last: it decides what may follow
         return processors
@@ -532,6 +572,25 @@ def _output_format(tokenizer) -> OutputFormat:
     )
 
 
+def recommended_sampling(directory: pathlib.Path) -> dict[str, float]:
+    """The sampling a model's makers recommend in its generation_config.json (the fields vLLM's
+    --generation-config auto reads; do_sample is ignored, as vLLM does); a field out of range is skipped."""
+    try:
+        config = json.loads((directory / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config, dict):
+        return {}
+    recommended = {}
+    for field_name in LAYERED_SAMPLING:
+        if config.get(field_name) is not None:
+            try:
+                recommended[field_name] = checked_sampling_value(field_name, config[field_name])
+            except ValueError as exc:
+                logger.warning("%s: generation_config.json's %s", directory, exc)
+    return recommended
+
+
 class MlxModel:
     """A model and tokenizer loaded by mlx-lm's own loader (from ``path``, a directory or repo id)."""
 
@@ -557,6 +616,7 @@ class MlxModel:
         self.context_length: int | None = getattr(args, "max_position_embeddings", None)
         self.decoding = Decoding(self.tokenizer, self.vocab_size)
         self.output_format = _output_format(self.tokenizer)
+        self.sampling_defaults = recommended_sampling(pathlib.Path(os.path.expanduser(path or name)))
         weights: list[tuple[str, mx.array]] = tree_flatten(self.model.parameters())  # type: ignore[assignment]
         self.memory_bytes = sum(array.nbytes for _, array in weights)
 

@@ -19,6 +19,7 @@ from forgellm.core.engine.scheduler import Scheduler
 from forgellm.core.identity import LOAD, Identity
 from forgellm.core.models.manager import ModelManager
 from forgellm.core.models.registry import ModelRegistry, device_memory_bytes
+from forgellm.core.models.sampling_defaults import operator_defaults
 from forgellm.core.plugin_manager import await_me_maybe
 
 logger = logging.getLogger("forgellm")
@@ -65,6 +66,7 @@ class Server:
             keep_alive=settings.keep_alive,
             load_wait=settings.model_load_wait,
             authorized_to_load=self._may_load,
+            sampling_defaults=operator_defaults(settings.model_sampling),
         )
         self.in_flight = InFlightLimit(settings.max_inflight_per_client)
         self.generations = GenerationService(self)

@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from forgellm.core.api.assistant_turn import TurnEvent, TurnSplitter, forced_call_schema, tool_prompt
 from forgellm.core.engine.backend import LoadedModel, OutputFormat
-from forgellm.core.engine.generation import Completion, Constraint, Delta, GenerationJob, SamplingParams, Usage
+from forgellm.core.engine.generation import (
+    Completion,
+    Constraint,
+    Delta,
+    GenerationJob,
+    SamplingParams,
+    Usage,
+)
 from forgellm.core.engine.scheduler import SequenceHandle
 from forgellm.core.errors import ApiError, TemplateRefused, bad_request, service_unavailable
 from forgellm.core.http.request_context import RequestRecord
@@ -61,6 +68,9 @@ class GenerationRequest:
     # The dialect's default; None: until the model stops, bounded by --max-tokens-cap and the model's context.
     default_max_tokens: int | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # The sampling fields the client set (client_sampling); the rest take the model's defaults where it has
+    # some. None: every field is the request's own.
+    sampling_given: frozenset[str] | None = None
     stop: tuple[str, ...] = ()
     model: str | None = None  # the model the client named; None: whichever serves
     constraint: Constraint | None = None  # what the output must be (constrained decoding)
@@ -72,6 +82,14 @@ class GenerationRequest:
         if self.messages is not None:
             return "\n".join(str(message.get("content") or "") for message in self.messages)
         return self.prompt if isinstance(self.prompt, str) else ""
+
+
+def client_sampling(dialect_defaults: SamplingParams, **asked: Any) -> tuple[SamplingParams, frozenset[str]]:
+    """A dialect's sampling: the fields the client asked for (None: left out) over the dialect's defaults, and
+    which it asked for, so that the model's defaults take the place of the dialect's for the rest
+    (GenerationRequest.sampling_given)."""
+    given = {name: value for name, value in asked.items() if value is not None}
+    return replace(dialect_defaults, **given), frozenset(given)
 
 
 @dataclass
@@ -145,6 +163,11 @@ class Generation:
         returns)."""
         splitter = self.splitter()
         return splitter.feed(self.completion().text) + splitter.finish()
+
+    @property
+    def sampling(self) -> SamplingParams:
+        """What the generation samples with: the request's fields, the model's defaults for the rest."""
+        return self.handle.job.sampling
 
     @property
     def cached_prompt_tokens(self) -> int:
@@ -270,7 +293,7 @@ class GenerationService:
         job = GenerationJob(
             prompt_tokens=[],
             max_tokens=self._max_tokens(request),
-            sampling=request.sampling,
+            sampling=self._sampling(request, resident),
             stop=self._stop_strings(request.stop),
             prompt_text=request.prompt_text,
             constraint=request.constraint,
@@ -348,6 +371,14 @@ class GenerationService:
             described = {"role": "system", "content": tool_prompt(request.tools, output_format)}
             changes["messages"] = _with_system_text(request.messages, described)
         return replace(request, **changes) if changes else request
+
+    def _sampling(self, request: GenerationRequest, resident: Resident) -> SamplingParams:
+        """The request's sampling, with the model's defaults for the fields the client left out."""
+        if request.sampling_given is None:
+            return request.sampling
+        defaults = self._server.registry.sampling_defaults(resident)
+        left_out: dict[str, Any] = {n: v for n, v in defaults.items() if n not in request.sampling_given}
+        return replace(request.sampling, **left_out) if left_out else request.sampling
 
     def _max_tokens(self, request: GenerationRequest) -> int:
         settings = self._server.settings

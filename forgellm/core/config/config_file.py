@@ -11,6 +11,9 @@ option names, with ``_`` or ``-``::
     [auth]
     api_keys_file = "/etc/forgellm/keys.json"
 
+    [models.coder]          # per model, by the name it is served as: its sampling defaults
+    temperature = 0.2
+
 The file only supplies defaults: ``FORGELLM_*`` variables override it, and flags override
 both (click's ``default_map``). Every value is checked here, against the TOML type the option
 takes, so a mistake fails at start with a message naming the file, the table and the option.
@@ -28,9 +31,11 @@ import click
 import tomli_w
 
 from forgellm.core.config.settings import Option, Settings
+from forgellm.core.models.sampling_defaults import parse_spec, table_as_spec
 
 CORE_PLUGIN = "core"
 CORE_TABLE = "server"
+MODELS_TABLE = "models"  # [models.NAME]: one model's sampling defaults (--model-sampling)
 
 
 class ConfigError(ValueError):
@@ -55,7 +60,9 @@ def read_config_file(path: str | Path, options: Iterable[Option]) -> dict[str, A
 
     values: dict[str, Any] = {}
     for key, value in document.items():
-        if isinstance(value, dict):
+        if key == MODELS_TABLE and isinstance(value, dict):
+            values.setdefault("model_sampling", []).extend(_model_tables(path, value))
+        elif isinstance(value, dict):
             if key not in by_table:
                 raise ConfigError(
                     f"{path}: unknown table [{key}]{_suggestion(key, by_table)}; "
@@ -66,6 +73,21 @@ def read_config_file(path: str | Path, options: Iterable[Option]) -> dict[str, A
         else:
             _take(values, path, CORE_TABLE, by_table, key, value, top_level=True)
     return values
+
+
+def _model_tables(path: str | Path, tables: Mapping[str, Any]) -> list[str]:
+    """``[models.NAME]`` tables as --model-sampling specs."""
+    specs = []
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{MODELS_TABLE}] holds one table per model ([{MODELS_TABLE}.{name}])")
+        spec = table_as_spec(name, table)
+        try:
+            parse_spec(spec)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: [{MODELS_TABLE}.{name}]: {exc}") from None
+        specs.append(spec)
+    return specs
 
 
 def _take(

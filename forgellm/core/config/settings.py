@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from forgellm.core.models.sampling_defaults import MODEL_SAMPLING_SPEC
+
 ENV_PREFIX = "FORGELLM_"
 
 
@@ -170,6 +172,16 @@ CORE_OPTIONS = (
         default=False,
     ),
     Option("adapter", "LoRA adapter directory to apply to --model."),
+    Option(
+        "model_sampling",
+        "Sampling defaults for a model, used when a request leaves the field out: NAME:temperature=0.2,top_p=0.9 "
+        "(without NAME:, the default model's; fields: temperature, top_p, top_k, min_p, repetition_penalty); "
+        "repeatable, and [models.NAME] tables in the config file. They come before the model's own "
+        "generation_config.json.",
+        type=MODEL_SAMPLING_SPEC,
+        multiple=True,
+        one_or_many=True,
+    ),
     Option(
         "load_timeout",
         "Seconds a model load (a fetch and conversion included) may take before it is given up as failed "

@@ -85,8 +85,9 @@ class LoadedModel(Protocol):
         """Free the model's memory."""
 
     # Optional: ``release_thread()``, called once on the engine thread as it ends, after the last
-    # model is closed, to free per-thread resources (the MLX backend frees its streams there); and
-    # ``memory_bytes``, the bytes its weights take, counted against --memory-budget.
+    # model is closed, to free per-thread resources (the MLX backend frees its streams there);
+    # ``memory_bytes``, the bytes its weights take, counted against --memory-budget; and
+    # ``sampling_defaults``, the sampling its makers recommend (generation_config.json), by field name.
 
 
 class Backend(Protocol):

@@ -13,10 +13,23 @@ class SamplingParams:
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float | None = None
+    repetition_context_size: int = 20  # the last tokens (prompt and output) the repetition penalty looks at
     presence_penalty: float = 0.0  # subtracted once from the logit of every token already generated
     frequency_penalty: float = 0.0  # subtracted from a token's logit as often as it was generated
+    # mlx_lm.server's windows: set, a penalty looks at the last this many tokens (prompt and output) instead.
+    presence_context_size: int | None = None
+    frequency_context_size: int | None = None
+    # XTC ("exclude top choices"): with this probability per token, every token likelier than the threshold is
+    # dropped but the least likely of them (mlx-lm's meaning).
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit); -100 bans it
     seed: int | None = None
+
+
+# The sampling fields a model may give defaults for (the operator's per-model defaults, its
+# generation_config.json), used when a request leaves them out.
+LAYERED_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from forgellm.core.engine.backend import Backend, LoadedModel
 from forgellm.core.engine.scheduler import Scheduler
 from forgellm.core.errors import ApiError, bad_request, service_unavailable
 from forgellm.core.models.manager import ModelManager, require_allowed
+from forgellm.core.models.sampling_defaults import DEFAULT_MODEL
 
 logger = logging.getLogger("forgellm.models")
 
@@ -140,6 +141,7 @@ class ModelRegistry:
         keep_alive: float,
         load_wait: float,
         authorized_to_load: Callable[[Any], Awaitable[bool]],
+        sampling_defaults: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
         self._backend = backend
         self._max_concurrency = max_concurrency
@@ -152,6 +154,7 @@ class ModelRegistry:
         self.keep_alive = keep_alive
         self._load_wait = load_wait
         self._authorized_to_load = authorized_to_load  # async (caller) -> bool: may this caller load models
+        self._operator_sampling = dict(sampling_defaults or {})  # by served name; DEFAULT_MODEL: the default's
         self._started = False
         self.residents: list[Resident] = [self._new_resident("default", pinned=True)]
         self.evictions: dict[str, int] = {}  # by model name, for the metrics
@@ -218,6 +221,15 @@ class ModelRegistry:
 
     def _named(self, name: str) -> Resident | None:
         return next((resident for resident in self.residents if resident.name == name), None)
+
+    def sampling_defaults(self, resident: Resident) -> dict[str, float]:
+        """The sampling a request to this model gets for the fields it leaves out: the operator's defaults for
+        it over its own generation_config.json's."""
+        operator = self._operator_sampling.get(resident.name)
+        if operator is None and resident is self.default:
+            operator = self._operator_sampling.get(DEFAULT_MODEL)
+        own: Mapping[str, float] = getattr(resident.model, "sampling_defaults", None) or {}
+        return {**own, **(operator or {})}
 
     def names(self) -> list[str]:
         return [resident.name for resident in self.residents if resident.model is not None]

@@ -29,6 +29,7 @@ from forgellm import (
     ToolChoice,
     as_api_error,
     bad_request,
+    client_sampling,
     error_responses,
     exception_handler,
     json_body,
@@ -148,14 +149,22 @@ def _base_request(data: CountTokensRequest) -> GenerationRequest:
     )
 
 
+# Anthropic's defaults, for what neither the request nor the model's defaults set.
+ANTHROPIC_SAMPLING = SamplingParams(temperature=1.0)
+
+
 def generation_request(data: MessagesRequest) -> GenerationRequest:
     for name in ("container", "mcp_servers", "context_management"):
         if getattr(data, name) is not None:
             raise bad_request(f"{name} is not supported by this server")
+    sampling, given = client_sampling(
+        ANTHROPIC_SAMPLING, temperature=data.temperature, top_p=data.top_p, top_k=data.top_k
+    )
     return replace(
         _base_request(data),
         max_tokens=data.max_tokens,
-        sampling=SamplingParams(temperature=data.temperature, top_p=data.top_p, top_k=data.top_k),
+        sampling=sampling,
+        sampling_given=given,
         stop=tuple(data.stop_sequences or ()),
     )
 

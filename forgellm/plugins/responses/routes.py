@@ -34,6 +34,7 @@ from forgellm import (
     ToolChoice,
     as_api_error,
     bad_request,
+    client_sampling,
     error_responses,
     exception_handler,
     json_body,
@@ -158,17 +159,23 @@ def _constraint(text: TextOptions | None) -> Constraint | None:
     return Constraint(format.schema)
 
 
+# OpenAI's defaults, for what neither the request nor the model's defaults set.
+RESPONSES_SAMPLING = SamplingParams(temperature=1.0)
+
+
 def generation_request(data: ResponseRequest, conversation: list[dict[str, Any]]) -> GenerationRequest:
     instructions = [{"role": "system", "content": data.instructions}] if data.instructions else []
     logprobs = "message.output_text.logprobs" in (data.include or ())
     effort = data.reasoning.effort if data.reasoning is not None else None
+    sampling, given = client_sampling(RESPONSES_SAMPLING, temperature=data.temperature, top_p=data.top_p)
     return GenerationRequest(
         messages=instructions + conversation,
         tools=[template_tool(tool.name, tool.parameters, tool.description) for tool in data.tools or ()] or None,
         tool_choice=_tool_choice(data),
         template_options={"reasoning_effort": effort} if effort else None,
         max_tokens=data.max_output_tokens,
-        sampling=SamplingParams(temperature=data.temperature, top_p=data.top_p),
+        sampling=sampling,
+        sampling_given=given,
         model=data.model,
         constraint=_constraint(data.text),
         logprobs=(data.top_logprobs or 0) if logprobs else None,
@@ -184,6 +191,7 @@ class Reply:
 
     data: ResponseRequest
     model: str
+    sampling: SamplingParams  # what the generation runs with: the request's, else the model's defaults
     id: str = field(default_factory=lambda: new_id("resp"))
     created_at: int = field(default_factory=lambda: int(time.time()))
 
@@ -221,8 +229,8 @@ class Reply:
             instructions=data.instructions,
             max_output_tokens=data.max_output_tokens,
             previous_response_id=data.previous_response_id,
-            temperature=data.temperature,
-            top_p=data.top_p,
+            temperature=self.sampling.temperature,
+            top_p=self.sampling.top_p,
             parallel_tool_calls=data.parallel_tool_calls is not False,
             tool_choice=tool_choice,
             tools=data.tools or [],
@@ -289,7 +297,7 @@ async def create_response(
         history = previous.conversation
     conversation = history + conversation_of(data.input)
     generation = await generations.start(caller, generation_request(data, conversation))
-    reply = Reply(data, generation.model_name)
+    reply = Reply(data, generation.model_name, generation.sampling)
 
     def keep(response: ResponseObject) -> None:
         if data.store:

@@ -63,12 +63,13 @@ class UnloadResponse(msgspec.Struct):
 class GenerateRequest(msgspec.Struct):
     prompt: str
     max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    # The guide names no default. Greedy, as mlx_lm.server's default: its clients send no temperature,
-    # and a small model sampled at 0.7 often answers wrongly what it knows.
-    temperature: Annotated[float, msgspec.Meta(ge=0, le=100)] = 0.0
-    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
-    top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
-    min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    # The guide names no default. Left out: the model's defaults (the operator's, its generation_config.json),
+    # else greedy, as mlx_lm.server's default: its clients send no temperature, and a small model sampled at
+    # 0.7 often answers wrongly what it knows.
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[float, msgspec.Meta(gt=0, le=100)] | None = None
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
     stop: str | list[str] | None = None

@@ -30,7 +30,7 @@ from forgellm.core.api.guide.protocol import (
     error_body,
     ndjson_line,
 )
-from forgellm.core.api.pipeline import Caller, Generation, GenerationRequest, GenerationService
+from forgellm.core.api.pipeline import Caller, Generation, GenerationRequest, GenerationService, client_sampling
 from forgellm.core.engine.generation import Constraint, SamplingParams
 from forgellm.core.http.errors import as_api_error, exception_handler
 from forgellm.core.http.openapi import NDJSON, error_responses, json_body, streamed_as
@@ -117,18 +117,20 @@ def _generation_request(data: GenerateRequest, default_max_tokens: int) -> Gener
     history = [Message("system", data.system_prompt)] if data.system_prompt else []
     history += [*(data.history or ()), Message("user", data.prompt)]
     stop = data.stop if data.stop is None or isinstance(data.stop, list) else [data.stop]
+    sampling, given = client_sampling(
+        SamplingParams(seed=data.seed),  # greedy unless asked otherwise
+        temperature=data.temperature,
+        top_p=data.top_p,
+        top_k=data.top_k,
+        min_p=data.min_p,
+        repetition_penalty=data.repetition_penalty,
+    )
     return GenerationRequest(
         messages=[{"role": message.role, "content": message.content} for message in history],
         max_tokens=data.max_tokens,
         default_max_tokens=default_max_tokens,
-        sampling=SamplingParams(
-            temperature=data.temperature,
-            top_p=data.top_p,
-            top_k=data.top_k,
-            min_p=data.min_p,
-            repetition_penalty=data.repetition_penalty,
-            seed=data.seed,
-        ),
+        sampling=sampling,
+        sampling_given=given,
         stop=tuple(stop or ()),
         constraint=None if data.json_schema is None else Constraint(data.json_schema),
     )

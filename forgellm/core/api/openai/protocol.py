@@ -130,8 +130,9 @@ class SamplingFields(msgspec.Struct, forbid_unknown_fields=True):
 
     model: str | None = None
     max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] = 1.0
-    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
+    # Left out: the model's defaults (the operator's, its generation_config.json), else OpenAI's (1.0, 1.0).
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
     seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
     stop: str | list[str] | None = None
     n: Annotated[int, msgspec.Meta(ge=1, le=MAX_CHOICES)] = 1
@@ -141,9 +142,18 @@ class SamplingFields(msgspec.Struct, forbid_unknown_fields=True):
     frequency_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] = 0.0
     logit_bias: LogitBias | None = None
     # Extensions other servers accept too (vLLM, llama.cpp, mlx_lm.server).
-    top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
-    min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
-    repetition_penalty: Annotated[float, msgspec.Meta(gt=0, le=100)] | None = None
+    top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    min_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None  # 0: none, as mlx_lm.server
+    # mlx_lm.server's own, with its meaning (docs/openai-fields.md).
+    repetition_context_size: Annotated[int, msgspec.Meta(ge=1, le=65536)] | None = None
+    presence_context_size: Annotated[int, msgspec.Meta(ge=1, le=65536)] | None = None
+    frequency_context_size: Annotated[int, msgspec.Meta(ge=1, le=65536)] | None = None
+    xtc_probability: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    xtc_threshold: Annotated[float, msgspec.Meta(ge=0, le=0.5)] = 0.1
+    num_draft_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None  # accepted and ignored: no draft model
+    draft_model: str | None = None  # refused unless mlx_lm.server's "default_model": no draft models here
+    adapters: str | None = None  # refused: an adapter is served under a model name of its own
     # Accepted and ignored (docs/openai-fields.md says why).
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -160,6 +170,7 @@ class CompletionRequest(SamplingFields, kw_only=True, forbid_unknown_fields=True
     echo: bool = False
     best_of: Annotated[int, msgspec.Meta(ge=1)] | None = None  # only 1 (the default) is served
     suffix: str | None = None  # refused: no insertion
+    role_mapping: dict[str, str] | None = None  # mlx_lm.server's; refused: prompts are sent as they are
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True, forbid_unknown_fields=True):

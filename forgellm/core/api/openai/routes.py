@@ -18,7 +18,7 @@ from typing import Any
 
 from litestar import Request, Router, get, post
 from litestar.di import NamedDependency
-from litestar.params import JSONBody
+from litestar.params import FromPath, JSONBody
 from litestar.response import Stream
 
 from forgellm.core.api.assistant_turn import (
@@ -69,7 +69,14 @@ from forgellm.core.api.openai.protocol import (
     error_body,
     event,
 )
-from forgellm.core.api.pipeline import Caller, Generation, GenerationRequest, GenerationService, ToolChoice
+from forgellm.core.api.pipeline import (
+    Caller,
+    Generation,
+    GenerationRequest,
+    GenerationService,
+    ToolChoice,
+    client_sampling,
+)
 from forgellm.core.api.template_variables import template_variables
 from forgellm.core.engine.generation import Constraint, Delta, SamplingParams, TokenLogprob
 from forgellm.core.errors import ApiError, bad_request
@@ -95,32 +102,61 @@ def _refuse_unsupported(fields: dict[str, Any]) -> None:
             raise bad_request(f"{name} is not supported by this server")
 
 
-def _sampling(data: SamplingFields, choice: int) -> SamplingParams:
+# mlx_lm.server's name for the model it serves, which its clients send: here, the default model.
+MLX_LM_DEFAULT_MODEL = "default_model"
+# OpenAI's defaults, for what neither the request nor the model's defaults set.
+OPENAI_SAMPLING = SamplingParams(temperature=1.0)
+
+
+def _sampling(data: SamplingFields) -> tuple[SamplingParams, frozenset[str]]:
     logit_bias = []
     for key, bias in (data.logit_bias or {}).items():
         if not key.isdigit():
             raise bad_request(f"logit_bias keys are token ids; {key!r} is not one")
         logit_bias.append((int(key), bias))
-    return SamplingParams(
+    if data.draft_model not in (None, MLX_LM_DEFAULT_MODEL):
+        raise bad_request("draft_model: this server has no draft models")
+    if data.adapters is not None:
+        raise bad_request("adapters: an adapter is served as a model of its own; name that model instead")
+    sampling, given = client_sampling(
+        OPENAI_SAMPLING,
         temperature=data.temperature,
         top_p=data.top_p,
         top_k=data.top_k,
         min_p=data.min_p,
-        repetition_penalty=data.repetition_penalty,
+        repetition_penalty=data.repetition_penalty or None,  # mlx_lm.server's 0: no penalty
+    )
+    windows = {
+        name: value
+        for name, value in (
+            ("repetition_context_size", data.repetition_context_size),
+            ("presence_context_size", data.presence_context_size),
+            ("frequency_context_size", data.frequency_context_size),
+        )
+        if value is not None
+    }
+    sampling = replace(
+        sampling,
         presence_penalty=data.presence_penalty,
         frequency_penalty=data.frequency_penalty,
+        xtc_probability=data.xtc_probability,
+        xtc_threshold=data.xtc_threshold,
         logit_bias=tuple(logit_bias),
-        # n choices of one seeded request differ from each other, and each is reproducible.
-        seed=None if data.seed is None else data.seed + choice,
+        **windows,
     )
+    return sampling, given
 
 
 def _choices(data: SamplingFields, base: GenerationRequest) -> list[GenerationRequest]:
     if data.stream_options is not None and not data.stream:
         raise bad_request("stream_options is only allowed when stream is true")
     stop = data.stop if data.stop is None or isinstance(data.stop, list) else [data.stop]
-    base = replace(base, stop=tuple(stop or ()), model=data.model)
-    return [replace(base, sampling=_sampling(data, choice)) for choice in range(data.n)]
+    model = None if data.model == MLX_LM_DEFAULT_MODEL else data.model
+    sampling, given = _sampling(data)
+    base = replace(base, stop=tuple(stop or ()), model=model, sampling_given=given)
+    # n choices of one seeded request differ from each other, and each is reproducible.
+    seeds = [None if data.seed is None else data.seed + choice for choice in range(data.n)]
+    return [replace(base, sampling=replace(sampling, seed=seed)) for seed in seeds]
 
 
 def _template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
@@ -223,6 +259,8 @@ def _completion_prompts(data: CompletionRequest) -> list[str | list[int]]:
 def _completion_requests(data: CompletionRequest) -> tuple[list[str | list[int]], list[GenerationRequest]]:
     if data.suffix is not None:
         raise bad_request("suffix is not supported by this server")
+    if data.role_mapping is not None:
+        raise bad_request("role_mapping is not supported by this server: a completion's prompt is sent as it is")
     if data.best_of not in (None, 1):
         raise bad_request("best_of is not supported by this server (only 1)")
     prompts = _completion_prompts(data)
@@ -312,7 +350,7 @@ async def list_models(server: NamedDependency[Server]) -> ModelList:
     summary="One model this server can serve now",
     responses=openai_errors(400, 401, 403, 404),
 )
-async def get_model(model_id: str, server: NamedDependency[Server]) -> ModelCard:
+async def get_model(model_id: FromPath[str], server: NamedDependency[Server]) -> ModelCard:
     name = model_id.lstrip("/")
     resident = server.registry.find(name)
     if resident is None or resident.model is None:
