@@ -70,7 +70,7 @@ async def state(request: Request[Any, Any, Any], server: NamedDependency[Server]
     available = available_plugins()
     enabled = {name for name, _ in server.pm.list_name_plugin()}
     return {
-        "models": [resident_model(resident, resident is registry.default) for resident in registry.residents],
+        "models": [resident_model(resident, registry) for resident in registry.residents],
         "memory_in_use": registry.memory_in_use(),
         "memory_budget": registry.memory_budget,
         "series": server.plugin_state[STATE_KEY].series(),

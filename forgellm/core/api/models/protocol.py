@@ -25,6 +25,9 @@ class ResidentModel(msgspec.Struct):
     active_sequences: int
     queued_sequences: int  # admitted, waiting for a batch slot
     load_seconds: float | None
+    # What a request that leaves these sampling fields out gets: the operator's defaults for the model over
+    # its generation_config.json's (fields absent here take the API dialect's default).
+    sampling_defaults: dict[str, float]
 
 
 class ModelsResponse(msgspec.Struct):

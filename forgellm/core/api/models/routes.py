@@ -22,11 +22,11 @@ from forgellm.core.api.models.protocol import (
 )
 from forgellm.core.http.strict_body import strict_body
 from forgellm.core.identity import LOAD, STATUS
-from forgellm.core.models.registry import Resident
+from forgellm.core.models.registry import ModelRegistry, Resident
 from forgellm.core.server import Server
 
 
-def resident_model(resident: Resident, default: bool) -> ResidentModel:
+def resident_model(resident: Resident, registry: ModelRegistry) -> ResidentModel:
     """A resident model as /api/models (and the console) describe it."""
     state = resident.manager.state
     if state.is_loading:
@@ -45,11 +45,12 @@ def resident_model(resident: Resident, default: bool) -> ResidentModel:
         memory_bytes=resident.memory_bytes,
         last_used=resident.last_used,
         pinned=resident.pinned,
-        default=default,
+        default=resident is registry.default,
         in_flight=resident.scheduler.in_flight,
         active_sequences=resident.scheduler.active_count,
         queued_sequences=resident.scheduler.waiting_count,
         load_seconds=state.load_seconds,
+        sampling_defaults=registry.sampling_defaults(resident),
     )
 
 
@@ -58,7 +59,7 @@ async def list_models(server: NamedDependency[Server]) -> ModelsResponse:
     registry = server.registry
     return ModelsResponse(
         success=True,
-        models=[resident_model(resident, resident is registry.default) for resident in registry.residents],
+        models=[resident_model(resident, registry) for resident in registry.residents],
         memory_in_use=registry.memory_in_use(),
         memory_budget=registry.memory_budget,
         max_models=registry.max_models,

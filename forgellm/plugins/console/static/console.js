@@ -93,6 +93,8 @@ function renderModels(state) {
     row.append(element("td", name), element("td", model.model_name || "–"), element("td", label, className));
     const batch = `${model.active_sequences} active, ${model.queued_sequences} queued`;
     row.append(element("td", bytes(model.memory_bytes)), element("td", batch));
+    const sampling = Object.entries(model.sampling_defaults).map(([field, value]) => `${field} ${value}`);
+    row.append(element("td", sampling.join(", ") || "the API's"));
     const actions = element("td");
     if (state.can_load && (model.state === "loaded" || model.state === "loading")) {
       const unload = element("button", "Unload", "secondary");
