@@ -37,7 +37,7 @@ from pathlib import Path
 import httpx
 from serve_bench import REQUEST_TIMEOUT, forgellm_run, running
 
-from forgellm.backends.builtin_models import DEFAULT_MODEL
+from forgellm.backends.mlx.sources.builtin_models import DEFAULT_MODEL
 from forgellm.backends.mlx import ModelSources
 from forgellm.testing import free_port
 
@@ -104,7 +104,7 @@ def mask_times(model_dir: str, samples: int = 200) -> list[float]:
     from mlx_lm import load
 
     from forgellm import Constraint
-    from forgellm.backends.constrained import ConstraintCompiler
+    from forgellm.backends.mlx.constrained import ConstraintCompiler
 
     model, tokenizer = load(model_dir)
     vocab = model.args.vocab_size

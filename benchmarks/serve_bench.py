@@ -56,7 +56,7 @@ from pathlib import Path
 
 import httpx
 
-from forgellm.backends.cpu_blas import selected_blas
+from forgellm.backends.mlx.cpu_blas import selected_blas
 from forgellm.backends.mlx import ModelSources
 from forgellm.testing import build_tiny_model, free_port
 

@@ -16,18 +16,13 @@ from forgellm.core.api.assistant_turn import (
     template_tool,
     template_tool_call,
 )
+from forgellm.core.api.generation import Generation, GenerationGroup, TurnChunk
 from forgellm.core.api.openai.protocol import OpenAIError
 from forgellm.core.api.openai.protocol import error_body as openai_error_body
-from forgellm.core.api.pipeline import (
-    Caller,
-    Generation,
-    GenerationRequest,
-    GenerationService,
-    ToolChoice,
-    client_sampling,
-)
+from forgellm.core.api.pipeline import GenerationService
+from forgellm.core.api.request import Caller, GenerationRequest, ToolChoice, client_sampling
 from forgellm.core.config.settings import Option, Settings
-from forgellm.core.engine.backend import Backend, Engine, LoadedModel, OutputFormat
+from forgellm.core.engine.backend import Backend, Engine, LoadedModel, ModelSource, OutputFormat
 from forgellm.core.engine.generation import (
     LAYERED_SAMPLING,
     Completion,
@@ -50,6 +45,7 @@ from forgellm.core.errors import (
 )
 from forgellm.core.hookspecs import hookimpl
 from forgellm.core.http.errors import as_api_error, exception_handler
+from forgellm.core.http.json_route import json_post
 from forgellm.core.http.openapi import (
     EVENT_STREAM,
     GENERATION_ERRORS,
@@ -87,11 +83,13 @@ __all__ = [
     "Engine",
     "Forbidden",
     "Generation",
+    "GenerationGroup",
     "GenerationJob",
     "GenerationRequest",
     "GenerationService",
     "Identity",
     "LoadedModel",
+    "ModelSource",
     "OpenAIError",
     "Option",
     "OutputFormat",
@@ -106,6 +104,7 @@ __all__ = [
     "ToolCallArguments",
     "ToolCallStart",
     "ToolChoice",
+    "TurnChunk",
     "TurnEvent",
     "TurnSplitter",
     "Unauthorized",
@@ -120,6 +119,7 @@ __all__ = [
     "exception_handler",
     "hookimpl",
     "json_body",
+    "json_post",
     "openai_error_body",
     "record_of",
     "server_sent_event",

@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from forgellm.backends.mlx.bootstrap import prepare_process
 from forgellm.core.config.config_file import ConfigError, effective_config_toml, read_config_file
 from forgellm.core.config.options import collect_options
 from forgellm.core.config.settings import Option, Settings, normalized_root_path
@@ -215,4 +216,6 @@ def build_cli() -> click.Group:
 
 
 def main() -> None:
+    # Before the plugins are loaded: the MLX backend imports MLX, whose BLAS must be chosen first.
+    prepare_process()
     build_cli()(prog_name="forgellm")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 
-from forgellm import Settings
+from forgellm import Backend, Engine, LoadedModel, Settings
 from forgellm.backends.mlx import MlxBackend
 
 ADD_FAULT = "[fault: refuse to start]"
@@ -39,8 +39,8 @@ REMOVE_FAULT_MESSAGE = "injected fault: the engine could not remove the sequence
 CLOSE_FAULT_MESSAGE = "injected fault: the engine could not be closed"
 
 
-class FaultyEngine:
-    def __init__(self, engine, faults: Faults) -> None:
+class FaultyEngine(Engine):
+    def __init__(self, engine: Engine, faults: Faults) -> None:
         self._engine = engine
         self._plugin = faults
         self._breakers: set[int] = set()
@@ -75,6 +75,9 @@ class FaultyEngine:
             raise RuntimeError(CLOSE_FAULT_MESSAGE)
         self._engine.close()
 
+    def cache_bytes(self):
+        return self._engine.cache_bytes()
+
 
 def _with_row_fault(processors_of, row_fault: threading.Event):
     """The model's processors for a job, plus, for a ROW_FAULT prompt, one that fails while row_fault is set."""
@@ -94,25 +97,21 @@ def _with_row_fault(processors_of, row_fault: threading.Event):
     return processors
 
 
-class FaultyModel:
-    """The loaded MLX model; only its engines are wrapped."""
-
-    def __init__(self, model, faults: Faults) -> None:
-        self._model = model
-        self._plugin = faults
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def create_engine(self, max_batch_size):
-        return FaultyEngine(self._model.create_engine(max_batch_size), self._plugin)
+def _with_faulty_engines(model: LoadedModel, faults: Faults) -> LoadedModel:
+    """The loaded MLX model, whose engines are wrapped."""
+    create_engine = model.create_engine
+    model.create_engine = lambda max_batch_size: FaultyEngine(create_engine(max_batch_size), faults)  # type: ignore[method-assign]
+    return model
 
 
-class FaultyBackend:
+class FaultyBackend(Backend):
     def __init__(self, mlx: MlxBackend, faults: Faults) -> None:
         self._mlx = mlx
         self._faults = faults
         self.default_model = mlx.default_model
+
+    def describe_source(self, name):
+        return self._mlx.describe_source(name)
 
     def load(self, model_name, adapter_path, progress=print):
         if not self._faults.load_gate.is_set():
@@ -123,7 +122,7 @@ class FaultyBackend:
         model.decoding.processors = _with_row_fault(model.decoding.processors, self._faults.row_fault)
         if not self._faults.batchable:
             model.batchable = False
-        return FaultyModel(model, self._faults)
+        return _with_faulty_engines(model, self._faults)
 
 
 class Faults:

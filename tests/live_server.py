@@ -34,7 +34,7 @@ class LiveServer:
 
     @property
     def scheduler(self):
-        return self.app.state.server.scheduler
+        return self.app.state.server.default_model.scheduler
 
 
 @contextlib.contextmanager
@@ -49,7 +49,7 @@ def serving(model, backend=None, **settings) -> Iterator[LiveServer]:
     try:
         wait_for(lambda: server.started, "uvicorn to start")
         if model is not None:
-            wait_for(lambda: app.state.server.models.state.loaded, "the model to load")
+            wait_for(lambda: app.state.server.default_model.slot.state.loaded, "the model to load")
         yield LiveServer(app, port)
     finally:
         server.should_exit = True

@@ -17,8 +17,8 @@ from langchain_openai import ChatOpenAI
 from live_server import serving
 from wire import sse
 
-from forgellm.backends.builtin_models import DEFAULT_MODEL
 from forgellm.backends.mlx import ModelSources
+from forgellm.backends.mlx.sources.builtin_models import DEFAULT_MODEL
 from forgellm.testing import ServerProcess, test_client
 
 # Two properties, and no additionalProperties: plain JSON Schema would let the model add keys of its own.

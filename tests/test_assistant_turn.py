@@ -11,12 +11,12 @@ import json
 
 import pytest
 
-from forgellm.backends.mlx import TOOL_PARSERS, _parse_json_tool_call
+from forgellm.backends.mlx import TOOL_PARSERS, parse_json_tool_call
 from forgellm.core.api.assistant_turn import AssistantTurn, TurnSplitter, forced_call_schema
 from forgellm.core.engine.backend import OutputFormat
 
 THINKING = OutputFormat(
-    think=("<think>", "</think>"), tool_call=("<tool_call>", "</tool_call>"), parse_tool_call=_parse_json_tool_call
+    think=("<think>", "</think>"), tool_call=("<tool_call>", "</tool_call>"), parse_tool_call=parse_json_tool_call
 )
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
 

@@ -10,9 +10,9 @@ import time
 import httpx
 import pytest
 
-from forgellm.backends.builtin_models import BUILTIN_MODELS, DEFAULT_MODEL, downloaded_gguf
 from forgellm.backends.mlx import ModelSources
-from forgellm.backends.model_cache import default_cache_dir
+from forgellm.backends.mlx.sources.builtin_models import BUILTIN_MODELS, DEFAULT_MODEL, downloaded_gguf
+from forgellm.backends.mlx.sources.model_cache import default_cache_dir
 from forgellm.testing import ServerProcess
 
 

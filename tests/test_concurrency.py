@@ -29,7 +29,7 @@ PROMPTS = [
 
 
 def steps_of(client) -> int:
-    return client.app.state.server.scheduler.steps
+    return client.app.state.server.default_model.scheduler.steps
 
 
 def complete(client, prompt: str, max_tokens: int) -> str:

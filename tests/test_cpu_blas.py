@@ -12,8 +12,7 @@ import sys
 
 import pytest
 
-from forgellm.backends import cpu_blas
-from forgellm.backends.mlx import GGUF_KEEP_QUANTIZED, automatic_gguf_weights
+from forgellm.backends.mlx import GGUF_KEEP_QUANTIZED, automatic_gguf_weights, cpu_blas
 from forgellm.testing import ServerProcess
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MLX uses Accelerate on macOS")
@@ -22,9 +21,10 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ML
 # MLX float32 product checked against numpy's.
 PROBE = """
 import numpy as np
-import forgellm.backends.mlx
+from forgellm.backends.mlx.bootstrap import prepare_process
+prepare_process()
 import mlx.core as mx
-from forgellm.backends.cpu_blas import selected_blas
+from forgellm.backends.mlx.cpu_blas import selected_blas
 a = np.random.default_rng(0).standard_normal((37, 576), dtype=np.float32)
 b = np.random.default_rng(1).standard_normal((576, 1536), dtype=np.float32)
 assert np.allclose(np.array(mx.array(a) @ mx.array(b)), a @ b, atol=1e-3)
@@ -92,5 +92,5 @@ def test_auto_gguf_weights_dequantize_on_the_cpu_only_with_a_fast_blas_and_room(
     assert automatic_gguf_weights(gguf) == GGUF_KEEP_QUANTIZED
     monkeypatch.setattr(cpu_blas, "_selected", "libopenblas.so.0")
     assert automatic_gguf_weights(gguf) == "float32"
-    monkeypatch.setattr("forgellm.backends.mlx.physical_memory", lambda: 4 * 8 * 1000 - 1)
+    monkeypatch.setattr("forgellm.backends.mlx.sources.physical_memory", lambda: 4 * 8 * 1000 - 1)
     assert automatic_gguf_weights(gguf) == GGUF_KEEP_QUANTIZED  # float32 would take over a quarter

@@ -62,7 +62,7 @@ def faulty_server(tiny_model, faults):
 
 @pytest.fixture()
 def scheduler(faulty_server, faults):
-    scheduler = faulty_server.app.state.server.scheduler
+    scheduler = faulty_server.app.state.server.default_model.scheduler
     yield scheduler
     faults.step_fault.clear()
     wait_for(lambda: idle(scheduler), "the server to be idle after the test")

@@ -15,7 +15,7 @@ import mlx.core as mx
 import pytest
 
 from forgellm.backends.mlx import automatic_gguf_weights
-from forgellm.backends.model_cache import CONVERTER_VERSION, sha256_of
+from forgellm.backends.mlx.sources.model_cache import CONVERTER_VERSION, sha256_of
 from forgellm.testing import test_client, wait_until_loaded
 
 PROMPT = {"prompt": "tell me about tokens", "max_tokens": 12, "temperature": 0}

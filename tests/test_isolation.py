@@ -93,7 +93,7 @@ def faulty(tiny_model, faults):
 
 
 def test_a_row_whose_processing_fails_ends_alone_and_the_batch_goes_on(faulty, faults):
-    scheduler = faulty.app.state.server.scheduler
+    scheduler = faulty.app.state.server.default_model.scheduler
     prompts = ["Once upon a time", "The quick brown fox"]
     alone = [faulty.post(CHAT, json=chat(p, max_tokens=VICTIM_TOKENS)).json() for p in prompts]
     expected = [answer["choices"][0]["message"]["content"] for answer in alone]

@@ -19,6 +19,7 @@ import openai
 import pytest
 from live_server import idle, serving, wait_for
 
+from forgellm import Backend
 from forgellm.backends.mlx import MlxBackend
 from forgellm.testing import build_tiny_model, test_client
 
@@ -200,7 +201,7 @@ def test_max_models_counts_models_not_bytes(models):
         assert set(listing(client)) == {"default", "m0", "m2"}
 
 
-class CountingBackend:
+class CountingBackend(Backend):
     """The MLX backend, counting its loads."""
 
     def __init__(self, inner) -> None:

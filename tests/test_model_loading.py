@@ -169,7 +169,7 @@ def test_generation_in_flight_finishes_before_a_swap(tiny_model, tiny_model_with
     with gated_server() as (client, backend):
         load(client, tiny_model)
         wait_until_loaded(client)
-        scheduler = client.app.state.server.scheduler
+        scheduler = client.app.state.server.default_model.scheduler
         results = {}
 
         def long_generation():
@@ -337,7 +337,7 @@ def test_bad_adapter_is_a_load_error_never_the_base_model(server, tiny_model, ti
 
 def test_unload_releases_the_model_object(tiny_model):
     with test_client(tiny_model) as client:
-        serving = weakref.ref(client.app.state.server.models.current)
+        serving = weakref.ref(client.app.state.server.default_model.model)
         greedy(client)
 
         assert client.post("/api/model/unload").json()["success"] is True

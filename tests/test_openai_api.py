@@ -115,7 +115,7 @@ def test_stream_options_include_usage_adds_a_usage_chunk(oai, model_id):
 
 def test_usage_counts_the_prompt_tokens(oai, model_id, client):
     prompt = "Good software is tested."
-    expected = len(client.app.state.server.models.current.encode(prompt))
+    expected = len(client.app.state.server.default_model.model.encode(prompt))
     usage = oai.completions.create(model=model_id, prompt=prompt, max_tokens=2).usage
     assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (expected, 2, expected + 2)
 

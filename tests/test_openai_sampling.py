@@ -161,12 +161,12 @@ def test_presence_and_frequency_penalties_follow_openais_formula(oai, direct, pr
 
 
 def test_n_choices_are_decoded_together_each_with_its_index(oai, client):
-    steps_before = client.app.state.server.scheduler.steps
+    steps_before = client.app.state.server.default_model.scheduler.steps
     request = dict(
         model=None, messages=[{"role": "user", "content": PROMPT}], max_tokens=20, temperature=1.0, seed=5, n=4
     )
     response = oai.chat.completions.create(**request)
-    assert client.app.state.server.scheduler.steps - steps_before < 2 * 20  # one batch, not four in a row
+    assert client.app.state.server.default_model.scheduler.steps - steps_before < 2 * 20  # one batch, not four in a row
     assert [choice.index for choice in response.choices] == [0, 1, 2, 3]
     contents = [choice.message.content for choice in response.choices]
     assert len(set(contents)) > 1  # each choice samples for itself

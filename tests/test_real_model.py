@@ -20,8 +20,8 @@ from mlx_lm import load as mlx_load
 from test_guide_clients import GUIDE_JAVASCRIPT_CLIENT, GUIDE_PYTHON_CLIENT, adapted
 from wire import ndjson, sse
 
-from forgellm.backends.builtin_models import DEFAULT_MODEL
 from forgellm.backends.mlx import ModelSources
+from forgellm.backends.mlx.sources.builtin_models import DEFAULT_MODEL
 from forgellm.testing import ServerProcess, test_client
 
 pytestmark = pytest.mark.real_model

@@ -54,7 +54,7 @@ class LoadAtStartup:
 
     @hookimpl
     async def startup(self, server):
-        await asyncio.wrap_future(server.models.start_load(self.model, None))
+        await asyncio.wrap_future(server.default_model.slot.start_load(self.model, None))
 
 
 LOAD_AT_STARTUP = LoadAtStartup()

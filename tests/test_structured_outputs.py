@@ -123,14 +123,14 @@ def test_constrained_and_free_requests_share_a_batch(oai, client, schemas):
         return response.choices[0].text
 
     alone = [free(number) for number in range(3)]
-    steps_before = client.app.state.server.scheduler.steps
+    steps_before = client.app.state.server.default_model.scheduler.steps
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         constrained = [pool.submit(ask, oai, schema, f"JSON {n}", temperature=1.0) for n, schema in enumerate(schemas)]
         unconstrained = [pool.submit(free, number) for number in range(3)]
         for future, schema in zip(constrained, schemas, strict=True):
             assert_finished_and_valid(future.result(), schema)
         assert [future.result() for future in unconstrained] == alone
-    assert client.app.state.server.scheduler.steps - steps_before < 3 * MAX_TOKENS  # they ran batched
+    assert client.app.state.server.default_model.scheduler.steps - steps_before < 3 * MAX_TOKENS  # they ran batched
 
 
 class Pet(pydantic.BaseModel):

@@ -181,7 +181,7 @@ def prompt_tokens_of(client, **body) -> int:
 
 
 def test_a_tool_call_history_renders_through_the_template(tool_template_client):
-    tokenizer = tool_template_client.app.state.server.models.current.tokenizer
+    tokenizer = tool_template_client.app.state.server.default_model.model.tokenizer
     expected = len(tokenizer.encode(RENDERED_HISTORY, add_special_tokens=False))
     assert prompt_tokens_of(tool_template_client, messages=HISTORY, tools=TOOLS) == expected
 
@@ -253,6 +253,6 @@ def test_bad_tool_requests_are_400s_naming_the_problem(client, body, message):
 def test_tool_parser_option_overrides_the_one_the_template_implies(tiny_model):
     qwen3_coder = importlib.import_module("mlx_lm.tool_parsers.qwen3_coder")
     with test_client(tiny_model, tool_parser="qwen3_coder") as overridden:
-        output_format = overridden.app.state.server.models.current.output_format
+        output_format = overridden.app.state.server.default_model.model.output_format
     assert output_format.parse_tool_call is qwen3_coder.parse_tool_call
     assert output_format.tool_call == (qwen3_coder.tool_call_start, qwen3_coder.tool_call_end)

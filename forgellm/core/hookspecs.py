@@ -13,6 +13,7 @@ import click
 import pluggy
 
 if TYPE_CHECKING:
+    from forgellm.core.api.request import Caller
     from forgellm.core.config.settings import Option, Settings
     from forgellm.core.engine.backend import Backend
     from forgellm.core.engine.generation import GenerationJob, Usage
@@ -81,13 +82,15 @@ def authorize(
 
 
 @hookspec
-def before_generate(identity: Identity | None, request: Any, job: GenerationJob, server: Server) -> MaybeAwaitable:
+def before_generate(
+    identity: Identity | None, request: Any, job: GenerationJob, caller: Caller, server: Server
+) -> MaybeAwaitable:
     """Inspect a generation before its prompt is tokenized; raise ApiError (for example a 429) to refuse it."""
 
 
 @hookspec
 def after_generate(
-    identity: Identity | None, request: Any, job: GenerationJob, usage: Usage, server: Server
+    identity: Identity | None, request: Any, job: GenerationJob, usage: Usage, caller: Caller, server: Server
 ) -> MaybeAwaitable:
     """Account for a generation once it ends (refused after before_generate: no tokens); usage holds its counts."""
 

@@ -21,7 +21,7 @@ from forgellm.core import hookspecs
 PROJECT = "forgellm"
 
 DEFAULT_PLUGINS = {
-    "mlx": "forgellm.backends.mlx",
+    "mlx": "forgellm.backends.mlx.plugin",
     "console": "forgellm.plugins.console",
 }
 OPT_IN_PLUGINS: dict[str, str] = {

@@ -1,4 +1,5 @@
-"""The running server's parts, wired together once: settings, plugins, backend, scheduler, model manager.
+"""The composition root: the running server's parts wired together once (settings, plugins, backend, the
+registry of resident models, the generation pipeline).
 
 Plugins receive this object in their hooks (as Datasette plugins receive ``datasette``)
 and keep their own state in ``server.plugin_state[name]``.
@@ -11,14 +12,17 @@ from typing import Any
 
 import pluggy
 
-from forgellm.core.api.pipeline import GenerationService
+from forgellm.core.api.admission import Admission
+from forgellm.core.api.pipeline import GenerationLimits, GenerationService
+from forgellm.core.api.request import Caller
 from forgellm.core.clients import InFlightLimit
+from forgellm.core.config.core_settings import CoreSettings
 from forgellm.core.config.settings import Settings, memory_amount
 from forgellm.core.engine.backend import Backend
-from forgellm.core.engine.scheduler import Scheduler
 from forgellm.core.identity import LOAD, Identity
-from forgellm.core.models.manager import ModelManager
-from forgellm.core.models.registry import ModelRegistry, device_memory_bytes
+from forgellm.core.models.policy import LoadPolicy
+from forgellm.core.models.registry import ModelRegistry, RegistryLimits, device_memory_bytes
+from forgellm.core.models.resident import Resident
 from forgellm.core.models.sampling_defaults import operator_defaults
 from forgellm.core.plugin_manager import await_me_maybe
 
@@ -42,46 +46,55 @@ def collect_backends(pm: pluggy.PluginManager, settings: Settings) -> dict[str, 
 
 
 class Server:
-    """One server: its settings, plugins, the backend serving its model, and the engine feeding on requests."""
+    """One server: its settings, plugins, the backend serving its models, the registry of resident models, and
+    the generation pipeline, wired together here and nowhere else."""
 
     def __init__(self, settings: Settings, pm: pluggy.PluginManager) -> None:
-        self.settings = settings
+        self.settings = settings  # every option's value, the plugins' included
+        self.config = config = CoreSettings.of(settings)  # the core's own, typed
         self.pm = pm
         self.hook = pm.hook
         self.backends = collect_backends(pm, settings)
-        if settings.backend not in self.backends:
+        if config.backend not in self.backends:
             available = ", ".join(sorted(self.backends)) or "none (is a backend plugin disabled?)"
-            raise BackendError(f"no backend named {settings.backend!r} is registered; registered: {available}")
-        self.backend = self.backends[settings.backend]
-        budget = settings.memory_budget
+            raise BackendError(f"no backend named {config.backend!r} is registered; registered: {available}")
+        self.backend = self.backends[config.backend]
+        budget = config.memory_budget
         self.registry = ModelRegistry(
             self.backend,
-            max_concurrency=settings.max_concurrency,
-            max_queue=settings.max_queue,
-            max_rows_per_client=settings.max_rows_per_client,
-            load_timeout=settings.load_timeout,
-            allow_patterns=tuple(settings.allow_model),
-            memory_budget=memory_amount(budget, device_memory_bytes(self.backend)) if budget else None,
-            max_models=settings.max_models,
-            keep_alive=settings.keep_alive,
-            load_wait=settings.model_load_wait,
-            authorized_to_load=self._may_load,
-            sampling_defaults=operator_defaults(settings.model_sampling),
+            LoadPolicy(self.backend, config.allow_model),
+            RegistryLimits(
+                max_concurrency=config.max_concurrency,
+                max_queue=config.max_queue,
+                max_rows_per_client=config.max_rows_per_client,
+                memory_budget=memory_amount(budget, device_memory_bytes(self.backend)) if budget else None,
+                max_models=config.max_models,
+                keep_alive=config.keep_alive,
+                load_wait=config.model_load_wait,
+                load_timeout=config.load_timeout,
+            ),
+            operator_defaults(config.model_sampling),
         )
-        self.in_flight = InFlightLimit(settings.max_inflight_per_client)
-        self.generations = GenerationService(self)
+        self.in_flight = InFlightLimit(config.max_inflight_per_client)
+        self.generations = GenerationService(
+            self.registry,
+            Admission(self.in_flight, self.hook, self),
+            GenerationLimits(
+                max_tokens_cap=config.max_tokens_cap,
+                max_request_tokens=config.max_request_tokens,
+                max_prompt_tokens=config.max_prompt_tokens,
+                template_timeout=config.template_timeout,
+                request_timeout=config.request_timeout,
+            ),
+            self._may_load,
+        )
         self.plugin_state: dict[str, Any] = {}
         self.app: Any | None = None
 
     @property
-    def models(self) -> ModelManager:
-        """The default model's manager: the one the guide's routes speak of."""
-        return self.registry.default.manager
-
-    @property
-    def scheduler(self) -> Scheduler:
-        """The default model's scheduler."""
-        return self.registry.default.scheduler
+    def default_model(self) -> Resident:
+        """The default model (its slot, its batch): the one the guide's routes speak of."""
+        return self.registry.default
 
     async def allows(self, identity: Identity | None, action: str, request: Any) -> bool:
         """Whether the authorize hooks let this identity do the action: any one of them answering False forbids."""
@@ -90,7 +103,7 @@ class Server:
                 return False
         return True
 
-    async def _may_load(self, caller: Any) -> bool:
+    async def _may_load(self, caller: Caller) -> bool:
         """Whether a caller may load models (a request that names one not resident)."""
         return await self.allows(caller.identity, LOAD, caller.request)
 
@@ -98,11 +111,12 @@ class Server:
         self.registry.start()
         for result in self.hook.startup(server=self):
             await await_me_maybe(result)
-        default = None if self.settings.no_model else self.backend.default_model
-        models = tuple(self.settings.model) or ((default,) if default else ())
-        await self.registry.load_at_start(models, self.settings.adapter, pinned=self.settings.pin_models)
+        config = self.config
+        default = None if config.no_model else self.backend.default_model
+        models = config.model or ((default,) if default else ())
+        await self.registry.load_at_start(models, config.adapter, pinned=config.pin_models)
 
     async def shutdown(self) -> None:
         for result in self.hook.shutdown(server=self):
             await await_me_maybe(result)
-        await self.registry.stop(timeout=self.settings.drain_timeout)
+        await self.registry.stop(timeout=self.config.drain_timeout)

@@ -57,14 +57,14 @@ class ServerStateCollector:
         self._server = server
 
     def collect(self) -> Iterator[Metric]:
-        scheduler = self._server.scheduler
+        scheduler = self._server.default_model.scheduler
         yield GaugeMetricFamily(
             "forgellm_queue_depth", "Generations waiting for a batch slot.", value=scheduler.waiting_count
         )
         yield GaugeMetricFamily(
             "forgellm_active_sequences", "Generations being decoded in the batch.", value=scheduler.active_count
         )
-        state = self._server.models.state
+        state = self._server.default_model.slot.state
         failed = state.error is not None
         yield StateSetMetricFamily(
             "forgellm_model_state",
@@ -104,8 +104,8 @@ class ServerStateCollector:
             families["queue_depth"].add_metric([resident.name], resident.scheduler.waiting_count)
             families["active"].add_metric([resident.name], resident.scheduler.active_count)
             families["memory"].add_metric([resident.name], resident.memory_bytes)
-            if resident.manager.state.load_seconds is not None:
-                families["loaded"].add_metric([resident.name], resident.manager.state.load_seconds)
+            if resident.slot.state.load_seconds is not None:
+                families["loaded"].add_metric([resident.name], resident.slot.state.load_seconds)
         yield from families.values()
         evictions = CounterMetricFamily(
             "forgellm_model_evictions", "Models unloaded to make room for another, by model.", labels=["model"]

@@ -31,10 +31,12 @@ A plugin's tests, in full::
 docs/testing-plugins.md says more; examples/forgellm-prompt-guard is a plugin package tested this way.
 """
 
-# First: importing the backends package chooses the BLAS MLX binds to, which must happen before anything
-# imports MLX (forgellm/backends/cpu_blas.py).
-import forgellm.backends  # noqa: F401
-from forgellm.testing.clients import (
+# First: the BLAS MLX binds to is chosen before anything imports MLX (forgellm/backends/mlx/bootstrap.py).
+from forgellm.backends.mlx.bootstrap import prepare_process
+
+prepare_process()
+
+from forgellm.testing.clients import (  # noqa: E402  # after prepare_process(), as MLX must be
     TEST_BASE_URL,
     ServerProcess,
     create_test_app,
@@ -43,7 +45,7 @@ from forgellm.testing.clients import (
     test_client,
     wait_until_loaded,
 )
-from forgellm.testing.tiny_model import build_tiny_adapter, build_tiny_model
+from forgellm.testing.tiny_model import build_tiny_adapter, build_tiny_model  # noqa: E402
 
 __all__ = [
     "TEST_BASE_URL",

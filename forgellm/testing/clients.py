@@ -170,12 +170,13 @@ def test_client(
 def _wait_for_model(server, timeout: float = 60.0) -> None:
     """Wait on the server itself, not over HTTP: the status route may need credentials the test has not set."""
     deadline = time.monotonic() + timeout
-    while server.models.state.is_loading:
+    while server.default_model.slot.state.is_loading:
         if time.monotonic() > deadline:
             raise TimeoutError("the test model did not finish loading")
         time.sleep(0.02)
-    if not server.models.state.loaded:
-        raise RuntimeError(f"the test model failed to load: {server.models.state.error}")
+    state = server.default_model.slot.state
+    if not state.loaded:
+        raise RuntimeError(f"the test model failed to load: {state.error}")
 
 
 setattr(test_client, "__test__", False)  # not a pytest test, despite its name  # noqa: B010

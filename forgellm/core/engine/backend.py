@@ -1,15 +1,20 @@
-"""The backend protocol: what the core needs from a generation backend.
+"""What the core needs from a generation backend, as base classes: subclass them, implement the abstract
+members, and override the others where the backend knows better than their defaults.
 
-A backend loads models. A loaded model tokenizes prompts and creates an engine.
-An engine holds many sequences at once and advances all of them one token per
-``step()``; the scheduler calls it from one thread only.
+A backend loads models and says what a model name is (a file, a directory, a name it knows). A loaded
+model tokenizes prompts and creates engines. An engine holds many sequences at once and advances all
+of them one token per ``step()``; the scheduler calls it from one thread only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
 
 from forgellm.core.engine.generation import Constraint, GenerationJob, TokenOutput
 
@@ -31,39 +36,55 @@ class OutputFormat:
     opens_reasoning: Callable[[list[int]], bool] | None = None
 
 
-class Engine(Protocol):
+class Engine(ABC):
+    @abstractmethod
     def add(self, seq_id: int, job: GenerationJob) -> int:
         """Start generating for a sequence (it joins the batch at the next step); return how many of its
         prompt tokens were served from a cache rather than computed (0 for an engine without one)."""
 
+    @abstractmethod
     def step(self) -> list[TokenOutput]:
         """Advance every sequence by one token; a finished one carries its finish_reason. A sequence whose own
         processing failed carries the error instead, and the engine has dropped it; an exception fails the
         whole batch."""
 
+    @abstractmethod
     def remove(self, seq_ids: Iterable[int]) -> None:
         """Drop sequences (cancelled, or stopped by a stop string) from the batch."""
 
+    @abstractmethod
     def __len__(self) -> int:
         """The number of sequences the engine holds."""
 
-    # Optional: ``cache_bytes()``, the bytes of KV caches the engine holds (running sequences and any
-    # prompt cache), counted against --memory-budget; an engine without it counts none.
+    def cache_bytes(self) -> int:
+        """The bytes of KV caches the engine holds (running sequences and any prompt cache), counted against
+        --memory-budget."""
+        return 0
+
+    def close(self) -> None:
+        """Free what the engine holds."""
+        return None
 
 
-class LoadedModel(Protocol):
+class LoadedModel(ABC):
     name: str
     adapter_path: str | None
     vocab_size: int  # token ids run from 0 to vocab_size - 1
     context_length: int | None  # the most tokens, prompt and output, the model was made for (None: unknown)
     output_format: OutputFormat
+    memory_bytes: int = 0  # the bytes its weights take, counted against --memory-budget
+    # The sampling its makers recommend (generation_config.json), by field name (LAYERED_SAMPLING).
+    sampling_defaults: Mapping[str, float] = MappingProxyType({})
 
     @property
+    @abstractmethod
     def has_chat_template(self) -> bool: ...
 
+    @abstractmethod
     def encode(self, text: str) -> list[int]:
         """Tokenize raw text as a prompt."""
 
+    @abstractmethod
     def encode_chat(
         self,
         messages: list[dict[str, Any]],
@@ -75,28 +96,74 @@ class LoadedModel(Protocol):
         OpenAI's function format, and options such as enable_thinking, passed to the template); raise
         TemplateRefused when the template refuses the conversation."""
 
+    @abstractmethod
     def check_constraint(self, constraint: Constraint) -> None:
         """Raise ValueError, saying why, when this model cannot enforce the constraint."""
 
+    @abstractmethod
     def create_engine(self, max_batch_size: int) -> Engine:
         """A fresh engine for this model."""
 
     def close(self) -> None:
         """Free the model's memory."""
+        return None
 
-    # Optional: ``release_thread()``, called once on the engine thread as it ends, after the last
-    # model is closed, to free per-thread resources (the MLX backend frees its streams there);
-    # ``memory_bytes``, the bytes its weights take, counted against --memory-budget; and
-    # ``sampling_defaults``, the sampling its makers recommend (generation_config.json), by field name.
+    @staticmethod
+    def release_thread() -> None:
+        """Called once on the engine thread as it ends, after the last model is closed, to free per-thread
+        resources (the MLX backend frees its streams there). Static: the thread keeps it past its models."""
+        return None
 
 
-class Backend(Protocol):
+@dataclass(frozen=True)
+class ModelSource:
+    """What a model name is, as the backend that would load it sees it."""
+
+    kind: Literal["file", "directory", "name"]  # a local file or directory, or a name the backend resolves
+    what: str  # what it is, in words, for messages ("GGUF file", "Model directory", "Model")
+    exists: bool  # for a file or directory: whether it is there (a name: True)
+    size_bytes: int  # what loading it is expected to take (its weights' files); 0: unknown
+    key: str  # one key for every spelling of the same source (a local path's real path)
+
+
+class Backend(ABC):
     # The model `forgellm run` loads when given no --model (None: start with none).
-    # Optional: ``device_memory_bytes()``, the memory a --memory-budget fraction is of (0: the machine's RAM).
-    default_model: str | None
+    default_model: str | None = None
 
+    @abstractmethod
     def load(self, model_name: str, adapter_path: str | None, progress: Callable[[str], None]) -> LoadedModel:
         """Load a model (and adapter); raise with a clear message when that is impossible.
 
         Long steps (a fetch, a conversion) report what they are doing through progress(text),
         which status shows while the load runs."""
+
+    def device_memory_bytes(self) -> int:
+        """The memory a --memory-budget fraction is of (0: the machine's RAM)."""
+        return 0
+
+    def describe_source(self, name: str) -> ModelSource:
+        """What a model name is. By default: a local directory when the name is one, or looks like a path (it
+        starts with / . or ~, or has more than one /), else a name (a Hugging Face repo id is owner/name)."""
+        path = Path(os.path.expanduser(name))
+        exists = on_disk(path, Path.exists)
+        if not (name.startswith(("/", ".", "~")) or name.count("/") > 1 or exists):
+            return ModelSource("name", "Model", True, 0, name)
+        is_dir = on_disk(path, Path.is_dir)
+        size = weights_bytes(path) if is_dir else 0
+        return ModelSource("directory", "Model directory", is_dir, size, os.path.realpath(path) if exists else name)
+
+
+def on_disk(path: Path, test: Callable[[Path], bool]) -> bool:
+    """test(path); a name the OS cannot even look up (longer than a file name may be) is nothing on disk."""
+    try:
+        return test(path)
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
+def weights_bytes(directory: Path) -> int:
+    """A model directory's weights on disk (its safetensors files): about what loading it takes."""
+    try:
+        return sum(file.stat().st_size for file in directory.glob("*.safetensors"))
+    except OSError:
+        return 0

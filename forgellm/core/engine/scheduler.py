@@ -369,7 +369,8 @@ class Scheduler:
             future.set_exception(exc)
             return
         self._model, self._engine = model, engine
-        self._release_thread = getattr(model, "release_thread", self._release_thread)
+        if model is not None:
+            self._release_thread = model.release_thread
         future.set_result(model)
 
     def _close_model(self) -> None:
@@ -379,11 +380,11 @@ class Scheduler:
         self._close_quietly(model)
 
     @staticmethod
-    def _close_quietly(resource: object) -> None:
+    def _close_quietly(resource: Engine | LoadedModel | None) -> None:
         # A failure to free memory must not stop the engine thread (and with it every later request and load).
-        if resource is not None and hasattr(resource, "close"):
+        if resource is not None:
             try:
-                resource.close()  # type: ignore[attr-defined]
+                resource.close()
             except Exception:
                 logger.exception("closing %s failed", type(resource).__name__)
 
@@ -395,5 +396,4 @@ class Scheduler:
     def _update_counts(self) -> None:
         self.waiting_count = len(self._waiting)
         self.active_count = len(self._running)
-        measure = getattr(self._engine, "cache_bytes", None)
-        self.cache_bytes = measure() if callable(measure) else 0
+        self.cache_bytes = self._engine.cache_bytes() if self._engine is not None else 0

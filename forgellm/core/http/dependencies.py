@@ -8,7 +8,7 @@ from typing import Any
 from litestar import Request
 from litestar.di import NamedDependency, Provide
 
-from forgellm.core.api.pipeline import Caller
+from forgellm.core.api.request import Caller
 from forgellm.core.clients import connection_client_key
 from forgellm.core.http.guard import identity_of
 from forgellm.core.http.request_context import record_of
@@ -25,7 +25,7 @@ def provide_caller(request: Request[Any, Any, Any], server: NamedDependency[Serv
     identity = identity_of(request)
     return Caller(
         identity=identity,
-        client_key=connection_client_key(request, identity, server.settings.ipv6_client_prefix),
+        client_key=connection_client_key(request, identity, server.config.ipv6_client_prefix),
         record=record_of(request),
         disconnected=lambda: client_disconnects(request),
         request=request,

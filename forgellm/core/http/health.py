@@ -47,8 +47,8 @@ async def healthz() -> Liveness:
     },
 )
 async def readyz(server: NamedDependency[Server]) -> Response[Readiness]:
-    state = server.models.state
-    alive = server.scheduler.alive
+    default = server.default_model
+    state, alive = default.slot.state, default.scheduler.alive
     ready = state.loaded and alive
     body = Readiness(ready=ready, model_loaded=state.loaded, engine_alive=alive)
     return Response(body, status_code=200 if ready else 503)

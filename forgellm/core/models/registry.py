@@ -1,6 +1,6 @@
 """Resident models: several loaded at once, each with its own batch, under a memory budget.
 
-Each resident model has its own ``ModelManager`` (state, loads, the guide's status) and its own
+Each resident model has its own ``ModelSlot`` (its state, its loads) and its own
 ``Scheduler`` (a continuous batch on an engine thread of its own), so requests to different
 models make progress at the same time. The first resident is the *default*: the guide's routes
 speak of it, and a request that names no model gets it.
@@ -14,146 +14,61 @@ model with requests in flight is never unloaded; when nothing can go, the load i
 from __future__ import annotations
 
 import asyncio
-import functools
+import concurrent.futures
 import logging
 import os
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
 
 from forgellm.core.engine.backend import Backend, LoadedModel
 from forgellm.core.engine.scheduler import Scheduler
 from forgellm.core.errors import ApiError, bad_request, service_unavailable
-from forgellm.core.models.manager import ModelManager, require_allowed
+from forgellm.core.models.policy import LoadPolicy
+from forgellm.core.models.resident import Resident, parse_model_spec
 from forgellm.core.models.sampling_defaults import DEFAULT_MODEL
+from forgellm.core.models.slot import ModelSlot
 
 logger = logging.getLogger("forgellm.models")
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
-
-
-def parse_model_spec(spec: str) -> tuple[str | None, str]:
-    """``coder=PATH`` as ("coder", "PATH"); a bare source has no name of its own."""
-    name, equals, source = spec.partition("=")
-    if equals and _NAME.match(name) and source:
-        return name, source
-    return None, spec
-
-
-@dataclass
-class Resident:
-    """One model the server holds (or is loading), known to requests by ``name``."""
-
-    name: str
-    manager: ModelManager
-    scheduler: Scheduler
-    pinned: bool
-    last_used: float = field(default_factory=time.time)
-    pending: int = 0  # requests that chose this model and are not yet in its queue
-
-    @property
-    def model(self) -> LoadedModel | None:
-        return self.manager.current
-
-    @property
-    def busy(self) -> bool:
-        return self.pending > 0 or self.scheduler.in_flight > 0
-
-    @property
-    def unloadable(self) -> bool:
-        """Whether the registry may unload it on its own (to make room, or idle): loaded, unpinned, idle."""
-        return self.model is not None and not self.pinned and not self.busy
-
-    @property
-    def memory_bytes(self) -> int:
-        """Its weights and the KV caches its engine holds, as the backend reports them."""
-        model = self.model
-        return (int(getattr(model, "memory_bytes", 0)) if model is not None else 0) + self.scheduler.cache_bytes
-
-    def answers_to(self, requested: str) -> bool:
-        state = self.manager.state
-        if requested in (self.name, state.model_name) or (self.model is not None and requested == self.model.name):
-            return True
-        # Another spelling of the same local directory or file (models//smol, ./models/smol/) is the same model.
-        return state.model_name is not None and source_key(requested) == source_key(state.model_name)
-
-    @property
-    def failed(self) -> bool:
-        """Its load failed: it holds no model, and its error says why."""
-        state = self.manager.state
-        return self.model is None and not state.is_loading and state.error is not None
-
-    def touch(self) -> None:
-        self.last_used = time.time()
-
-
-@functools.lru_cache(maxsize=1024)
-def source_key(source: str) -> str:
-    """What a model source names, whatever its spelling: a local path's real path (symbolic links, ``..``,
-    doubled and trailing slashes resolved), else the name as given (a repo id, a built-in name)."""
-    path = os.path.expanduser(source)
-    try:
-        if os.path.exists(path):
-            return os.path.realpath(path)
-    except (OSError, ValueError):
-        pass
-    return source
 
 
 def device_memory_bytes(backend: Backend) -> int:
     """The memory a budget's fraction is of: what the backend says its device has, else the machine's RAM."""
-    reported = getattr(backend, "device_memory_bytes", None)
-    if callable(reported):
-        value = reported()
-        if value:
-            return int(value)
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return backend.device_memory_bytes() or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def on_disk_bytes(source: str) -> int:
-    """A local model's size on disk (its weights files), an estimate of what loading it takes; 0 when unknown."""
-    path = Path(source).expanduser()
-    try:
-        if path.is_file():
-            return path.stat().st_size
-        if path.is_dir():
-            return sum(p.stat().st_size for p in path.glob("*.safetensors"))
-    except OSError:
-        pass
-    return 0
+@dataclass(frozen=True)
+class RegistryLimits:
+    """What the registry holds to: the batches' sizes, the memory budget, and how loads and idle models go."""
+
+    max_concurrency: int
+    max_queue: int
+    max_rows_per_client: int
+    memory_budget: int | None
+    max_models: int
+    keep_alive: float
+    load_wait: float
+    load_timeout: float
+
+
+# Whether the caller of a request may load models (the LOAD action), asked only when a load on demand is due.
+MayLoad = Callable[[], Awaitable[bool]]
 
 
 class ModelRegistry:
     def __init__(
         self,
         backend: Backend,
-        *,
-        max_concurrency: int,
-        max_queue: int,
-        load_timeout: float,
-        max_rows_per_client: int = 0,
-        allow_patterns: tuple[str, ...],
-        memory_budget: int | None,
-        max_models: int,
-        keep_alive: float,
-        load_wait: float,
-        authorized_to_load: Callable[[Any], Awaitable[bool]],
+        policy: LoadPolicy,
+        limits: RegistryLimits,
         sampling_defaults: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
         self._backend = backend
-        self._max_concurrency = max_concurrency
-        self._max_queue = max_queue
-        self._max_rows_per_client = max_rows_per_client
-        self._load_timeout = load_timeout
-        self._allow_patterns = allow_patterns
-        self.memory_budget = memory_budget
-        self.max_models = max_models
-        self.keep_alive = keep_alive
-        self._load_wait = load_wait
-        self._authorized_to_load = authorized_to_load  # async (caller) -> bool: may this caller load models
+        self.policy = policy
+        self._limits = limits
+        self.memory_budget = limits.memory_budget
+        self.max_models = limits.max_models
+        self.keep_alive = limits.keep_alive
         self._operator_sampling = dict(sampling_defaults or {})  # by served name; DEFAULT_MODEL: the default's
         self._started = False
         self.residents: list[Resident] = [self._new_resident("default", pinned=True)]
@@ -165,29 +80,43 @@ class ModelRegistry:
     def default(self) -> Resident:
         return self.residents[0]
 
-    def make_default(self, model_name: str, adapter: str | None) -> bool:
+    async def load_default(self, model_name: str, adapter: str | None) -> None:
+        """The guide's load: a model already resident becomes the default; any other loads into the default's
+        place, in the background (a load already running is a 409)."""
+        self.policy.check_target(model_name, adapter)
+        if self._make_default(model_name, adapter):
+            return
+        self._start_load(self.default, model_name, adapter, from_client=True)
+        self.default.name = model_name
+
+    def unload_default(self) -> concurrent.futures.Future[LoadedModel | None]:
+        """The guide's unload: the default's model goes once its requests in flight finish; its slot stays."""
+        return self.default.slot.unload()
+
+    def _make_default(self, model_name: str, adapter: str | None) -> bool:
         """Make the resident model loaded from this source (and adapter) the default, as the guide's load of a
         model already resident does; False when there is none."""
         for resident in self.residents[1:]:
-            state = resident.manager.state
+            state = resident.slot.state
             if state.loaded and state.model_name == model_name and state.adapter_path == adapter:
                 previous = self.default
                 self.residents.remove(resident)
                 self.residents.insert(0, resident)
-                if previous.model is None and not previous.manager.state.is_loading:
+                if previous.model is None and not previous.slot.state.is_loading:
                     self.residents.remove(previous)  # an empty slot is not a model to list
                     asyncio.ensure_future(previous.scheduler.stop(timeout=None))
                 return True
         return False
 
     def _new_resident(self, name: str, pinned: bool) -> Resident:
+        limits = self._limits
         scheduler = Scheduler(
-            max_concurrency=self._max_concurrency,
-            max_queue=self._max_queue,
-            max_rows_per_client=self._max_rows_per_client,
+            max_concurrency=limits.max_concurrency,
+            max_queue=limits.max_queue,
+            max_rows_per_client=limits.max_rows_per_client,
         )
-        manager = ModelManager(self._backend, scheduler, self._load_timeout, self._allow_patterns)
-        resident = Resident(name, manager, scheduler, pinned)
+        slot = ModelSlot(self._backend, scheduler, self.policy, limits.load_timeout)
+        resident = Resident(name, slot, scheduler, pinned)
         if self._started:
             scheduler.start()
         return resident
@@ -211,13 +140,17 @@ class ModelRegistry:
             name, source = parse_model_spec(spec)
             if number == 0:
                 self.default.name, self.default.pinned = name or source, pinned
-                self.default.manager.start_load(source, adapter)
+                self._start_load(self.default, source, adapter)
             else:
                 await self._add(name or source, source, None, pinned)
 
     # -- finding the model a request names ---------------------------------------------------------
     def find(self, requested: str) -> Resident | None:
-        return next((resident for resident in self.residents if resident.answers_to(requested)), None)
+        found = next((resident for resident in self.residents if resident.answers_to(requested)), None)
+        if found is None:  # another spelling of a resident's local path (models//smol, ./models/smol/)?
+            key = self._backend.describe_source(requested).key
+            found = next((resident for resident in self.residents if resident.answers_to(requested, key)), None)
+        return found
 
     def _named(self, name: str) -> Resident | None:
         return next((resident for resident in self.residents if resident.name == name), None)
@@ -228,41 +161,41 @@ class ModelRegistry:
         operator = self._operator_sampling.get(resident.name)
         if operator is None and resident is self.default:
             operator = self._operator_sampling.get(DEFAULT_MODEL)
-        own: Mapping[str, float] = getattr(resident.model, "sampling_defaults", None) or {}
+        own = resident.model.sampling_defaults if resident.model is not None else {}
         return {**own, **(operator or {})}
 
     def names(self) -> list[str]:
         return [resident.name for resident in self.residents if resident.model is not None]
 
-    async def serving(self, requested: str | None, caller: Any) -> tuple[Resident, LoadedModel]:
+    async def serving(self, requested: str | None, may_load: MayLoad) -> tuple[Resident, LoadedModel]:
         """The resident model a request names (the default when it names none) and its loaded model, loading it
         first when it is allowed and the caller may load models; waits up to --model-load-wait for a load under
         way. No model for the default is the guide's 400, one loading its 503."""
         if requested is None or self.default.answers_to(requested):
-            return self.default, self.default.manager.require_model()
+            return self.default, self.default.slot.require_model()
         resident = self.find(requested)
         if resident is None:
-            resident = await self._load_on_demand(requested, caller)
-        if resident.manager.state.is_loading:
+            resident = await self._load_on_demand(requested, may_load)
+        if resident.slot.state.is_loading:
             await self._wait_for(resident)
         if resident.failed:  # kept a while after its load failed, so that requests learn why
             raise ApiError(
                 404,
-                f"The model '{requested}' could not be loaded: {resident.manager.state.error}",
+                f"The model '{requested}' could not be loaded: {resident.slot.state.error}",
                 code="model_load_failed",
             )
-        return resident, resident.manager.require_model()
+        return resident, resident.slot.require_model()
 
-    async def _load_on_demand(self, requested: str, caller: Any) -> Resident:
-        if not self._allow_patterns:
+    async def _load_on_demand(self, requested: str, may_load: MayLoad) -> Resident:
+        if not self.policy.allow_patterns:
             raise self._not_served(requested)
         try:
-            require_allowed(requested, self._allow_patterns)
+            self.policy.require_allowed(requested)
         except ApiError:
             raise self._not_served(requested) from None
-        if not await self._authorized_to_load(caller):
+        if not await may_load():
             raise self._not_resident(requested, "; loading it needs the models:load scope")
-        self.default.manager.check_load_target(requested, None)  # a missing path starts no load at all
+        self.policy.check_target(requested, None)  # a missing path starts no load at all
         resident = self.find(requested)  # another request may have started it meanwhile
         if resident is not None:
             return resident
@@ -270,7 +203,7 @@ class ModelRegistry:
 
     def _not_served(self, requested: str) -> ApiError:
         """What a generation naming a model that is not resident (and will not be loaded) gets."""
-        if not self.names() and not any(r.manager.state.is_loading for r in self.residents):
+        if not self.names() and not any(r.slot.state.is_loading for r in self.residents):
             return bad_request("No model loaded")  # as the guide's clients know it
         return self._not_resident(requested)
 
@@ -280,10 +213,10 @@ class ModelRegistry:
                         code="model_not_found")  # fmt: skip
 
     async def _wait_for(self, resident: Resident) -> None:
-        deadline = time.monotonic() + self._load_wait
-        while resident.manager.state.is_loading and time.monotonic() < deadline:
+        deadline = time.monotonic() + self._limits.load_wait
+        while resident.slot.state.is_loading and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if resident.manager.state.is_loading:
+        if resident.slot.state.is_loading:
             raise service_unavailable(f"Model {resident.name} is loading; retry shortly", retry_after=2)
 
     # -- loading and unloading by name ---------------------------------------------------------------
@@ -295,24 +228,31 @@ class ModelRegistry:
             await self._remove(existing)  # a failed load's name is free to load again
             existing = None
         if existing is not None:
-            state = existing.manager.state
+            state = existing.slot.state
             if (state.loaded or state.is_loading) and state.model_name == source and state.adapter_path == adapter:
                 existing.pinned = existing.pinned or pinned
                 return existing
             raise ApiError(409, f"A model named {name} is resident; unload it first", code="name_in_use")
-        self.default.manager.check_load_target(source, adapter)
+        self.policy.check_target(source, adapter)
         return await self._add(name, source, adapter, pinned, from_client=True)
 
     async def _add(
         self, name: str, source: str, adapter: str | None, pinned: bool, from_client: bool = False
     ) -> Resident:
-        await self._make_room(on_disk_bytes(source), for_name=name)
+        await self._make_room(self._backend.describe_source(source).size_bytes, for_name=name)
         resident = self._new_resident(name, pinned)
         self.residents.append(resident)
         loop = asyncio.get_running_loop()
-        future = resident.manager.start_load(source, adapter, from_client=from_client)
+        future = self._start_load(resident, source, adapter, from_client=from_client)
         future.add_done_callback(lambda done: loop.call_soon_threadsafe(self._after_load, resident))
         return resident
+
+    def _start_load(
+        self, resident: Resident, source: str, adapter: str | None, from_client: bool = False
+    ) -> concurrent.futures.Future[LoadedModel | None]:
+        future = resident.slot.start_load(source, adapter, from_client=from_client)
+        resident.source_key = self._backend.describe_source(source).key
+        return future
 
     def _after_load(self, resident: Resident) -> None:
         """A failed load's engine thread ends at once, and the slot leaves the registry after a while (its
@@ -342,7 +282,7 @@ class ModelRegistry:
         if resident is None:
             raise self._not_resident(name)
         if resident is self.default:
-            await asyncio.wrap_future(resident.manager.unload())
+            await asyncio.wrap_future(self.unload_default())
             return
         await self._remove(resident)
 
@@ -356,7 +296,7 @@ class ModelRegistry:
         return sum(resident.memory_bytes for resident in self.residents)
 
     def _count(self) -> int:
-        return sum(1 for r in self.residents if r.model is not None or r.manager.state.is_loading)
+        return sum(1 for r in self.residents if r.model is not None or r.slot.state.is_loading)
 
     async def _make_room(self, needed: int, for_name: str, keep: Resident | None = None) -> None:
         """Unload idle unpinned models, least recently used first, until `needed` more bytes (and one more

@@ -12,30 +12,29 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any, Literal
 
-from litestar import Request, Router, post
+from litestar import Router
 from litestar.di import NamedDependency
-from litestar.params import JSONBody
 from litestar.response import Stream
 
 from forgellm import (
     EVENT_STREAM,
     GENERATE,
     GENERATION_ERRORS,
+    ApiError,
     Caller,
     Generation,
     GenerationRequest,
     GenerationService,
     SamplingParams,
     ToolChoice,
-    as_api_error,
     bad_request,
     client_sampling,
     error_responses,
     exception_handler,
     json_body,
+    json_post,
     streamed,
     streamed_as,
-    strict_body,
     template_tool,
     template_tool_call,
 )
@@ -196,8 +195,9 @@ def _errors(*statuses: int) -> dict[int, Any]:
     return error_responses(AnthropicError, *statuses)
 
 
-@post(
+@json_post(
     PATH,
+    MessagesRequest,
     opt={"action": GENERATE},
     status_code=200,
     summary="Anthropic Messages API: create a message",
@@ -208,12 +208,8 @@ def _errors(*statuses: int) -> dict[int, Any]:
     operation_class=streamed_as(EVENT_STREAM, STREAM_EVENTS, "With stream: true, each event is one of these"),
 )
 async def create_message(
-    request: Request[Any, Any, Any],
-    data: JSONBody[MessagesRequest],
-    caller: NamedDependency[Caller],
-    generations: NamedDependency[GenerationService],
+    data: MessagesRequest, caller: NamedDependency[Caller], generations: NamedDependency[GenerationService]
 ) -> MessageResponse | Stream:
-    data = await strict_body(request, MessagesRequest)
     generation = await generations.start(caller, generation_request(data))
     message_id = f"msg_{uuid.uuid4().hex}"
     if data.stream:
@@ -228,43 +224,39 @@ async def create_message(
 
 def _stream(message_id: str, generation: Generation) -> Stream:
     async def events() -> AsyncIterator[bytes]:
-        prompt_tokens = len(generation.handle.job.prompt_tokens)
+        prompt_tokens = generation.prompt_tokens
         opening = MessageResponse(message_id, generation.model_name, [], None, None, MessageUsage(prompt_tokens, 0))
         yield encode_event(MessageStart(opening))
         yield encode_event(Ping())
-        builder, splitter = ContentBuilder(), generation.splitter()
-        try:
-            async for delta in generation.deltas():
-                for event in builder.feed(splitter.feed(delta.text)):
-                    yield encode_event(event)
-            for event in builder.feed(splitter.finish()) + builder.finish():
+        builder = ContentBuilder()
+        async for chunk in generation.turn():
+            for event in builder.feed(chunk.events):
                 yield encode_event(event)
-        except Exception as exc:  # headers are sent: report in-band, as Anthropic's streams do
-            yield encode_event(error_body(as_api_error(exc)))
-            return
+        for event in builder.finish():
+            yield encode_event(event)
         reason, sequence = _stop(generation, builder.called)
         usage = _usage(generation)
         final = DeltaUsage(usage.output_tokens, usage.input_tokens, usage.cache_read_input_tokens)
         yield encode_event(MessageDelta(StopDelta(reason, sequence), final))
         yield encode_event(MessageStop())
 
-    return streamed(events())
+    def failed(error: ApiError) -> list[bytes]:  # in-band, as Anthropic's streams report a failure
+        return [encode_event(error_body(error))]
+
+    return streamed(events(), on_failure=failed)
 
 
-@post(
+@json_post(
     f"{PATH}/count_tokens",
+    CountTokensRequest,
     opt={"action": GENERATE},
     status_code=200,
     summary="Anthropic Messages API: count a request's input tokens",
     responses=_errors(400, 401, 403, 404, 413, 415, 503),
 )
 async def count_tokens(
-    request: Request[Any, Any, Any],
-    data: JSONBody[CountTokensRequest],
-    caller: NamedDependency[Caller],
-    generations: NamedDependency[GenerationService],
+    data: CountTokensRequest, caller: NamedDependency[Caller], generations: NamedDependency[GenerationService]
 ) -> TokenCount:
-    data = await strict_body(request, CountTokensRequest)
     return TokenCount(await generations.count_prompt_tokens(caller, _base_request(data)))
 
 

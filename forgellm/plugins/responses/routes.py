@@ -7,15 +7,16 @@ returned as output items, whole or as typed server-sent events.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from litestar import Request, Router, delete, get, post
+from litestar import Router, delete, get
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody
+from litestar.params import FromPath
 from litestar.response import Stream
 
 from forgellm import (
@@ -32,16 +33,15 @@ from forgellm import (
     SamplingParams,
     Server,
     ToolChoice,
-    as_api_error,
     bad_request,
     client_sampling,
     error_responses,
     exception_handler,
     json_body,
+    json_post,
     openai_error_body,
     streamed,
     streamed_as,
-    strict_body,
     template_tool,
     template_tool_call,
 )
@@ -263,8 +263,9 @@ def _errors(*statuses: int) -> dict[int, Any]:
     return error_responses(OpenAIError, *statuses)
 
 
-@post(
+@json_post(
     PATH,
+    ResponseRequest,
     opt={"action": GENERATE},
     status_code=200,
     summary="OpenAI Responses API: create a model response",
@@ -275,13 +276,11 @@ def _errors(*statuses: int) -> dict[int, Any]:
     operation_class=streamed_as(EVENT_STREAM, STREAM_EVENTS, "With stream: true, each event is one of these"),
 )
 async def create_response(
-    request: Request[Any, Any, Any],
-    data: JSONBody[ResponseRequest],
+    data: ResponseRequest,
     caller: NamedDependency[Caller],
     generations: NamedDependency[GenerationService],
     server: NamedDependency[Server],
 ) -> ResponseObject | Stream:
-    data = await strict_body(request, ResponseRequest)
     _refuse_unsupported(data)
     store = store_of(server)
     history: list[dict[str, Any]] = []
@@ -308,7 +307,7 @@ async def create_response(
         return _stream(reply, generation, keep)
     await generation.complete()
     status, builder = _status(generation), OutputBuilder()
-    builder.feed(generation.turn_events(), generation.handle.logprobs)
+    builder.feed(generation.turn_events(), generation.logprobs)
     builder.finish(status)
     response = reply.object(status, builder.items, generation)
     keep(response)
@@ -316,39 +315,37 @@ async def create_response(
 
 
 def _stream(reply: Reply, generation: Generation, keep: Any) -> Stream:
+    builder, numbers = OutputBuilder(), itertools.count()
+
+    def encoded(event: StreamEvent) -> bytes:
+        event.sequence_number = next(numbers)
+        return encode_event(event)
+
     async def events() -> AsyncIterator[bytes]:
-        sequence = 0
-
-        def encoded(event: StreamEvent) -> bytes:
-            nonlocal sequence
-            event.sequence_number, sequence = sequence, sequence + 1
-            return encode_event(event)
-
-        builder, splitter = OutputBuilder(), generation.splitter()
         for kind in ("response.created", "response.in_progress"):
             yield encoded(
                 ResponseLifecycleEvent(type=kind, sequence_number=0, response=reply.object("in_progress", []))
             )
-        try:
-            async for delta in generation.deltas():
-                for event in builder.feed(splitter.feed(delta.text), delta.logprobs):
-                    yield encoded(event)
-            status = _status(generation)
-            for event in builder.feed(splitter.finish()) + builder.finish(status):
+        async for chunk in generation.turn():
+            for event in builder.feed(chunk.events, chunk.logprobs):
                 yield encoded(event)
-        except Exception as exc:  # headers are sent: report in-band, as OpenAI's streams do
-            error = as_api_error(exc)
-            code = error.code or "server_error"
-            yield encoded(ErrorEvent(sequence_number=0, code=code, message=error.message))
-            failed = reply.object("failed", builder.items, error=ResponseErrorDetail(code, error.message))
-            yield encoded(ResponseLifecycleEvent(type="response.failed", sequence_number=0, response=failed))
-            return
+        status = _status(generation)
+        for event in builder.finish(status):
+            yield encoded(event)
         response = reply.object(status, builder.items, generation)
         keep(response)
         kind = "response.completed" if status == "completed" else "response.incomplete"
         yield encoded(ResponseLifecycleEvent(type=kind, sequence_number=0, response=response))
 
-    return streamed(events())
+    def failed(error: ApiError) -> list[bytes]:  # in-band, as OpenAI's streams report a failure
+        code = error.code or "server_error"
+        failure = reply.object("failed", builder.items, error=ResponseErrorDetail(code, error.message))
+        return [
+            encoded(ErrorEvent(sequence_number=0, code=code, message=error.message)),
+            encoded(ResponseLifecycleEvent(type="response.failed", sequence_number=0, response=failure)),
+        ]
+
+    return streamed(events(), on_failure=failed)
 
 
 def _stored(server: Server, caller: Caller, response_id: str) -> StoredResponse:

@@ -18,7 +18,7 @@ GUEST_TOKEN = "testplugin-guest-token"
 
 @get("/testplugin/hello")
 async def hello(server: NamedDependency[Server]) -> dict:
-    return {"plugin": "testplugin", "model_loaded": server.models.state.loaded}
+    return {"plugin": "testplugin", "model_loaded": server.default_model.slot.state.loaded}
 
 
 @get("/testplugin/state")

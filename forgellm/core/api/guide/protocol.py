@@ -13,6 +13,7 @@ import msgspec
 from forgellm.core.engine.generation import Completion
 from forgellm.core.errors import ApiError
 from forgellm.core.http.openapi import any_of
+from forgellm.core.models.slot import ModelState
 
 NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
 
@@ -41,6 +42,19 @@ class StatusResponse(msgspec.Struct):
     adapter_path: str | None
     error: str | None
     progress: str | None  # what a running load is doing; null otherwise
+
+    @classmethod
+    def of(cls, state: ModelState) -> StatusResponse:
+        """The guide's status body for the default model's state."""
+        return cls(
+            success=True,
+            loaded=state.loaded,
+            is_loading=state.is_loading,
+            model_name=state.model_name,
+            adapter_path=state.adapter_path,
+            error=state.error,
+            progress=state.progress,
+        )
 
 
 class LoadRequest(msgspec.Struct):

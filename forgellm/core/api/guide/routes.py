@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from litestar import Request, Router, get, post
+from litestar import Router, get, post
 from litestar.di import NamedDependency
-from litestar.params import JSONBody
 from litestar.response import Stream
 
+from forgellm.core.api.generation import Generation
 from forgellm.core.api.guide.protocol import (
     NDJSON_STREAM,
     ErrorEnvelope,
@@ -30,12 +30,14 @@ from forgellm.core.api.guide.protocol import (
     error_body,
     ndjson_line,
 )
-from forgellm.core.api.pipeline import Caller, Generation, GenerationRequest, GenerationService, client_sampling
+from forgellm.core.api.pipeline import GenerationService
+from forgellm.core.api.request import Caller, GenerationRequest, client_sampling
 from forgellm.core.engine.generation import Constraint, SamplingParams
-from forgellm.core.http.errors import as_api_error, exception_handler
+from forgellm.core.errors import ApiError
+from forgellm.core.http.errors import exception_handler
+from forgellm.core.http.json_route import json_post
 from forgellm.core.http.openapi import NDJSON, error_responses, json_body, streamed_as
 from forgellm.core.http.streaming import streamed
-from forgellm.core.http.strict_body import strict_body
 from forgellm.core.identity import GENERATE, LOAD, STATUS
 from forgellm.core.server import Server
 
@@ -46,24 +48,19 @@ def guide_errors(*statuses: int) -> dict[int, Any]:
 
 @get("/api/model/status", opt={"action": STATUS}, summary="The model's load state", responses=guide_errors(401, 403))
 async def model_status(server: NamedDependency[Server]) -> StatusResponse:
-    return StatusResponse(**server.models.status())
+    return StatusResponse.of(server.default_model.slot.state)
 
 
-@post(
+@json_post(
     "/api/model/load",
+    LoadRequest,
     opt={"action": LOAD},
     status_code=200,
     summary="Start loading a model in the background",
     responses=guide_errors(400, 401, 403, 409, 413, 415),
 )
-async def load_model(
-    request: Request[Any, Any, Any], data: JSONBody[LoadRequest], server: NamedDependency[Server]
-) -> LoadResponse:
-    data = await strict_body(request, LoadRequest)
-    server.models.check_load_target(data.model_name, data.adapter_path)
-    if not server.registry.make_default(data.model_name, data.adapter_path):  # else: loaded beside it already
-        server.models.start_load(data.model_name, data.adapter_path, from_client=True)
-        server.registry.default.name = data.model_name
+async def load_model(data: LoadRequest, server: NamedDependency[Server]) -> LoadResponse:
+    await server.registry.load_default(data.model_name, data.adapter_path)
     return LoadResponse(
         success=True,
         message=f"Model {data.model_name} loading started",
@@ -80,13 +77,14 @@ async def load_model(
     responses=guide_errors(401, 403, 409, 415),
 )
 async def unload_model(server: NamedDependency[Server]) -> UnloadResponse:
-    name = server.models.state.model_name
-    server.models.unload()
+    name = server.default_model.slot.state.model_name
+    server.registry.unload_default()  # answers at once; the model goes once its generations finish
     return UnloadResponse(success=True, message=f"Model {name} unloaded" if name else "No model was loaded")
 
 
-@post(
+@json_post(
     "/api/model/generate",
+    GenerateRequest,
     opt={"action": GENERATE},
     status_code=200,
     summary="Generate text",
@@ -99,16 +97,14 @@ async def unload_model(server: NamedDependency[Server]) -> UnloadResponse:
     ),
 )
 async def generate(
-    request: Request[Any, Any, Any],
-    data: JSONBody[GenerateRequest],
+    data: GenerateRequest,
     caller: NamedDependency[Caller],
     generations: NamedDependency[GenerationService],
     server: NamedDependency[Server],
 ) -> GenerateResponse | Stream:
-    data = await strict_body(request, GenerateRequest)
-    generation = await generations.start(caller, _generation_request(data, server.settings.default_max_tokens))
+    generation = await generations.start(caller, _generation_request(data, server.config.default_max_tokens))
     if data.streaming:
-        return streamed(_ndjson(generation), NDJSON)
+        return streamed(_ndjson(generation), NDJSON, on_failure=_failed)
     return GenerateResponse.of(await generation.complete())
 
 
@@ -137,14 +133,14 @@ def _generation_request(data: GenerateRequest, default_max_tokens: int) -> Gener
 
 
 async def _ndjson(generation: Generation) -> AsyncIterator[bytes]:
-    """The guide's streaming format: chunk lines, then one complete line (or one error line)."""
-    try:
-        async for delta in generation.deltas():
-            yield ndjson_line(NdjsonChunk(text=delta.text))
-    except Exception as exc:  # the status line is sent already: report the failure in-band
-        yield ndjson_line(NdjsonError(success=False, error=as_api_error(exc).message))
-        return
+    """The guide's streaming format: chunk lines, then one complete line (or one error line: _failed)."""
+    async for delta in generation.deltas():
+        yield ndjson_line(NdjsonChunk(text=delta.text))
     yield ndjson_line(NdjsonComplete.of(generation.completion()))
+
+
+def _failed(error: ApiError) -> list[bytes]:
+    return [ndjson_line(NdjsonError(success=False, error=error.message))]
 
 
 def guide_router() -> Router:

@@ -6,11 +6,8 @@ list and manage all of them, in the guide's envelope.
 
 from __future__ import annotations
 
-from typing import Any
-
-from litestar import Request, get, post
+from litestar import get
 from litestar.di import NamedDependency
-from litestar.params import JSONBody
 
 from forgellm.core.api.guide.routes import guide_errors
 from forgellm.core.api.models.protocol import (
@@ -20,15 +17,16 @@ from forgellm.core.api.models.protocol import (
     ModelUnloadRequest,
     ResidentModel,
 )
-from forgellm.core.http.strict_body import strict_body
+from forgellm.core.http.json_route import json_post
 from forgellm.core.identity import LOAD, STATUS
-from forgellm.core.models.registry import ModelRegistry, Resident
+from forgellm.core.models.registry import ModelRegistry
+from forgellm.core.models.resident import Resident
 from forgellm.core.server import Server
 
 
 def resident_model(resident: Resident, registry: ModelRegistry) -> ResidentModel:
     """A resident model as /api/models (and the console) describe it."""
-    state = resident.manager.state
+    state = resident.slot.state
     if state.is_loading:
         kind = "loading"
     elif state.loaded:
@@ -66,33 +64,29 @@ async def list_models(server: NamedDependency[Server]) -> ModelsResponse:
     )
 
 
-@post(
+@json_post(
     "/api/models/load",
+    ModelLoadRequest,
     opt={"action": LOAD},
     status_code=200,
     summary="Start loading a model under a name, beside the others",
     responses=guide_errors(400, 401, 403, 409, 413, 415, 503),
 )
-async def load_named_model(
-    request: Request[Any, Any, Any], data: JSONBody[ModelLoadRequest], server: NamedDependency[Server]
-) -> ModelActionResponse:
-    data = await strict_body(request, ModelLoadRequest)
+async def load_named_model(data: ModelLoadRequest, server: NamedDependency[Server]) -> ModelActionResponse:
     name = data.name or data.model_name
     await server.registry.load(name, data.model_name, data.adapter_path, data.pin)
     return ModelActionResponse(success=True, message=f"Model {data.model_name} loading as {name}", name=name)
 
 
-@post(
+@json_post(
     "/api/models/unload",
+    ModelUnloadRequest,
     opt={"action": LOAD},
     status_code=200,
     summary="Unload a model by name, once its requests in flight finish",
     responses=guide_errors(400, 401, 403, 404, 413, 415),
 )
-async def unload_named_model(
-    request: Request[Any, Any, Any], data: JSONBody[ModelUnloadRequest], server: NamedDependency[Server]
-) -> ModelActionResponse:
-    data = await strict_body(request, ModelUnloadRequest)
+async def unload_named_model(data: ModelUnloadRequest, server: NamedDependency[Server]) -> ModelActionResponse:
     await server.registry.unload(data.name)
     return ModelActionResponse(success=True, message=f"Model {data.name} unloaded", name=data.name)
 

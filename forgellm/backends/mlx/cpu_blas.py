@@ -5,7 +5,7 @@ which on a 2-core x86 machine multiplies about 50 times slower than OpenBLAS: a 
 576x1536 float32 product took 31 ms against 0.6 ms. MLX calls ``cblas_sgemm`` through the
 dynamic linker, and the loader binds it to the first library in the global scope that defines
 it; a BLAS opened with ``RTLD_GLOBAL`` before MLX is imported is that library. So this module
-must run before the first ``import mlx``: the ``forgellm.backends`` package runs it on import.
+must run before the first ``import mlx``: ``bootstrap.prepare_process()`` runs it.
 
 ``FORGELLM_BLAS`` chooses: ``auto`` (the default) opens the system's OpenBLAS when installed
 (Debian and Ubuntu: ``libopenblas0-pthread``), ``bundled`` keeps MLX's own, and a path opens

@@ -18,7 +18,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from forgellm.backends.model_cache import sha256_of
+from forgellm.backends.mlx.sources.model_cache import sha256_of
 
 
 @dataclass(frozen=True)

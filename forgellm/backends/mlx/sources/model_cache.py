@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 
-from forgellm.backends import gguf
+from forgellm.backends.mlx.sources import gguf
 
 # Bumped when the converter's output changes, so directories written by an older one are not reused.
 CONVERTER_VERSION = 1

@@ -1,0 +1,74 @@
+"""The MLX backend: loads models with mlx-lm, after fetching a built-in name and converting a GGUF file."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Callable
+
+import mlx.core as mx
+
+from forgellm import Backend, ModelSource, Settings
+from forgellm.backends.mlx.batch_engine import EngineTuning
+from forgellm.backends.mlx.model import MlxModel
+from forgellm.backends.mlx.sources import ModelSources
+from forgellm.backends.mlx.sources.builtin_models import BUILTIN_MODELS, DEFAULT_MODEL
+from forgellm.backends.mlx.sources.model_cache import default_cache_dir
+from forgellm.backends.mlx.sources.model_files import check_model_directory
+
+
+class MlxBackend(Backend):
+    """Loads models with mlx-lm (after fetching a built-in name and converting a GGUF file)."""
+
+    default_model: str | None = DEFAULT_MODEL
+
+    def __init__(
+        self, tuning: EngineTuning | None = None, sources: ModelSources | None = None, tool_parser: str | None = None
+    ) -> None:
+        self.tuning = tuning or EngineTuning()
+        self.sources = sources or ModelSources()
+        self.tool_parser = tool_parser
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> MlxBackend:
+        """The backend the MLX plugin's options (forgellm/backends/mlx/options.py) describe."""
+        cache_dir = settings["cache_dir"]
+        return cls(
+            EngineTuning(
+                prompt_cache_size=settings["prompt_cache_size"],
+                prompt_cache_bytes=settings["prompt_cache_bytes"],
+                prefill_batch_size=settings["prefill_batch_size"],
+                prefill_chunk_size=settings["prefill_chunk_size"],
+            ),
+            ModelSources(pathlib.Path(cache_dir) if cache_dir else default_cache_dir(), settings["gguf_weights"]),
+            settings["tool_parser"],
+        )
+
+    def device_memory_bytes(self) -> int:
+        """What a --memory-budget fraction is of on a GPU: its memory; 0 on the CPU, where the core takes the
+        machine's."""
+        if mx.default_device().type != mx.DeviceType.gpu:
+            return 0
+        return int(mx.device_info().get("memory_size", 0))
+
+    def describe_source(self, name: str) -> ModelSource:
+        """Built-in names and GGUF files beside what the core knows (directories and repo ids)."""
+        if name in BUILTIN_MODELS:
+            return ModelSource("name", "Built-in model", True, 0, name)
+        if name.lower().endswith(".gguf"):
+            path = pathlib.Path(os.path.expanduser(name))
+            try:
+                exists = path.is_file()
+                return ModelSource("file", "GGUF file", exists, path.stat().st_size if exists else 0,
+                                   os.path.realpath(path) if exists else name)  # fmt: skip
+            except (OSError, ValueError):
+                return ModelSource("file", "GGUF file", False, 0, name)
+        return super().describe_source(name)
+
+    def load(self, model_name: str, adapter_path: str | None, progress: Callable[[str], None]) -> MlxModel:
+        path = self.sources.resolve(model_name, progress)
+        for directory in (path, adapter_path):
+            if directory is not None and os.path.isdir(os.path.expanduser(directory)):
+                check_model_directory(os.path.expanduser(directory))
+        progress("loading weights")
+        return MlxModel(model_name, adapter_path, self.tuning, path=path, tool_parser=self.tool_parser)

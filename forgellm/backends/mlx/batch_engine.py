@@ -1,0 +1,221 @@
+"""Continuous batching on mlx-lm's BatchGenerator, reusing the KV caches of finished sequences.
+
+The batch engine keeps the KV caches of recently finished sequences (mlx-lm's ``LRUPromptCache``, as
+mlx_lm.server does), so a prompt that shares a prefix with one of them (a system prompt, the earlier
+turns of a conversation) skips that prefix's prefill.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import greedy_sampler
+
+from forgellm import Engine, GenerationJob, TokenOutput
+from forgellm.backends.mlx.decoding import Decoding
+from forgellm.backends.mlx.detokenize import Detokenizers
+from forgellm.backends.mlx.options import (
+    DEFAULT_PREFILL_BATCH_SIZE,
+    DEFAULT_PREFILL_CHUNK_SIZE,
+    DEFAULT_PROMPT_CACHE_SIZE,
+)
+
+logger = logging.getLogger("forgellm.mlx")
+
+# An engine serves one model, so its prompt cache needs no per-model key.
+_CACHE_KEY = "model"
+
+
+@dataclass(frozen=True)
+class EngineTuning:
+    """How the batch engine trades memory and latency against throughput (--prompt-cache-size,
+    --prompt-cache-bytes, --prefill-batch-size, --prefill-chunk-size)."""
+
+    prompt_cache_size: int = DEFAULT_PROMPT_CACHE_SIZE
+    prompt_cache_bytes: int = 0  # 0: bounded by entries only
+    prefill_batch_size: int = DEFAULT_PREFILL_BATCH_SIZE
+    prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK_SIZE
+
+    def prefill_batch(self, max_batch_size: int) -> int:
+        return min(self.prefill_batch_size, max_batch_size)
+
+
+class RowFaults:
+    """Failures of one row's own processing (its logits processors, its sampler), kept to that row.
+
+    mlx-lm calls each row's processors and sampler inside the batch's step, so an exception in one would fail
+    the step and every sequence in it. Wrapped here, a failure marks its row failed and hands back the logits
+    unchanged (or a greedy token), so the step completes for the others; the engine then ends the failed row
+    with its error."""
+
+    def __init__(self) -> None:
+        self.failed: dict[int, str] = {}
+
+    def _fail(self, seq_id: int, exc: Exception) -> None:
+        logger.exception("sequence %d failed in its own processing; the batch goes on", seq_id, exc_info=exc)
+        self.failed.setdefault(seq_id, str(exc) or type(exc).__name__)
+
+    def processors(self, seq_id: int, processors: list) -> list:
+        def guarded(processor):
+            def process(tokens: mx.array, logits: mx.array) -> mx.array:
+                if seq_id in self.failed:
+                    return logits
+                try:
+                    return processor(tokens, logits)
+                except Exception as exc:
+                    self._fail(seq_id, exc)
+                    return logits
+
+            return process
+
+        return [guarded(processor) for processor in processors]
+
+    def sampler(self, seq_id: int, sampler):
+        if sampler is greedy_sampler:
+            return sampler  # shared by the greedy rows so they sample in one call; it cannot fail for one row
+
+        def sample(logprobs: mx.array) -> mx.array:
+            try:
+                return sampler(logprobs)
+            except Exception as exc:
+                self._fail(seq_id, exc)
+                return mx.argmax(logprobs, axis=-1)
+
+        return sample
+
+    def take(self) -> dict[int, str]:
+        failed, self.failed = self.failed, {}
+        return failed
+
+
+def checked_prompt(prompt: list[int], vocab_size: int) -> list[int]:
+    """The prompt, if it is token ids the model has; else ValueError (an engine would fail the whole prefill
+    pass it joined, not this prompt alone)."""
+    if not prompt:
+        raise ValueError("the prompt has no tokens")
+    for token in prompt:
+        if type(token) is not int or not 0 <= token < vocab_size:
+            raise ValueError(f"the prompt holds {token!r}, which is not a token id of this model")
+    return prompt
+
+
+class MlxBatchEngine(Engine):
+    """Continuous batching on mlx-lm's BatchGenerator, reusing the KV caches of finished sequences."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        decoding: Decoding,
+        max_batch_size: int,
+        vocab_size: int,
+        tuning: EngineTuning = EngineTuning(),
+    ) -> None:
+        self._decoding = decoding
+        self._generator = BatchGenerator(
+            model,
+            stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+            completion_batch_size=max_batch_size,
+            prefill_batch_size=tuning.prefill_batch(max_batch_size),
+            prefill_step_size=tuning.prefill_chunk_size,
+        )
+        size, limit = tuning.prompt_cache_size, tuning.prompt_cache_bytes
+        self._prompt_caches = LRUPromptCache(max_size=size, max_bytes=limit or 1 << 63) if size > 0 else None
+        self._detokenizers = Detokenizers(tokenizer, decoding)
+        self._seq_of_uid: dict[int, int] = {}
+        self._uid_of_seq: dict[int, int] = {}
+        self._jobs: dict[int, GenerationJob] = {}
+        self._faults = RowFaults()
+        self._vocab_size = vocab_size
+
+    def add(self, seq_id: int, job: GenerationJob) -> int:
+        checked_prompt(job.prompt_tokens, self._vocab_size)
+        cache, rest = self._nearest_cache(job.prompt_tokens)
+        cached = len(job.prompt_tokens) - len(rest)
+        (uid,) = self._generator.insert(
+            [rest],
+            max_tokens=[job.max_tokens],
+            caches=[cache],  # type: ignore[list-item]  # None: mlx-lm starts a fresh cache
+            all_tokens=[job.prompt_tokens[:cached]],
+            samplers=[self._faults.sampler(seq_id, self._decoding.sampler(job))],
+            logits_processors=[self._faults.processors(seq_id, self._decoding.processors(job))],
+        )
+        self._seq_of_uid[uid] = seq_id
+        self._uid_of_seq[seq_id] = uid
+        self._jobs[seq_id] = job
+        self._detokenizers.start(seq_id)
+        return cached
+
+    def _nearest_cache(self, prompt: list[int]) -> tuple[list[Any] | None, list[int]]:
+        """A copy of the cached KV sharing the longest prefix with prompt, and the tokens it does not cover."""
+        if self._prompt_caches is None:
+            return None, prompt
+        cache, rest = self._prompt_caches.fetch_nearest_cache(_CACHE_KEY, prompt)
+        if cache is not None and not rest:
+            # The whole prompt is cached, but its last token must still run to give the first logits.
+            if not can_trim_prompt_cache(cache):
+                return None, prompt
+            trim_prompt_cache(cache, 1)
+            rest = prompt[-1:]
+        return cache, rest
+
+    def step(self) -> list[TokenOutput]:
+        _, responses = self._generator.next()
+        failed = self._faults.take()
+        outputs = [TokenOutput(seq_id, "", error=error) for seq_id, error in failed.items() if seq_id in self._jobs]
+        self.remove(failed)
+        for response in responses:
+            seq_id = self._seq_of_uid.get(response.uid)
+            if seq_id is None:
+                continue  # failed in this step
+            text = self._detokenizers.text(seq_id, response.token, response.finish_reason)
+            logprob = self._decoding.logprob(
+                self._jobs[seq_id], response.token, response.logprobs, response.finish_reason
+            )
+            if response.finish_reason is not None:
+                self._forget(seq_id)
+                if self._prompt_caches is not None:
+                    # mlx-lm extracts a finished sequence's cache anyway: keep it for later prompts.
+                    self._prompt_caches.insert_cache(_CACHE_KEY, list(response.all_tokens), response.prompt_cache)
+            outputs.append(TokenOutput(seq_id, text, response.finish_reason, logprob=logprob))
+        return outputs
+
+    def cache_bytes(self) -> int:
+        """The KV caches held: the running batch's and the prompt cache's."""
+        held = self._prompt_caches.nbytes if self._prompt_caches is not None else 0
+        for batch in (
+            getattr(self._generator, "_generation_batch", None),
+            getattr(self._generator, "_prompt_batch", None),
+        ):
+            for layer in getattr(batch, "prompt_cache", None) or ():
+                try:
+                    held += int(layer.nbytes)
+                except (AttributeError, NotImplementedError, TypeError):
+                    pass  # an empty layer has no arrays yet
+        return held
+
+    def remove(self, seq_ids: Iterable[int]) -> None:
+        uids = [self._uid_of_seq[s] for s in seq_ids if s in self._uid_of_seq]
+        if uids:
+            self._generator.remove(uids)
+        for seq_id in seq_ids:
+            self._forget(seq_id)
+
+    def _forget(self, seq_id: int) -> None:
+        uid = self._uid_of_seq.pop(seq_id, None)
+        if uid is not None:
+            self._seq_of_uid.pop(uid, None)
+        self._jobs.pop(seq_id, None)
+        self._detokenizers.drop(seq_id)
+
+    def __len__(self) -> int:
+        return len(self._uid_of_seq)
+
+    def close(self) -> None:
+        self._generator.close()

@@ -1,0 +1,70 @@
+"""The MLX backend's options: each default lives here, in its Option, and only here."""
+
+from __future__ import annotations
+
+import click
+
+from forgellm import Option
+from forgellm.backends.mlx.output_format import TOOL_PARSERS
+from forgellm.backends.mlx.sources import GGUF_AUTO, GGUF_WEIGHT_CHOICES
+
+DEFAULT_PROMPT_CACHE_SIZE = 10  # mlx_lm.server's default
+# Prompts prefilled together in one pass (mlx_lm.server's default). On a GPU a pass over several prompts
+# costs little more than one. On the CPU, measured on SmolLM2-135M with OpenBLAS, a pass of 8 cost 135 ms
+# a prompt against 223 ms for one alone, and passes of 2 instead of 8 served 0.67-0.90 times the tokens/s
+# at 4-16 clients with later first tokens too (benchmarks/README.md).
+DEFAULT_PREFILL_BATCH_SIZE = 8
+# Prompt tokens each prompt in the prefill pass advances by per engine step. Every step also decodes one
+# token for the running sequences, so a long prompt is prefilled in slices between their tokens instead
+# of stalling them for its whole length (mlx-lm's default, 2048, left running streams waiting for seconds
+# on a CPU; benchmarks/prefill_stall.py measures it).
+DEFAULT_PREFILL_CHUNK_SIZE = 256
+MLX_OPTIONS = (
+    Option(
+        "prompt_cache_size",
+        "Finished sequences whose KV cache is kept, so a prompt sharing a prefix with one skips that "
+        "prefix's prefill (0: off).",
+        type=int,
+        default=DEFAULT_PROMPT_CACHE_SIZE,
+    ),
+    Option(
+        "prompt_cache_bytes",
+        "Most bytes the prompt cache of each resident model may hold; the least recently used entries go "
+        "first (0: bounded by --prompt-cache-size only).",
+        type=click.IntRange(min=0),
+        default=0,
+    ),
+    Option(
+        "prefill_batch_size",
+        "Prompts prefilled together in one pass: larger passes cost less per prompt, but each prompt "
+        "waits for the whole pass before its first token.",
+        type=click.IntRange(min=1),
+        default=DEFAULT_PREFILL_BATCH_SIZE,
+    ),
+    Option(
+        "prefill_chunk_size",
+        "Prompt tokens prefilled per engine step for each prompt; running streams get a token between "
+        "slices, so a long prompt does not stall them for its whole length.",
+        type=click.IntRange(min=16),
+        default=DEFAULT_PREFILL_CHUNK_SIZE,
+    ),
+    Option(
+        "cache_dir",
+        "Where built-in models are fetched to and GGUF files converted into MLX directories "
+        "(default: $XDG_CACHE_HOME/forgellm, else ~/.cache/forgellm).",
+    ),
+    Option(
+        "gguf_weights",
+        "How a GGUF file's quantized tensors are converted: kept quantized (Q4_0, Q4_1, Q8_0), or "
+        "dequantized to a float type (each kind is converted once and cached). auto: float32 on the CPU "
+        "with an optimized BLAS when it takes at most a quarter of the memory, else quantized.",
+        type=click.Choice(GGUF_WEIGHT_CHOICES),
+        default=GGUF_AUTO,
+    ),
+    Option(
+        "tool_parser",
+        "How tool calls are read from the model's output: one of mlx-lm's parsers by model family "
+        "(default: the one its chat template implies, else JSON between <tool_call> markers).",
+        type=click.Choice(TOOL_PARSERS),
+    ),
+)
