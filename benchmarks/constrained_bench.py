@@ -37,8 +37,8 @@ from pathlib import Path
 import httpx
 from serve_bench import REQUEST_TIMEOUT, forgellm_run, running
 
-from forgellm.backends.mlx.sources.builtin_models import DEFAULT_MODEL
 from forgellm.backends.mlx import ModelSources
+from forgellm.backends.mlx.sources.builtin_models import DEFAULT_MODEL
 from forgellm.testing import free_port
 
 WEATHER_SCHEMA = {

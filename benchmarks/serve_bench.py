@@ -56,8 +56,8 @@ from pathlib import Path
 
 import httpx
 
-from forgellm.backends.mlx.cpu_blas import selected_blas
 from forgellm.backends.mlx import ModelSources
+from forgellm.backends.mlx.cpu_blas import selected_blas
 from forgellm.testing import build_tiny_model, free_port
 
 # Llama shapes for --model-size; "tiny" is the test suite's model (overhead-bound, not meaningful alone).

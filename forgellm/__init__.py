@@ -17,6 +17,9 @@ from forgellm.core.api.assistant_turn import (
     template_tool_call,
 )
 from forgellm.core.api.generation import Generation, GenerationGroup, TurnChunk
+from forgellm.core.api.guide.routes import guide_errors
+from forgellm.core.api.health import PROBE_PATHS
+from forgellm.core.api.models.routes import resident_model
 from forgellm.core.api.openai.protocol import OpenAIError
 from forgellm.core.api.openai.protocol import error_body as openai_error_body
 from forgellm.core.api.pipeline import GenerationService
@@ -60,6 +63,7 @@ from forgellm.core.http.streaming import streamed
 from forgellm.core.http.strict_body import strict_body
 from forgellm.core.identity import ADMIN, GENERATE, LOAD, STATUS, Identity
 from forgellm.core.models.sampling_defaults import checked_value as checked_sampling_value
+from forgellm.core.plugin_manager import available_plugins
 from forgellm.core.server import Server
 from forgellm.version import __version__
 
@@ -71,6 +75,7 @@ __all__ = [
     "INVALID_CREDENTIALS",
     "LAYERED_SAMPLING",
     "LOAD",
+    "PROBE_PATHS",
     "STATUS",
     "ApiError",
     "AssistantTurn",
@@ -116,12 +121,15 @@ __all__ = [
     "checked_sampling_value",
     "client_sampling",
     "error_responses",
+    "available_plugins",
     "exception_handler",
+    "guide_errors",
     "hookimpl",
     "json_body",
     "json_post",
     "openai_error_body",
     "record_of",
+    "resident_model",
     "server_sent_event",
     "service_unavailable",
     "streamed",

@@ -89,7 +89,7 @@ def _run(options: list[Option], print_config: bool, **values) -> None:
     import uvicorn
     from uvicorn.main import STARTUP_FAILURE
 
-    from forgellm.core.http.app import create_app
+    from forgellm.core.app import create_app
 
     settings = Settings(values, tuple(options))
     try:

@@ -1,5 +1,6 @@
-"""What the ``responses`` and ``anthropic`` plugins share: built on the public plugin API only, listed, in the
-OpenAPI schema, and accounted for (scopes, access log, metrics) exactly as /v1/chat/completions is."""
+"""What the ``responses`` and ``anthropic`` plugins share: built on the public plugin API only (as every built-in
+plugin is), listed, in the OpenAPI schema, and accounted for (scopes, access log, metrics) exactly as
+/v1/chat/completions is."""
 
 from __future__ import annotations
 
@@ -23,10 +24,21 @@ ASK = {
 }
 
 
-@pytest.mark.parametrize("dialect", DIALECTS)
-def test_the_plugin_imports_nothing_but_the_public_api(dialect):
-    own = f"forgellm.plugins.{dialect}"
-    for module in sorted((PLUGINS / dialect).glob("*.py")):
+PACKAGE = Path(forgellm.__file__).parent
+# Every built-in plugin, each a module or a package of its own: the dialects, the operational plugins and the
+# MLX backend. Each is built as a third-party package must be, on forgellm's public API only.
+BUILT_IN = sorted(
+    [path for path in PLUGINS.iterdir() if path.suffix == ".py" and path.stem != "__init__"]
+    + [path for path in PLUGINS.iterdir() if path.is_dir() and (path / "__init__.py").exists()]
+    + [PACKAGE / "backends" / "mlx"]
+)
+
+
+@pytest.mark.parametrize("plugin", BUILT_IN, ids=lambda path: path.stem)
+def test_the_plugin_imports_nothing_but_the_public_api(plugin):
+    own = ".".join(plugin.relative_to(PACKAGE.parent).with_suffix("").parts)
+    modules = sorted(plugin.rglob("*.py")) if plugin.is_dir() else [plugin]
+    for module in modules:
         for node in ast.walk(ast.parse(module.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("forgellm"):
                 if node.module == own or node.module.startswith(own + "."):

@@ -12,17 +12,18 @@ import json
 import logging
 import logging.handlers
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import click
 
-from forgellm import Option, RequestRecord, hookimpl
+from forgellm import Option, RequestRecord, Server, Settings, hookimpl
 
 PLUGIN = "logging"
 
 
 @hookimpl
-def register_options(register):
+def register_options(register: Callable[[Option], None]) -> None:
     register(
         Option(
             "log_format",
@@ -72,11 +73,11 @@ def text_line(entry: RequestRecord, timestamp: str) -> str:
     )
 
 
-def _or_dash(value) -> str:
+def _or_dash(value: object) -> str:
     return "-" if value is None else str(value)
 
 
-def _field(value) -> str:
+def _field(value: object) -> str:
     """A value as one space-free token; anything unusual is quoted and escaped, so no line can be forged."""
     if value is None or value == "":
         return "-"
@@ -92,7 +93,7 @@ FORMATS = {"json": json_line, "text": text_line}
 class AccessLog:
     """Where this server's access log goes; a logger of its own, so two servers in one process never mix."""
 
-    def __init__(self, settings) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.format = FORMATS[settings.log_format.lower()]
         path = settings.access_log_file
         self.handler = logging.handlers.WatchedFileHandler(path) if path else logging.StreamHandler(sys.stderr)
@@ -109,16 +110,16 @@ class AccessLog:
 
 
 @hookimpl
-def startup(server):
+def startup(server: Server) -> None:
     server.plugin_state[PLUGIN] = AccessLog(server.settings)
 
 
 @hookimpl
-def shutdown(server):
+def shutdown(server: Server) -> None:
     # The state stays: a line written after this reopens the file rather than failing the request.
     server.plugin_state[PLUGIN].close()
 
 
 @hookimpl
-def access_log(entry, server):
+def access_log(entry: RequestRecord, server: Server) -> None:
     server.plugin_state[PLUGIN].write(entry)

@@ -27,7 +27,8 @@ credential (Prometheus' ``authorization`` scrape setting); without one it is ope
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from litestar import Request, Response, get
 from litestar.enums import MediaType
@@ -35,14 +36,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, StateSetMetricFamily
 from prometheus_client.exposition import choose_encoder
 
-from forgellm import ADMIN, RequestRecord, hookimpl, record_of
-from forgellm.core.api.guide.routes import guide_errors
-from forgellm.core.http import health
+from forgellm import ADMIN, PROBE_PATHS, RequestRecord, Server, Usage, guide_errors, hookimpl, record_of
 
 PLUGIN = "metrics"
 UNMATCHED_ROUTE = "unmatched"
 REFUSAL_REASONS = {401: "unauthenticated", 403: "forbidden", 429: "rate_limited", 503: "unavailable"}
-PROBE_ROUTES = frozenset(path for handler in health.ROUTES for path in handler.paths)
 # Clients choose the method; anything unusual shares one label to keep the series bounded.
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Generations run from milliseconds to the request timeout (600 s by default).
@@ -53,7 +51,7 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 class ServerStateCollector:
     """Scheduler and model gauges, read from the server at every scrape so they are never stale."""
 
-    def __init__(self, server) -> None:
+    def __init__(self, server: Server) -> None:
         self._server = server
 
     def collect(self) -> Iterator[Metric]:
@@ -127,7 +125,7 @@ class ServerStateCollector:
 class ServerMetrics:
     """One server's metrics, in a registry of its own."""
 
-    def __init__(self, server) -> None:
+    def __init__(self, server: Server) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "forgellm_requests",
@@ -177,10 +175,12 @@ class ServerMetrics:
         if record.latency_ms is not None:
             self.latency.labels(route).observe(record.latency_ms / 1000)
         reason = REFUSAL_REASONS.get(record.status) if record.status is not None else None
-        if reason is not None and route not in PROBE_ROUTES:
+        if reason is not None and route not in PROBE_PATHS:
             self.refusals.labels(reason).inc()
 
-    def observe_generation(self, route: str, model: str | None, usage, time_to_first_token_ms) -> None:
+    def observe_generation(
+        self, route: str, model: str | None, usage: Usage, time_to_first_token_ms: float | None
+    ) -> None:
         if model is not None:
             self.model_generations.labels(model).inc()
             self.model_prompt_tokens.labels(model).inc(usage.prompt_tokens)
@@ -191,7 +191,7 @@ class ServerMetrics:
             self.time_to_first_token.labels(route).observe(time_to_first_token_ms / 1000)
 
 
-def metrics_of(server) -> ServerMetrics:
+def metrics_of(server: Server) -> ServerMetrics:
     return server.plugin_state[PLUGIN]
 
 
@@ -213,18 +213,18 @@ async def metrics(request: Request) -> Response[bytes]:
 
 
 @hookimpl
-def register_routes(register, server):
+def register_routes(register: Callable[[Any], None], server: Server) -> None:
     server.plugin_state[PLUGIN] = ServerMetrics(server)
     register(metrics)
 
 
 @hookimpl
-def after_generate(request, usage, server):
+def after_generate(request: Any, usage: Usage, server: Server) -> None:
     record = record_of(request)
     route = request.scope.get("path_template") or UNMATCHED_ROUTE
     metrics_of(server).observe_generation(route, record.model, usage, record.time_to_first_token_ms)
 
 
 @hookimpl
-def access_log(entry, server):
+def access_log(entry: RequestRecord, server: Server) -> None:
     metrics_of(server).observe_request(entry)

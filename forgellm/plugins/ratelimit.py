@@ -32,6 +32,7 @@ import logging
 import math
 import time
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -40,8 +41,18 @@ from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import ConfigurationError, StorageError
 from limits.storage import storage_from_string
 
-from forgellm import ApiError, Option, hookimpl, service_unavailable
-from forgellm.core.clients import connection_client_key
+from forgellm import (
+    ApiError,
+    Caller,
+    GenerationJob,
+    Identity,
+    Option,
+    Server,
+    Settings,
+    Usage,
+    hookimpl,
+    service_unavailable,
+)
 
 logger = logging.getLogger("forgellm.ratelimit")
 
@@ -72,7 +83,7 @@ def parse_limits(text: str) -> tuple[RateLimitItem, ...]:
 
 
 @hookimpl
-def register_options(register):
+def register_options(register: Callable[[Option], None]) -> None:
     register(
         Option(
             "rate_limit",
@@ -127,7 +138,7 @@ def redacted(uri: str) -> str:
 class Budgets:
     """Request and token budgets per client, in one limits storage."""
 
-    def __init__(self, settings) -> None:
+    def __init__(self, settings: Settings) -> None:
         configured = settings.rate_limit_storage or DEFAULT_STORAGE
         self.settings = settings
         self.storage_name = redacted(configured)
@@ -147,10 +158,14 @@ class Budgets:
         # id(job) -> (client key, tokens reserved, the token limits they count against)
         self._reservations: dict[int, tuple[str, int, tuple[RateLimitItem, ...]]] = {}
 
-    def limits_for(self, identity, claim: str, default: tuple[RateLimitItem, ...]) -> tuple[RateLimitItem, ...]:
+    def limits_for(
+        self, identity: Identity | None, claim: str, default: tuple[RateLimitItem, ...]
+    ) -> tuple[RateLimitItem, ...]:
         """The identity's own limit (a key's override, a JWT claim), else the server's; a malformed claim is
         ignored with a warning."""
-        override = identity.claims.get(claim) if identity is not None else None
+        if identity is None:
+            return default
+        override = identity.claims.get(claim)
         if override is None or override == "":
             return default
         try:
@@ -161,12 +176,12 @@ class Budgets:
             logger.warning("ignoring %s=%r of %s: not a rate such as 60/minute", claim, override, identity.subject)
             return default
 
-    async def admit(self, identity, request, job) -> None:
+    async def admit(self, identity: Identity | None, client_key: str, job: GenerationJob) -> None:
         """Reserve the job's tokens and spend one request; refuse (429) when either budget is spent.
 
         Tokens are reserved up to job.max_tokens (lowered to what the budget has left) before anything is
         queued, and settled at the end, so concurrent requests cannot spend the same tokens twice."""
-        key = connection_client_key(request, identity, self.settings.ipv6_client_prefix)
+        key = client_key
         token_limits = self.limits_for(identity, "token_limit", self.token_limits)
         try:
             if token_limits and job.max_tokens > 0:  # a job of 0 tokens only counts a prompt's tokens
@@ -201,7 +216,7 @@ class Budgets:
             await self.storage.incr(reserved_key, self.reservation_expiry, amount=granted - wanted)
         return granted
 
-    async def settle(self, job, tokens: int) -> None:
+    async def settle(self, job: GenerationJob, tokens: int) -> None:
         """Charge the tokens a job generated and free the rest of its reservation."""
         reservation = self._reservations.pop(id(job), None)
         if reservation is None:
@@ -246,12 +261,13 @@ def _describe(limit: RateLimitItem, unit: str) -> str:
     return f"the limit is {limit.amount} {unit} per {period}"
 
 
-def budgets_of(server) -> Budgets | None:
-    return server.plugin_state.get(PLUGIN)
+def budgets_of(server: Server) -> Budgets:
+    budgets: Budgets = server.plugin_state[PLUGIN]
+    return budgets
 
 
 @hookimpl
-async def startup(server):
+async def startup(server: Server) -> None:
     budgets = Budgets(server.settings)
     if not await budgets.storage.check():
         raise RuntimeError(f"rate-limit storage {budgets.storage_name} is unreachable")
@@ -261,16 +277,16 @@ async def startup(server):
 
 
 @hookimpl
-async def before_generate(identity, request, job, server):
-    await budgets_of(server).admit(identity, request, job)
+async def before_generate(identity: Identity | None, job: GenerationJob, caller: Caller, server: Server) -> None:
+    await budgets_of(server).admit(identity, caller.client_key, job)
 
 
 @hookimpl
-async def after_generate(identity, request, job, usage, server):
+async def after_generate(job: GenerationJob, usage: Usage, server: Server) -> None:
     await budgets_of(server).settle(job, usage.completion_tokens)
 
 
 @hookimpl
-def register_cors_headers(expose):
+def register_cors_headers(expose: Callable[[str], None]) -> None:
     for name in ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "RateLimit-Policy"):
         expose(name)

@@ -18,8 +18,8 @@ from litestar import Litestar
 from litestar.testing import TestClient
 
 from forgellm import Backend, Settings, hookimpl
+from forgellm.core.app import create_app
 from forgellm.core.config.options import collect_options
-from forgellm.core.http.app import create_app
 from forgellm.core.plugin_manager import available_plugins, create_plugin_manager, enabled_plugin_names
 from forgellm.testing.schema_check import ResponseSchemaCheck
 

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from forgellm import Engine, GenerationJob, TokenOutput
 from forgellm.backends.mlx.decoding import Decoding
@@ -25,6 +27,7 @@ from forgellm.backends.mlx.options import (
     DEFAULT_PREFILL_CHUNK_SIZE,
     DEFAULT_PROMPT_CACHE_SIZE,
 )
+from forgellm.backends.mlx.sampling import LogitsProcessor, Sampler
 
 logger = logging.getLogger("forgellm.mlx")
 
@@ -61,8 +64,8 @@ class RowFaults:
         logger.exception("sequence %d failed in its own processing; the batch goes on", seq_id, exc_info=exc)
         self.failed.setdefault(seq_id, str(exc) or type(exc).__name__)
 
-    def processors(self, seq_id: int, processors: list) -> list:
-        def guarded(processor):
+    def processors(self, seq_id: int, processors: list[LogitsProcessor]) -> list[LogitsProcessor]:
+        def guarded(processor: LogitsProcessor) -> LogitsProcessor:
             def process(tokens: mx.array, logits: mx.array) -> mx.array:
                 if seq_id in self.failed:
                     return logits
@@ -76,7 +79,7 @@ class RowFaults:
 
         return [guarded(processor) for processor in processors]
 
-    def sampler(self, seq_id: int, sampler):
+    def sampler(self, seq_id: int, sampler: Sampler) -> Sampler:
         if sampler is greedy_sampler:
             return sampler  # shared by the greedy rows so they sample in one call; it cannot fail for one row
 
@@ -110,8 +113,8 @@ class MlxBatchEngine(Engine):
 
     def __init__(
         self,
-        model,
-        tokenizer,
+        model: nn.Module,
+        tokenizer: TokenizerWrapper,
         decoding: Decoding,
         max_batch_size: int,
         vocab_size: int,

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from forgellm import GenerationJob, TokenLogprob
 from forgellm.backends.mlx.constrained import ConstraintCompiler
-from forgellm.backends.mlx.sampling import penalty_processor, sampler_for
+from forgellm.backends.mlx.sampling import LogitsProcessor, Sampler, penalty_processor, sampler_for
 
 
 class Decoding:
     """How one model's sequences are decoded beyond mlx-lm's defaults: each job's sampler and logits processors
     (repetition penalty, presence and frequency penalties, logit bias, a grammar), and the logprobs it reports."""
 
-    def __init__(self, tokenizer, vocab_size: int) -> None:
+    def __init__(self, tokenizer: TokenizerWrapper, vocab_size: int) -> None:
         self._tokenizer = tokenizer
         self.constraints = ConstraintCompiler(tokenizer._tokenizer, vocab_size, tokenizer.eos_token_ids)
         # XTC never drops these (as mlx_lm.server): ending, and a new line.
@@ -23,10 +24,10 @@ class Decoding:
         self._token_texts: dict[int, tuple[str, bytes]] = {}
         self._byte_values = {char: byte for byte, char in bytes_to_unicode().items()}
 
-    def sampler(self, job: GenerationJob):
+    def sampler(self, job: GenerationJob) -> Sampler:
         return sampler_for(job.sampling, self._xtc_kept)
 
-    def processors(self, job: GenerationJob) -> list:
+    def processors(self, job: GenerationJob) -> list[LogitsProcessor]:
         params = job.sampling
         processors = make_logits_processors(
             logit_bias=dict(params.logit_bias) or None,

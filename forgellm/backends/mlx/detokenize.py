@@ -5,7 +5,7 @@ from __future__ import annotations
 import codecs
 from typing import Any
 
-from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
 
 from forgellm.backends.mlx.decoding import Decoding
 
@@ -37,7 +37,7 @@ class _ByteDetokenizer:
 class Detokenizers:
     """One streaming detokenizer per sequence, so multi-byte characters are emitted whole."""
 
-    def __init__(self, tokenizer, decoding: Decoding) -> None:
+    def __init__(self, tokenizer: TokenizerWrapper, decoding: Decoding) -> None:
         self._tokenizer = tokenizer
         self._decoding = decoding
         self._byte_level = isinstance(tokenizer.detokenizer, BPEStreamingDetokenizer)

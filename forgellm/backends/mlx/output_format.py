@@ -7,6 +7,7 @@ import pkgutil
 from typing import Any
 
 import mlx_lm.tool_parsers
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from forgellm import OutputFormat
 
@@ -19,7 +20,7 @@ def parse_json_tool_call(text: str, tools: list[dict] | None) -> dict:
     return dict(json.loads(text.strip()))
 
 
-def output_format(tokenizer) -> OutputFormat:
+def output_format(tokenizer: TokenizerWrapper) -> OutputFormat:
     """The markers mlx-lm infers from the model's chat template and vocabulary."""
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
     reasoning: dict[str, Any] = {}

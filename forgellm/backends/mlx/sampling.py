@@ -18,7 +18,7 @@ Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
-def _top_k_filter(top_k: int):
+def _top_k_filter(top_k: int) -> Sampler:
     """mlx-lm's top-k, except that a k covering the whole vocabulary keeps every token instead of failing."""
 
     def keep(logprobs: mx.array) -> mx.array:
@@ -28,7 +28,7 @@ def _top_k_filter(top_k: int):
     return keep
 
 
-def _min_p_filter(min_p: float):
+def _min_p_filter(min_p: float) -> Sampler:
     """Keep tokens at least min_p times as likely as the best one.
 
     Written here rather than mlx-lm's apply_min_p, which checks its bound in Python and so
@@ -51,7 +51,7 @@ def _xtc_cut(logprobs: mx.array, threshold: mx.array, keep: mx.array) -> mx.arra
     return mx.where((probs > least_above) & ~keep, -mx.inf, logprobs)
 
 
-def make_random_sampler(params: SamplingParams, xtc_kept: list[int] | None = None):
+def make_random_sampler(params: SamplingParams, xtc_kept: list[int] | None = None) -> Sampler:
     """Filters, then a draw at the request's temperature; a seeded request draws from its own PRNG key,
     so it is reproducible even inside a shared batch.
 
@@ -72,7 +72,7 @@ def make_random_sampler(params: SamplingParams, xtc_kept: list[int] | None = Non
     xtc_threshold, xtc_probability = mx.array(params.xtc_threshold), mx.array(params.xtc_probability)
     xtc_keep: mx.array | None = None
 
-    def draw_key():
+    def draw_key() -> mx.array | None:
         nonlocal key
         if key is None:
             return None
@@ -96,21 +96,21 @@ def make_random_sampler(params: SamplingParams, xtc_kept: list[int] | None = Non
     return sample
 
 
-def sampler_for(params: SamplingParams, xtc_kept: list[int] | None = None):
+def sampler_for(params: SamplingParams, xtc_kept: list[int] | None = None) -> Sampler:
     if params.temperature == 0:
         # Greedy requests all share mlx-lm's one greedy sampler, so a batch of them samples in one call.
         return greedy_sampler
     return make_random_sampler(params, xtc_kept)
 
 
-def penalty_processor(params: SamplingParams, prompt_length: int):
+def penalty_processor(params: SamplingParams, prompt_length: int) -> LogitsProcessor:
     """The presence and frequency penalties: OpenAI's, over the tokens generated so far (not the prompt's); or,
     given a context size, mlx_lm.server's, over the last that many tokens of prompt and output alike.
 
     Written here rather than taken from mlx-lm, whose penalties always look at a window; the penalties are
     plain array arithmetic, so no value costs a compilation."""
 
-    def counts(tokens: mx.array, window: int | None, size: int, dtype) -> mx.array | None:
+    def counts(tokens: mx.array, window: int | None, size: int, dtype: mx.Dtype) -> mx.array | None:
         seen = tokens[-window:] if window else tokens[prompt_length:]
         if seen.size == 0:
             return None

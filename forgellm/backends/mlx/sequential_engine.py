@@ -7,7 +7,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.generate import generate_step
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from forgellm import Engine, GenerationJob, TokenOutput
 from forgellm.backends.mlx.batch_engine import checked_prompt
@@ -18,7 +20,7 @@ from forgellm.backends.mlx.detokenize import Detokenizers
 class MlxSequentialEngine(Engine):
     """One sequence at a time through mlx-lm's generate_step, for models whose cache cannot be batched."""
 
-    def __init__(self, model, tokenizer, decoding: Decoding, vocab_size: int) -> None:
+    def __init__(self, model: nn.Module, tokenizer: TokenizerWrapper, decoding: Decoding, vocab_size: int) -> None:
         self._vocab_size = vocab_size
         self._model = model
         self._decoding = decoding

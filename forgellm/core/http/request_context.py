@@ -9,14 +9,12 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from forgellm.core.http.asgi import ASGIApp, Message, Receive, Scope, Send, header
 from forgellm.core.identity import Identity
-
-if TYPE_CHECKING:
-    from forgellm.core.server import Server
 
 REQUEST_ID_HEADER = b"x-request-id"
 _RECORD_KEY = "forgellm.record"
@@ -61,9 +59,11 @@ def _request_id(scope: Scope) -> str:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, server: Server) -> None:
+    """Gives every request its record (and id) and hands the finished record to on_finished: the access log."""
+
+    def __init__(self, app: ASGIApp, on_finished: Callable[[RequestRecord], object]) -> None:
         self._app = app
-        self._server = server
+        self._on_finished = on_finished
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -93,4 +93,4 @@ class RequestContextMiddleware:
             record.route = scope.get("path_template")  # Litestar's router sets it on the shared scope
             if record.status is None:
                 record.status = 499  # the client left before a response started
-            self._server.hook.access_log(entry=record, server=self._server)
+            self._on_finished(record)

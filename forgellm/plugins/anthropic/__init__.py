@@ -10,23 +10,26 @@ See docs/anthropic.md.
 
 from __future__ import annotations
 
-from forgellm import hookimpl
+from collections.abc import Callable
+from typing import Any
+
+from forgellm import ApiError, hookimpl
 from forgellm.plugins.anthropic.protocol import PATH, error_body
 from forgellm.plugins.anthropic.routes import messages_router
 
 
 @hookimpl
-def register_routes(register):
+def register_routes(register: Callable[[Any], None]) -> None:
     register(messages_router())
 
 
 @hookimpl
-def register_error_shapes(register):
+def register_error_shapes(register: Callable[[str, Callable[[ApiError], Any]], None]) -> None:
     register(PATH, error_body)
 
 
 @hookimpl
-def register_cors_headers(allow):
+def register_cors_headers(allow: Callable[[str], None]) -> None:
     # What Anthropic's clients send from a browser besides credentials; the versions are accepted, not checked.
     allow("anthropic-version")
     allow("anthropic-beta")

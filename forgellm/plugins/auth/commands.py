@@ -39,14 +39,14 @@ def _reported() -> Iterator[None]:
         raise click.ClickException(f"cannot use {exc.filename}: {exc.strerror}") from None
 
 
-def _scopes(ctx, param, value: str) -> tuple[str, ...]:
+def _scopes(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
     try:
         return parse_scopes(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
 
 
-def _limit(ctx, param, value: str | None) -> str | None:
+def _limit(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value is None:
         return None
     try:

@@ -258,7 +258,7 @@ class WatchedKeysFile:
             self._racy = self._recent(signature)
         return self._keys
 
-    def _reload(self, signature, changed: bool) -> list[ApiKey]:
+    def _reload(self, signature: tuple[int, ...] | None, changed: bool) -> list[ApiKey]:
         if signature is None:
             if changed:
                 logger.warning("keys file %s is gone: no key from it is accepted", self.path)

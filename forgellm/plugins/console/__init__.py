@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
+from typing import Any
 
-from forgellm import hookimpl, record_of
+from forgellm import Server, Usage, hookimpl, record_of
 from forgellm.plugins.console.routes import STATE_KEY, console_router
 from forgellm.plugins.console.stats import BUCKET_SECONDS, LiveStats
 
@@ -18,12 +20,12 @@ SAMPLER_KEY = "console.sampler"
 
 
 @hookimpl
-def register_routes(register, server):
+def register_routes(register: Callable[[Any], None], server: Server) -> None:
     server.plugin_state[STATE_KEY] = LiveStats()
     register(console_router())
 
 
-async def _sample(server) -> None:
+async def _sample(server: Server) -> None:
     """The engine's gauges, a few times a bucket, so the charts show load between generations too."""
     while True:
         residents = server.registry.residents
@@ -34,12 +36,12 @@ async def _sample(server) -> None:
 
 
 @hookimpl
-def startup(server):
+def startup(server: Server) -> None:
     server.plugin_state[SAMPLER_KEY] = asyncio.get_running_loop().create_task(_sample(server))
 
 
 @hookimpl
-async def shutdown(server):
+async def shutdown(server: Server) -> None:
     task = server.plugin_state.pop(SAMPLER_KEY, None)
     if task is not None:
         task.cancel()
@@ -48,6 +50,6 @@ async def shutdown(server):
 
 
 @hookimpl
-def after_generate(request, usage, server):
+def after_generate(request: Any, usage: Usage, server: Server) -> None:
     record = record_of(request)
     server.plugin_state[STATE_KEY].generation(usage.completion_tokens, record.time_to_first_token_ms)

@@ -15,10 +15,7 @@ from litestar.exceptions import NotFoundException
 from litestar.params import FromPath
 from litestar.response import Redirect
 
-from forgellm import ADMIN, LOAD, STATUS, Server, record_of
-from forgellm.core.api.guide.routes import guide_errors
-from forgellm.core.api.models.routes import resident_model
-from forgellm.core.plugin_manager import available_plugins
+from forgellm import ADMIN, LOAD, STATUS, Server, available_plugins, guide_errors, record_of, resident_model
 
 STATE_KEY = "console"
 CONTENT_SECURITY_POLICY = (

@@ -8,16 +8,19 @@ to /v1/chat/completions. See docs/responses.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import click
 
-from forgellm import Option, hookimpl, openai_error_body
+from forgellm import ApiError, Option, Server, hookimpl, openai_error_body
 from forgellm.plugins.responses.protocol import PATH
 from forgellm.plugins.responses.routes import STATE_KEY, responses_router
 from forgellm.plugins.responses.store import ResponseStore
 
 
 @hookimpl
-def register_options(register):
+def register_options(register: Callable[[Option], None]) -> None:
     register(
         Option(
             "responses_store_size",
@@ -30,15 +33,15 @@ def register_options(register):
 
 
 @hookimpl
-def register_routes(register):
+def register_routes(register: Callable[[Any], None]) -> None:
     register(responses_router())
 
 
 @hookimpl
-def register_error_shapes(register):
+def register_error_shapes(register: Callable[[str, Callable[[ApiError], Any]], None]) -> None:
     register(PATH, openai_error_body)
 
 
 @hookimpl
-def startup(server):
+def startup(server: Server) -> None:
     server.plugin_state[STATE_KEY] = ResponseStore(server.settings.responses_store_size)

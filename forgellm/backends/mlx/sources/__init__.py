@@ -65,5 +65,7 @@ class ModelSources:
             return str(self._converted(path, progress))
         return name
 
-    def _converted(self, source: pathlib.Path, progress: Callable[[str], None], sha256: str | None = None):
+    def _converted(
+        self, source: pathlib.Path, progress: Callable[[str], None], sha256: str | None = None
+    ) -> pathlib.Path:
         return converted_model(source, self.cache_dir, self.weight_format(source), progress, sha256)

@@ -55,3 +55,5 @@ async def readyz(server: NamedDependency[Server]) -> Response[Readiness]:
 
 
 ROUTES = [healthz, readyz]
+# The probes' paths: their 503 means "not ready", not a refusal (the metrics plugin counts them apart).
+PROBE_PATHS = frozenset(path for handler in ROUTES for path in handler.paths)

@@ -1,4 +1,7 @@
-"""The app factory: a Litestar app over the core routes, plugin routes and plugin hooks."""
+"""The app factory: a Litestar app over the core routes, plugin routes and plugin hooks.
+
+It sits above ``http/`` (the middleware, guards and error shapes every route shares) and ``api/`` (the
+routes), and is the one place that imports both."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Server as OpenAPIServer
 
+from forgellm.core.api import health
 from forgellm.core.api.guide.protocol import error_body as guide_error_body
 from forgellm.core.api.guide.routes import guide_router
 from forgellm.core.api.models.routes import ROUTES as MODELS_ROUTES
@@ -19,13 +23,12 @@ from forgellm.core.api.openai.protocol import PREFIX as OPENAI_PREFIX
 from forgellm.core.api.openai.protocol import error_body as openai_error_body
 from forgellm.core.api.openai.routes import openai_router
 from forgellm.core.config.settings import Settings, normalized_root_path
-from forgellm.core.http import health
+from forgellm.core.dependencies import dependencies
 from forgellm.core.http.asgi import ASGIApp
 from forgellm.core.http.cross_site import CrossSiteScreen, HostAllowList
-from forgellm.core.http.dependencies import dependencies
 from forgellm.core.http.errors import ErrorShapes
 from forgellm.core.http.guard import access_guard
-from forgellm.core.http.request_context import RequestContextMiddleware
+from forgellm.core.http.request_context import RequestContextMiddleware, RequestRecord
 from forgellm.core.identity import STATUS
 from forgellm.core.plugin_manager import create_plugin_manager, enabled_plugin_names
 from forgellm.core.server import Server
@@ -87,6 +90,10 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> Li
     # Wrap the whole handler, not one route, so 404s and 405s get a request id and an access-log line.
     hosts = HostAllowList(settings.allowed_hosts, settings.host)
     screen = CrossSiteScreen(cast(ASGIApp, app.asgi_handler), hosts, settings.cors_origin, error_shapes)
-    app.asgi_handler = cast(Any, RequestContextMiddleware(screen, server))
+
+    def access_log(record: RequestRecord) -> None:
+        server.hook.access_log(entry=record, server=server)
+
+    app.asgi_handler = cast(Any, RequestContextMiddleware(screen, access_log))
     server.app = app
     return app
