@@ -48,7 +48,7 @@ from forgellm.core.errors import (
 )
 from forgellm.core.hookspecs import hookimpl
 from forgellm.core.http.errors import as_api_error, exception_handler
-from forgellm.core.http.json_route import json_post
+from forgellm.core.http.json_route import generation_post, json_post
 from forgellm.core.http.openapi import (
     EVENT_STREAM,
     GENERATION_ERRORS,
@@ -123,6 +123,7 @@ __all__ = [
     "error_responses",
     "available_plugins",
     "exception_handler",
+    "generation_post",
     "guide_errors",
     "hookimpl",
     "json_body",

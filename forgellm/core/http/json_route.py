@@ -1,4 +1,5 @@
-"""``json_post``: one way to declare a POST route that takes a JSON body, for the core's APIs and every dialect.
+"""``json_post``: one way to declare a POST route that takes a JSON body, for the core's APIs and every dialect;
+``generation_post``: the same for a route that generates, with the responses every such route declares.
 
 The handler's first parameter, ``data``, receives the body decoded strictly (a wrong JSON type is a 400,
 never a silent coercion: ``strict_body``); its other parameters are Litestar dependencies by name
@@ -18,7 +19,9 @@ from litestar import Request, post
 from litestar.handlers.http_handlers import HTTPRouteHandler
 from litestar.params import JSONBody
 
+from forgellm.core.http.openapi import GENERATION_ERRORS, error_responses, json_body, streamed_as
 from forgellm.core.http.strict_body import strict_body
+from forgellm.core.identity import GENERATE
 
 Body = TypeVar("Body")
 Handler = Callable[..., Awaitable[Any]]
@@ -54,3 +57,30 @@ def json_post(path: str, body: type[Body], **route: Any) -> Callable[[Handler], 
         return post(path, **route)(decoded)
 
     return declare
+
+
+def generation_post(
+    path: str,
+    body: type[Body],
+    *,
+    summary: str,
+    answer: tuple[type, str],
+    error_body: type,
+    stream: tuple[str, dict[str, Any], str],
+) -> Callable[[Handler], HTTPRouteHandler]:
+    """A route that generates, in any dialect: the generate action, its JSON answer (type, description), the
+    generation errors in the dialect's error body, and its streamed form (media type, item schema, description)."""
+    answer_type, answer_description = answer
+    media_type, item_schema, stream_description = stream
+    return json_post(
+        path,
+        body,
+        opt={"action": GENERATE},
+        status_code=200,
+        summary=summary,
+        responses={
+            **json_body(answer_type, answer_description),
+            **error_responses(error_body, *GENERATION_ERRORS),
+        },
+        operation_class=streamed_as(media_type, item_schema, stream_description),
+    )

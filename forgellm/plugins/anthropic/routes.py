@@ -19,7 +19,6 @@ from litestar.response import Stream
 from forgellm import (
     EVENT_STREAM,
     GENERATE,
-    GENERATION_ERRORS,
     ApiError,
     Caller,
     Generation,
@@ -31,10 +30,9 @@ from forgellm import (
     client_sampling,
     error_responses,
     exception_handler,
-    json_body,
+    generation_post,
     json_post,
     streamed,
-    streamed_as,
     template_tool,
     template_tool_call,
 )
@@ -195,17 +193,13 @@ def _errors(*statuses: int) -> dict[int, Any]:
     return error_responses(AnthropicError, *statuses)
 
 
-@json_post(
+@generation_post(
     PATH,
     MessagesRequest,
-    opt={"action": GENERATE},
-    status_code=200,
     summary="Anthropic Messages API: create a message",
-    responses={
-        **json_body(MessageResponse, "The message; with stream: true, Anthropic's server-sent events instead"),
-        **_errors(*GENERATION_ERRORS),
-    },
-    operation_class=streamed_as(EVENT_STREAM, STREAM_EVENTS, "With stream: true, each event is one of these"),
+    answer=(MessageResponse, "The message; with stream: true, Anthropic's server-sent events instead"),
+    error_body=AnthropicError,
+    stream=(EVENT_STREAM, STREAM_EVENTS, "With stream: true, each event is one of these"),
 )
 async def create_message(
     data: MessagesRequest, caller: NamedDependency[Caller], generations: NamedDependency[GenerationService]

@@ -22,7 +22,6 @@ from litestar.response import Stream
 from forgellm import (
     EVENT_STREAM,
     GENERATE,
-    GENERATION_ERRORS,
     ApiError,
     Caller,
     Constraint,
@@ -37,11 +36,9 @@ from forgellm import (
     client_sampling,
     error_responses,
     exception_handler,
-    json_body,
-    json_post,
+    generation_post,
     openai_error_body,
     streamed,
-    streamed_as,
     template_tool,
     template_tool_call,
 )
@@ -263,17 +260,13 @@ def _errors(*statuses: int) -> dict[int, Any]:
     return error_responses(OpenAIError, *statuses)
 
 
-@json_post(
+@generation_post(
     PATH,
     ResponseRequest,
-    opt={"action": GENERATE},
-    status_code=200,
     summary="OpenAI Responses API: create a model response",
-    responses={
-        **json_body(ResponseObject, "The response; with stream: true, typed server-sent events instead"),
-        **_errors(*GENERATION_ERRORS),
-    },
-    operation_class=streamed_as(EVENT_STREAM, STREAM_EVENTS, "With stream: true, each event is one of these"),
+    answer=(ResponseObject, "The response; with stream: true, typed server-sent events instead"),
+    error_body=OpenAIError,
+    stream=(EVENT_STREAM, STREAM_EVENTS, "With stream: true, each event is one of these"),
 )
 async def create_response(
     data: ResponseRequest,

@@ -24,6 +24,7 @@ from forgellm.core.api.openai.protocol import (
     CompletionResponse,
     ModelCard,
     ModelList,
+    OpenAIError,
     error_body,
 )
 from forgellm.core.api.openai.serving import openai_errors
@@ -31,9 +32,9 @@ from forgellm.core.api.pipeline import GenerationService
 from forgellm.core.api.request import Caller
 from forgellm.core.errors import ApiError
 from forgellm.core.http.errors import exception_handler
-from forgellm.core.http.json_route import json_post
-from forgellm.core.http.openapi import EVENT_STREAM, GENERATION_ERRORS, json_body, streamed_as
-from forgellm.core.identity import GENERATE, STATUS
+from forgellm.core.http.json_route import generation_post
+from forgellm.core.http.openapi import EVENT_STREAM
+from forgellm.core.identity import STATUS
 from forgellm.core.server import Server
 
 
@@ -62,19 +63,13 @@ async def get_model(model_id: FromPath[str], server: NamedDependency[Server]) ->
     return ModelCard(id=resident.name)
 
 
-@json_post(
+@generation_post(
     f"{PREFIX}/completions",
     CompletionRequest,
-    opt={"action": GENERATE},
-    status_code=200,
     summary="OpenAI-compatible text completion",
-    responses={
-        **json_body(CompletionResponse, "The completion; with stream: true, server-sent events instead"),
-        **openai_errors(*GENERATION_ERRORS),
-    },
-    operation_class=streamed_as(
-        EVENT_STREAM, COMPLETION_EVENTS, "With stream: true, each event's data is one of these, then [DONE]"
-    ),
+    answer=(CompletionResponse, "The completion; with stream: true, server-sent events instead"),
+    error_body=OpenAIError,
+    stream=(EVENT_STREAM, COMPLETION_EVENTS, "With stream: true, each event's data is one of these, then [DONE]"),
 )
 async def completions(
     data: CompletionRequest, caller: NamedDependency[Caller], generations: NamedDependency[GenerationService]
@@ -82,19 +77,13 @@ async def completions(
     return await serve_completion(data, caller, generations)
 
 
-@json_post(
+@generation_post(
     f"{PREFIX}/chat/completions",
     ChatCompletionRequest,
-    opt={"action": GENERATE},
-    status_code=200,
     summary="OpenAI-compatible chat completion",
-    responses={
-        **json_body(ChatCompletionResponse, "The completion; with stream: true, server-sent events instead"),
-        **openai_errors(*GENERATION_ERRORS),
-    },
-    operation_class=streamed_as(
-        EVENT_STREAM, CHAT_COMPLETION_EVENTS, "With stream: true, each event's data is one of these, then [DONE]"
-    ),
+    answer=(ChatCompletionResponse, "The completion; with stream: true, server-sent events instead"),
+    error_body=OpenAIError,
+    stream=(EVENT_STREAM, CHAT_COMPLETION_EVENTS, "With stream: true, each event's data is one of these, then [DONE]"),
 )
 async def chat_completions(
     data: ChatCompletionRequest, caller: NamedDependency[Caller], generations: NamedDependency[GenerationService]
