@@ -58,8 +58,9 @@ def cors_config(origins: Sequence[str], pm: pluggy.PluginManager) -> CORSConfig 
 def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> Litestar:
     """Build the server for these settings; pm defaults to the plugins ``settings.plugins`` enables."""
     if pm is None:
-        pm = create_plugin_manager(enabled_plugin_names(settings.plugins))
+        pm = create_plugin_manager(enabled_plugin_names(settings["plugins"]))
     server = Server(settings, pm)
+    config = server.config
     handlers: list[Any] = [guide_router(), *MODELS_ROUTES, openai_router(), *health.ROUTES]
     pm.hook.register_routes(register=handlers.append, server=server)
     # Answers to requests that matched no route, or were refused before routing, take their API's shape.
@@ -73,7 +74,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> Li
         exception_handlers={Exception: error_shapes.handler()},
         on_startup=[server.startup],
         on_shutdown=[server.shutdown],
-        request_max_body_size=settings.max_body_size,
+        request_max_body_size=config.max_body_size,
         # The schema and its viewers need the same credentials as status (any authenticated client).
         openapi_config=OpenAPIConfig(
             title="ForgeLLM",
@@ -81,15 +82,15 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> Li
             path="/docs",
             openapi_router=Router("/docs", route_handlers=[], opt={"action": STATUS}, include_in_schema=False),
             # Behind a proxy under --root-path, the schema's clients must call the API there.
-            servers=[OpenAPIServer(url=normalized_root_path(settings.root_path) or "/")],
+            servers=[OpenAPIServer(url=normalized_root_path(config.root_path) or "/")],
         ),
-        cors_config=cors_config(settings.cors_origin, pm),
+        cors_config=cors_config(config.cors_origin, pm),
         state=State({"server": server}),
         logging_config=None,
     )
     # Wrap the whole handler, not one route, so 404s and 405s get a request id and an access-log line.
-    hosts = HostAllowList(settings.allowed_hosts, settings.host)
-    screen = CrossSiteScreen(cast(ASGIApp, app.asgi_handler), hosts, settings.cors_origin, error_shapes)
+    hosts = HostAllowList(config.allowed_hosts, config.host)
+    screen = CrossSiteScreen(cast(ASGIApp, app.asgi_handler), hosts, config.cors_origin, error_shapes)
 
     def access_log(record: RequestRecord) -> None:
         server.hook.access_log(entry=record, server=server)

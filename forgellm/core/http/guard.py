@@ -37,7 +37,7 @@ async def access_guard(connection: ASGIConnection[Any, Any, Any, Any], route_han
             headers.get("origin"),
             headers.get("content-type"),
             has_body=headers.get("content-length", "0") != "0" or "transfer-encoding" in headers,
-            cors_origins=server.settings.cors_origin,
+            cors_origins=server.config.cors_origin,
         )
     if not await server.allows(identity, action, connection):
         raise Forbidden(f"Not allowed to {action}")
