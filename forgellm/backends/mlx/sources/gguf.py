@@ -4,7 +4,7 @@ MLX reads GGUF itself (``mx.load``): tensors of types Q4_0, Q4_1 and Q8_0 come b
 affine-quantized triplets (weight, scales, biases; groups of 32), float tensors as they are,
 and other quantized types dequantized to float16. What this module adds is the rest of a
 model directory: the tensors renamed to mlx-lm's parameter names, a ``config.json`` read from
-the metadata, and a ``tokenizer.json`` rebuilt from the vocabulary and merges.
+the metadata, and a ``tokenizer.json`` rebuilt from the vocabulary and merges (``gguf_tokenizer``).
 
 Supported: the ``llama`` and ``qwen2`` architectures with a byte-level BPE vocabulary
 (``tokenizer.ggml.model == "gpt2"``). Anything else is an ``UnsupportedGguf`` naming what is.
@@ -21,25 +21,11 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import mlx.core as mx
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from forgellm.backends.mlx.sources.gguf_errors import UnsupportedGguf
+from forgellm.backends.mlx.sources.gguf_tokenizer import build_tokenizer, tokenizer_config
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
-# Pre-tokenizers by llama.cpp's name for them (tokenizer.ggml.pre). Each splits text the way the
-# model's original tokenizer did; a wrong split still round-trips text but gives other token ids.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-SUPPORTED_PRE_TOKENIZERS = ("default", "gpt2", "smollm", "llama-bpe", "qwen2")
-
-# GGUF token types (llama.cpp's llama_token_type).
-_CONTROL = 3
-_USER_DEFINED = 4
-
 # GGUF tensor names to mlx-lm's, for the llama family (qwen2 included).
 _GLOBAL_TENSORS = {
     "token_embd": "model.embed_tokens",
@@ -60,10 +46,6 @@ _LAYER_TENSORS = {
 # A tensor's last name part: "weight", a real "bias" (qwen2's attention), or MLX's "scales"/"biases".
 _TENSOR_NAME = re.compile(r"^(?:blk\.(?P<layer>\d+)\.)?(?P<name>[a-z_]+)\.(?P<part>weight|bias|scales|biases)$")
 GGUF_GROUP_SIZE = 32  # every GGUF block type MLX keeps quantized holds 32 weights
-
-
-class UnsupportedGguf(ValueError):
-    """The file is not a GGUF model this converter can serve; the message says what is supported."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +106,7 @@ def convert(source: pathlib.Path, target: pathlib.Path, weights: WeightFormat, p
     mx.save_safetensors(str(target / "model.safetensors"), renamed, metadata={"format": "mlx"})
     _write_json(target / "config.json", config)
     tokenizer.save(str(target / "tokenizer.json"))
-    _write_json(target / "tokenizer_config.json", _tokenizer_config(metadata, special))
+    _write_json(target / "tokenizer_config.json", tokenizer_config(metadata, special))
     template = metadata.get("tokenizer.chat_template")
     if template:
         # transformers 5 reads the chat template from this file beside the tokenizer.
@@ -226,100 +208,6 @@ def _dequantized(tensors: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.
         if name in plain:
             mx.eval(plain[name])  # one tensor at a time, so peak memory stays near the file's size
     return plain
-
-
-def build_tokenizer(metadata: dict[str, Any], file_name: str) -> tuple[Tokenizer, dict]:
-    """A Hugging Face tokenizer rebuilt from the GGUF vocabulary, and the special tokens it names."""
-    kind = metadata.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise UnsupportedGguf(
-            f"{file_name}: tokenizer type {kind!r} is not supported; supported: 'gpt2' (byte-level BPE)"
-        )
-    pre = metadata.get("tokenizer.ggml.pre", "default")
-    if pre not in SUPPORTED_PRE_TOKENIZERS:
-        raise UnsupportedGguf(
-            f"{file_name}: pre-tokenizer {pre!r} is not supported; supported: {', '.join(SUPPORTED_PRE_TOKENIZERS)}"
-        )
-    tokens: list[str] = metadata["tokenizer.ggml.tokens"]
-    types: list[int] = metadata.get("tokenizer.ggml.token_type", [1] * len(tokens))
-    merges = [tuple(merge.split(" ", 1)) for merge in metadata.get("tokenizer.ggml.merges", [])]
-    vocab: dict[str, int] = {}
-    for index, piece in enumerate(tokens):
-        vocab.setdefault(piece, index)  # a duplicated string keeps its first id
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    tokenizer.pre_tokenizer = _pre_tokenizer(pre)
-    if pre == "qwen2":
-        tokenizer.normalizer = normalizers.NFC()
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(
-        [
-            AddedToken(piece, special=True, normalized=False)
-            for piece, kind in zip(tokens, types, strict=True)
-            if kind == _CONTROL
-        ]
-    )
-    tokenizer.add_tokens(
-        [
-            AddedToken(piece, normalized=False)
-            for piece, kind in zip(tokens, types, strict=True)
-            if kind == _USER_DEFINED
-        ]
-    )
-
-    def token(key: str) -> str | None:
-        index = metadata.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[index] if index is not None and 0 <= index < len(tokens) else None
-
-    special = {
-        "bos": token("bos"),
-        "eos": token("eos"),
-        "pad": token("padding"),
-        "unk": token("unknown"),
-        "ids": {
-            f"{key}_token_id": metadata[f"tokenizer.ggml.{key}_token_id"]
-            for key in ("bos", "eos")
-            if f"tokenizer.ggml.{key}_token_id" in metadata
-        },
-    }
-    bos = special["bos"]
-    if metadata.get("tokenizer.ggml.add_bos_token") and isinstance(bos, str):
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
-        )
-    else:
-        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    return tokenizer, special
-
-
-def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
-    if pre in ("default", "gpt2"):
-        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre == "smollm":
-        return pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Digits(individual_digits=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-            ]
-        )
-    split = _LLAMA3_SPLIT if pre == "llama-bpe" else _QWEN2_SPLIT
-    return pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(split), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-
-
-def _tokenizer_config(metadata: dict[str, Any], special: dict) -> dict:
-    config: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": 1 << 30,
-    }
-    for key in ("bos", "eos", "pad", "unk"):
-        if special[key] is not None:
-            config[f"{key}_token"] = special[key]
-    return config
 
 
 def _write_json(path: pathlib.Path, data: dict) -> None:
