@@ -11,7 +11,8 @@
 - ``bootstrap``, ``cpu_blas``, ``open_file_limit``: the process made ready before MLX is imported.
 
 Importing this package imports nothing else: MLX must not be imported before ``bootstrap.prepare_process()``
-has chosen its BLAS. The names below are loaded from their modules when first used.
+has chosen its BLAS. The names below are loaded from their modules when first used, and that first use
+prepares the process, so ``from forgellm.backends.mlx import MlxBackend`` is safe anywhere.
 """
 
 from __future__ import annotations
@@ -37,4 +38,5 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    importlib.import_module(f"{__name__}.bootstrap").prepare_process()  # a no-op once MLX is imported
     return getattr(importlib.import_module(f"{__name__}.{module}"), name)
