@@ -78,7 +78,7 @@ def test_every_keyword_of_apply_chat_template_is_refused():
 
 # -- a failure in one row's own processing ends that row alone ------------------------------------
 
-VICTIM_TOKENS = 40
+VICTIM_TOKENS = 200  # long enough that all three share the batch however the machine is loaded
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +200,8 @@ def test_each_choice_counts_against_the_in_flight_limit(tiny_model):
 
 
 FAIR_TOKENS = 40
+# The hog's rows run long enough that the victim always arrives while the hog's later rows still queue.
+HOG_TOKENS = 400
 
 
 def test_a_client_with_many_rows_does_not_make_another_wait_behind_them(tiny_model):
@@ -219,7 +221,7 @@ def test_a_client_with_many_rows_does_not_make_another_wait_behind_them(tiny_mod
             return answer
 
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            hog = pool.submit(send, keys[0], {"n": 6})  # three waves of two rows
+            hog = pool.submit(send, keys[0], {"n": 6, "max_tokens": HOG_TOKENS})  # three waves of two rows
             wait_for(lambda: live.scheduler.waiting_count == 4, "the hog's rows to fill the batch and queue")
             victim = pool.submit(send, keys[1], {})
             wait_for(lambda: live.scheduler.waiting_count == 5, "the victim to queue")
