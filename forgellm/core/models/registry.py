@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from forgellm.core.engine.backend import Backend, LoadedModel
+from forgellm.core.engine.backend import Backend, LoadedModel, ModelSource
 from forgellm.core.engine.scheduler import Scheduler
 from forgellm.core.errors import ApiError, bad_request, service_unavailable
 from forgellm.core.models.policy import LoadPolicy
@@ -239,19 +239,25 @@ class ModelRegistry:
     async def _add(
         self, name: str, source: str, adapter: str | None, pinned: bool, from_client: bool = False
     ) -> Resident:
-        await self._make_room(self._backend.describe_source(source).size_bytes, for_name=name)
+        described = self._backend.describe_source(source)
+        await self._make_room(described.size_bytes, for_name=name)
         resident = self._new_resident(name, pinned)
         self.residents.append(resident)
         loop = asyncio.get_running_loop()
-        future = self._start_load(resident, source, adapter, from_client=from_client)
+        future = self._start_load(resident, source, adapter, from_client, described)
         future.add_done_callback(lambda done: loop.call_soon_threadsafe(self._after_load, resident))
         return resident
 
     def _start_load(
-        self, resident: Resident, source: str, adapter: str | None, from_client: bool = False
+        self,
+        resident: Resident,
+        source: str,
+        adapter: str | None,
+        from_client: bool = False,
+        described: ModelSource | None = None,
     ) -> concurrent.futures.Future[LoadedModel | None]:
         future = resident.slot.start_load(source, adapter, from_client=from_client)
-        resident.source_key = self._backend.describe_source(source).key
+        resident.source_key = (described or self._backend.describe_source(source)).key
         return future
 
     def _after_load(self, resident: Resident) -> None:
