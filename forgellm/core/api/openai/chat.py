@@ -42,7 +42,7 @@ from forgellm.core.api.openai.protocol import (
     UsageBody,
 )
 from forgellm.core.api.openai.serving import (
-    choices,
+    choice_requests,
     finish_reason,
     include_usage,
     refuse_unsupported,
@@ -173,7 +173,7 @@ def chat_requests(data: ChatCompletionRequest) -> list[GenerationRequest]:
         constraint=_response_format(data),
         logprobs=(data.top_logprobs or 0) if data.logprobs else None,
     )
-    return choices(data, base)
+    return choice_requests(data, base)
 
 
 def _function(tool: Any) -> dict[str, Any]:

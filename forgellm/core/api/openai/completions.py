@@ -20,7 +20,7 @@ from forgellm.core.api.openai.protocol import (
     CompletionResponse,
     UsageBody,
 )
-from forgellm.core.api.openai.serving import choices, include_usage, sse_events, usage_of
+from forgellm.core.api.openai.serving import choice_requests, include_usage, sse_events, usage_of
 from forgellm.core.api.pipeline import GenerationService
 from forgellm.core.api.request import Caller, GenerationRequest
 from forgellm.core.engine.generation import Delta, TokenLogprob
@@ -103,7 +103,7 @@ def completion_requests(data: CompletionRequest) -> tuple[list[str | list[int]],
             default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS,
             logprobs=data.logprobs,
         )
-        requests += choices(data, base)
+        requests += choice_requests(data, base)
     return prompts, requests
 
 

@@ -56,10 +56,6 @@ def _sampling(data: SamplingFields) -> tuple[SamplingParams, frozenset[str]]:
         if not key.isdigit():
             raise bad_request(f"logit_bias keys are token ids; {key!r} is not one")
         logit_bias.append((int(key), bias))
-    if data.draft_model not in (None, MLX_LM_DEFAULT_MODEL):
-        raise bad_request("draft_model: this server has no draft models")
-    if data.adapters is not None:
-        raise bad_request("adapters: an adapter is served as a model of its own; name that model instead")
     sampling, given = client_sampling(
         OPENAI_SAMPLING,
         temperature=data.temperature,
@@ -89,9 +85,14 @@ def _sampling(data: SamplingFields) -> tuple[SamplingParams, frozenset[str]]:
     return sampling, given
 
 
-def choices(data: SamplingFields, base: GenerationRequest) -> list[GenerationRequest]:
+def choice_requests(data: SamplingFields, base: GenerationRequest) -> list[GenerationRequest]:
+    """The request's choices (n of them) for one prompt or conversation: base, with the request's sampling."""
     if data.stream_options is not None and not data.stream:
         raise bad_request("stream_options is only allowed when stream is true")
+    if data.draft_model not in (None, MLX_LM_DEFAULT_MODEL):
+        raise bad_request("draft_model: this server has no draft models")
+    if data.adapters is not None:
+        raise bad_request("adapters: an adapter is served as a model of its own; name that model instead")
     stop = data.stop if data.stop is None or isinstance(data.stop, list) else [data.stop]
     model = None if data.model == MLX_LM_DEFAULT_MODEL else data.model
     sampling, given = _sampling(data)
