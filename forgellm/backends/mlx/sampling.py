@@ -117,13 +117,15 @@ def penalty_processor(params: SamplingParams, prompt_length: int) -> LogitsProce
         return mx.zeros((size,), dtype=dtype).at[seen].add(1)
 
     def penalize(tokens: mx.array, logits: mx.array) -> mx.array:
-        size = logits.shape[-1]
-        if params.presence_penalty:
-            present = counts(tokens, params.presence_context_size, size, logits.dtype)
-            if present is not None:
-                logits = logits - params.presence_penalty * (present > 0)
+        size, dtype = logits.shape[-1], logits.dtype
+        presence_window, frequency_window = params.presence_context_size, params.frequency_context_size
+        present = counts(tokens, presence_window, size, dtype) if params.presence_penalty else None
+        if present is not None:
+            logits = logits - params.presence_penalty * (present > 0)
         if params.frequency_penalty:
-            frequent = counts(tokens, params.frequency_context_size, size, logits.dtype)
+            # Over the same tokens as the presence penalty (OpenAI's, or one window), the count is the same.
+            same = params.presence_penalty and frequency_window == presence_window
+            frequent = present if same else counts(tokens, frequency_window, size, dtype)
             if frequent is not None:
                 logits = logits - params.frequency_penalty * frequent
         return logits
