@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, StateSetMetricFamily
 from prometheus_client.exposition import choose_encoder
 
-from forgellm import ADMIN, PROBE_PATHS, RequestRecord, Server, Usage, guide_errors, hookimpl, record_of
+from forgellm import ADMIN, PROBE_PATHS, Caller, RequestRecord, Server, Usage, guide_errors, hookimpl
 
 PLUGIN = "metrics"
 UNMATCHED_ROUTE = "unmatched"
@@ -219,8 +219,8 @@ def register_routes(register: Callable[[Any], None], server: Server) -> None:
 
 
 @hookimpl
-def after_generate(request: Any, usage: Usage, server: Server) -> None:
-    record = record_of(request)
+def after_generate(request: Any, usage: Usage, caller: Caller, server: Server) -> None:
+    record = caller.record
     route = request.scope.get("path_template") or UNMATCHED_ROUTE
     metrics_of(server).observe_generation(route, record.model, usage, record.time_to_first_token_ms)
 

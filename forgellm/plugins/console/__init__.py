@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-from forgellm import Server, Usage, hookimpl, record_of
+from forgellm import Caller, Server, Usage, hookimpl
 from forgellm.plugins.console.routes import STATE_KEY, console_router
 from forgellm.plugins.console.stats import BUCKET_SECONDS, LiveStats
 
@@ -50,6 +50,5 @@ async def shutdown(server: Server) -> None:
 
 
 @hookimpl
-def after_generate(request: Any, usage: Usage, server: Server) -> None:
-    record = record_of(request)
-    server.plugin_state[STATE_KEY].generation(usage.completion_tokens, record.time_to_first_token_ms)
+def after_generate(usage: Usage, caller: Caller, server: Server) -> None:
+    server.plugin_state[STATE_KEY].generation(usage.completion_tokens, caller.record.time_to_first_token_ms)
