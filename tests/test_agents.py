@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import anthropic
 import httpx
@@ -275,7 +276,7 @@ def test_models_are_listed_and_answered_under_their_served_names(tiny_model, tin
         for _ in range(100):
             if len(oai.models.list().data) == 2:
                 break
-            __import__("time").sleep(0.05)
+            time.sleep(0.05)
         assert [card.id for card in oai.models.list().data] == ["alpha", "beta"]
         assert oai.models.retrieve("beta").id == "beta"
         with pytest.raises(openai.NotFoundError):

@@ -10,14 +10,24 @@ from __future__ import annotations
 
 import concurrent.futures
 import inspect
+import os
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
 
+import httpx
+import jwt
 import pytest
 from faulty_backend import ROW_FAULT, ROW_FAULT_MESSAGE, Faults
-from live_server import idle, wait_for
+from live_server import idle, serving, wait_for
 from transformers import PreTrainedTokenizerBase
 from wire import sse
 
+from forgellm.backends.mlx import MlxBackend
 from forgellm.core.api.template_variables import APPLY_KEYWORDS
+from forgellm.core.engine.generation import GenerationJob
+from forgellm.plugins.responses.store import ResponseStore, StoredResponse
 from forgellm.testing import test_client
 
 CHAT = "/v1/chat/completions"
@@ -122,8 +132,6 @@ def test_a_row_whose_processing_fails_ends_alone_and_the_batch_goes_on(faulty, f
 
 def test_a_prompt_that_is_not_token_ids_fails_alone(tiny_model):
     # What tokenize=false used to do: a string reached the engine, and the prefill pass failed for every row.
-    from forgellm.backends.mlx import MlxBackend
-    from forgellm.core.engine.generation import GenerationJob
 
     model = MlxBackend().load(str(tiny_model), None, lambda _: None)
     engine = model.create_engine(4)
@@ -155,8 +163,6 @@ def test_count_tokens_spends_the_request_budget(tiny_model):
 
 
 def test_count_tokens_counts_against_the_in_flight_limit(tiny_model):
-    import httpx
-    from live_server import serving
 
     settings = {"plugins": "anthropic", "max_inflight_per_client": 1, "max_tokens_cap": 50_000}
     with serving(tiny_model, **settings) as live, httpx.Client(base_url=live.url, timeout=30) as http:
@@ -205,8 +211,6 @@ HOG_TOKENS = 400
 
 
 def test_a_client_with_many_rows_does_not_make_another_wait_behind_them(tiny_model):
-    import httpx
-    from live_server import serving
 
     keys = ("key-of-the-hog", "key-of-the-victim")
     settings = {"plugins": "auth", "api_key": keys, "max_concurrency": 2}
@@ -217,7 +221,7 @@ def test_a_client_with_many_rows_does_not_make_another_wait_behind_them(tiny_mod
         def send(key: str, fields: dict) -> httpx.Response:
             headers = {"Authorization": f"Bearer {key}"}
             answer = httpx.post(f"{live.url}/v1/completions", json={**body, **fields}, headers=headers, timeout=60)
-            finished[key] = __import__("time").monotonic()
+            finished[key] = time.monotonic()
             return answer
 
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -232,8 +236,6 @@ def test_a_client_with_many_rows_does_not_make_another_wait_behind_them(tiny_mod
 
 
 def test_max_rows_per_client_caps_one_clients_rows_even_with_rows_free(tiny_model):
-    import httpx
-    from live_server import serving
 
     settings = {"max_concurrency": 8, "max_rows_per_client": 2, "max_tokens_cap": 50_000, "max_request_tokens": 0}
     with serving(tiny_model, **settings) as live:
@@ -309,9 +311,6 @@ def test_a_clients_load_error_does_not_map_the_disk(tmp_path):
 
 
 def test_a_refused_keys_file_stops_the_server_with_one_line_not_a_traceback(tmp_path):
-    import os
-    import subprocess
-    import sys
 
     keys = tmp_path / "keys.json"
     keys.write_text("{}")
@@ -343,9 +342,6 @@ def test_metadata_is_bounded_as_openai_bounds_it(tiny_model):
 
 def test_one_clients_many_responses_evict_its_own_not_anothers():
     # Before: another key's 260 requests evicted a client's stored response from the one shared LRU.
-    from types import SimpleNamespace
-
-    from forgellm.plugins.responses.store import ResponseStore, StoredResponse
 
     def stored(owner: str, number: int) -> StoredResponse:
         return StoredResponse(owner, SimpleNamespace(id=f"{owner}-{number}"), [])  # type: ignore[arg-type]
@@ -360,9 +356,6 @@ def test_one_clients_many_responses_evict_its_own_not_anothers():
 
 
 def test_state_shows_the_settings_to_administrators_only(tiny_model):
-    import time
-
-    import jwt
 
     secret = "hs256-secret-for-the-tests-0123456789abcdef"
     now = int(time.time())
