@@ -120,3 +120,9 @@ class Completion:
     @property
     def tokens_per_sec(self) -> float:
         return self.usage.completion_tokens / self.generation_time if self.generation_time > 0 else 0.0
+
+    @property
+    def cut_short(self) -> bool:
+        """Whether a limit ended it (max_tokens, or --request-timeout) rather than the model or a stop string:
+        every dialect says so, even of a tool call it was making."""
+        return self.finish_reason in ("length", "timeout")

@@ -171,7 +171,7 @@ def generation_request(data: MessagesRequest) -> GenerationRequest:
 
 def _stop(generation: Generation, called: bool) -> tuple[StopReason, str | None]:
     completion = generation.completion()
-    if completion.finish_reason in ("length", "timeout"):  # cut short by a limit (of tokens, or of time)
+    if completion.cut_short:
         return "max_tokens", None
     if called:
         return "tool_use", None

@@ -238,7 +238,7 @@ class Reply:
 
 
 def _status(generation: Generation) -> Any:
-    return "incomplete" if generation.completion().finish_reason in ("length", "timeout") else "completed"
+    return "incomplete" if generation.completion().cut_short else "completed"
 
 
 def _assistant_messages(output: list[OutputItem]) -> list[dict[str, Any]]:

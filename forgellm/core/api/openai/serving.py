@@ -124,13 +124,9 @@ def token_body(logprob: TokenLogprob) -> TokenLogprobBody:
     )
 
 
-# Limits that cut a generation short: its finish_reason says so even when it was making a tool call.
-CUT_SHORT = ("length", "timeout")
-
-
 def finish_reason(generation: Generation, called: bool) -> Any:
-    reason = generation.completion().finish_reason
-    return "tool_calls" if called and reason not in CUT_SHORT else reason
+    completion = generation.completion()
+    return "tool_calls" if called and not completion.cut_short else completion.finish_reason
 
 
 def include_usage(data: SamplingFields) -> bool:
