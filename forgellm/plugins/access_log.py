@@ -57,19 +57,23 @@ def json_line(entry: RequestRecord, timestamp: str) -> str:
             "latency_ms": round(entry.latency_ms, 2) if entry.latency_ms is not None else None,
             "prompt_tokens": entry.prompt_tokens,
             "completion_tokens": entry.completion_tokens,
+            "accepted_draft_tokens": entry.accepted_draft_tokens,
             "ttft_ms": round(entry.time_to_first_token_ms, 2) if entry.time_to_first_token_ms is not None else None,
         }
     )
 
 
 def text_line(entry: RequestRecord, timestamp: str) -> str:
-    """Common-log-like: ``TS CLIENT SUBJECT "METHOD PATH" STATUS LATENCYms id=ID tokens=PROMPT/COMPLETION``."""
+    """Common-log-like: ``TS CLIENT SUBJECT "METHOD PATH" STATUS LATENCYms id=ID tokens=PROMPT/COMPLETION``, then
+    ``model=NAME`` and ``drafted=N`` (generated tokens speculative decoding drafted and the model kept) where
+    they apply."""
     latency = f"{entry.latency_ms:.1f}ms" if entry.latency_ms is not None else "-"
     tokens = f"{_or_dash(entry.prompt_tokens)}/{_or_dash(entry.completion_tokens)}"
     return (
         f"{timestamp} {_field(entry.client)} {_field(entry.subject)} {json.dumps(f'{entry.method} {entry.path}')} "
         f"{entry.status} {latency} id={entry.request_id} tokens={tokens}"
         + (f" model={_field(entry.model)}" if entry.model is not None else "")
+        + (f" drafted={entry.accepted_draft_tokens}" if entry.accepted_draft_tokens else "")
     )
 
 

@@ -163,6 +163,15 @@ class ServerMetrics:
         self.model_generated_tokens = Counter(
             "forgellm_model_generated_tokens", "Tokens generated, by model.", ["model"], registry=self.registry
         )
+        self.draft_tokens = Counter(
+            "forgellm_model_draft_tokens", "Tokens speculative decoding drafted, by model and draft source.",
+            ["model", "source"], registry=self.registry,
+        )  # fmt: skip
+        self.accepted_draft_tokens = Counter(
+            "forgellm_model_accepted_draft_tokens",
+            "Drafted tokens the model accepted (each saved a decoding step), by model and draft source.",
+            ["model", "source"], registry=self.registry,
+        )  # fmt: skip
         self.refusals = Counter("forgellm_refusals", "Requests refused, by reason.", ["reason"], registry=self.registry)
         for reason in REFUSAL_REASONS.values():
             self.refusals.labels(reason)  # present at zero from the first scrape, so rate() works at once
@@ -185,6 +194,9 @@ class ServerMetrics:
             self.model_generations.labels(model).inc()
             self.model_prompt_tokens.labels(model).inc(usage.prompt_tokens)
             self.model_generated_tokens.labels(model).inc(usage.completion_tokens)
+            for drafts in usage.drafts:
+                self.draft_tokens.labels(model, drafts.source).inc(drafts.drafted)
+                self.accepted_draft_tokens.labels(model, drafts.source).inc(drafts.accepted)
         self.prompt_tokens.labels(route).inc(usage.prompt_tokens)
         self.generated_tokens.labels(route).inc(usage.completion_tokens)
         if time_to_first_token_ms is not None:

@@ -10,6 +10,7 @@ import mlx.core as mx
 
 from forgellm import Backend, ModelSource, Settings
 from forgellm.backends.mlx.batch_engine import EngineTuning
+from forgellm.backends.mlx.draft_policy import SpeculationSettings
 from forgellm.backends.mlx.model import MlxModel
 from forgellm.backends.mlx.sources import ModelSources
 from forgellm.backends.mlx.sources.builtin_models import BUILTIN_MODELS, DEFAULT_MODEL
@@ -39,6 +40,12 @@ class MlxBackend(Backend):
                 prompt_cache_bytes=settings["prompt_cache_bytes"],
                 prefill_batch_size=settings["prefill_batch_size"],
                 prefill_chunk_size=settings["prefill_chunk_size"],
+                speculation=SpeculationSettings(
+                    enabled=settings["speculation"] != "off",
+                    prompt_lookup=settings["speculation"] == "prompt-lookup",
+                    max_draft_tokens=settings["num_draft_tokens"],
+                    position_cost=settings["draft_position_cost"],
+                ),
             ),
             ModelSources(pathlib.Path(cache_dir) if cache_dir else default_cache_dir(), settings["gguf_weights"]),
             settings["tool_parser"],

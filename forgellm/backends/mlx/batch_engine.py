@@ -22,12 +22,15 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from forgellm import Engine, GenerationJob, TokenOutput
 from forgellm.backends.mlx.decoding import Decoding
 from forgellm.backends.mlx.detokenize import Detokenizers
+from forgellm.backends.mlx.draft_policy import SpeculationSettings
+from forgellm.backends.mlx.drafts import DraftSource, PredictedOutput, PromptLookup
 from forgellm.backends.mlx.options import (
     DEFAULT_PREFILL_BATCH_SIZE,
     DEFAULT_PREFILL_CHUNK_SIZE,
     DEFAULT_PROMPT_CACHE_SIZE,
 )
 from forgellm.backends.mlx.sampling import LogitsProcessor, Sampler
+from forgellm.backends.mlx.speculative_batch import DraftRow, SpeculativeBatch
 
 logger = logging.getLogger("forgellm.mlx")
 
@@ -44,6 +47,7 @@ class EngineTuning:
     prompt_cache_bytes: int = 0  # 0: bounded by entries only
     prefill_batch_size: int = DEFAULT_PREFILL_BATCH_SIZE
     prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK_SIZE
+    speculation: SpeculationSettings = SpeculationSettings()
 
     def prefill_batch(self, max_batch_size: int) -> int:
         return min(self.prefill_batch_size, max_batch_size)
@@ -128,6 +132,12 @@ class MlxBatchEngine(Engine):
             prefill_batch_size=tuning.prefill_batch(max_batch_size),
             prefill_step_size=tuning.prefill_chunk_size,
         )
+        self._speculation = tuning.speculation
+        self._draft_rows: dict[int, DraftRow] = {}
+        if tuning.speculation.enabled:
+            self._generator._generation_batch = SpeculativeBatch(
+                model, self._generator.sampler, tuning.speculation, self._draft_rows.get
+            )
         size, limit = tuning.prompt_cache_size, tuning.prompt_cache_bytes
         self._prompt_caches = LRUPromptCache(max_size=size, max_bytes=limit or 1 << 63) if size > 0 else None
         self._detokenizers = Detokenizers(tokenizer, decoding)
@@ -151,9 +161,22 @@ class MlxBatchEngine(Engine):
         )
         self._seq_of_uid[uid] = seq_id
         self._uid_of_seq[seq_id] = uid
+        sources = self._draft_sources(job)
+        if sources:
+            self._draft_rows[uid] = DraftRow(sources, verify_in_order=job.sampling.xtc_probability > 0)
         self._jobs[seq_id] = job
         self._detokenizers.start(seq_id)
         return cached
+
+    def _draft_sources(self, job: GenerationJob) -> list[DraftSource]:
+        sources: list[DraftSource] = []
+        if not self._speculation.enabled:
+            return sources
+        if job.prediction:
+            sources.append(PredictedOutput(job.prediction, len(job.prompt_tokens)))
+        if self._speculation.prompt_lookup:
+            sources.append(PromptLookup())
+        return sources
 
     def _nearest_cache(self, prompt: list[int]) -> tuple[list[Any] | None, list[int]]:
         """A copy of the cached KV sharing the longest prefix with prompt, and the tokens it does not cover."""
@@ -177,6 +200,8 @@ class MlxBatchEngine(Engine):
             seq_id = self._seq_of_uid.get(response.uid)
             if seq_id is None:
                 continue  # failed in this step
+            row = self._draft_rows.get(response.uid)
+            drafts = row.take_drafts() if row is not None else ()
             text = self._detokenizers.text(seq_id, response.token, response.finish_reason)
             logprob = self._decoding.logprob(
                 self._jobs[seq_id], response.token, response.logprobs, response.finish_reason
@@ -186,7 +211,7 @@ class MlxBatchEngine(Engine):
                 if self._prompt_caches is not None:
                     # mlx-lm extracts a finished sequence's cache anyway: keep it for later prompts.
                     self._prompt_caches.insert_cache(_CACHE_KEY, list(response.all_tokens), response.prompt_cache)
-            outputs.append(TokenOutput(seq_id, text, response.finish_reason, logprob=logprob))
+            outputs.append(TokenOutput(seq_id, text, response.finish_reason, logprob=logprob, drafts=drafts))
         return outputs
 
     def cache_bytes(self) -> int:
@@ -214,6 +239,7 @@ class MlxBatchEngine(Engine):
         uid = self._uid_of_seq.pop(seq_id, None)
         if uid is not None:
             self._seq_of_uid.pop(uid, None)
+            self._draft_rows.pop(uid, None)
         self._jobs.pop(seq_id, None)
         self._detokenizers.drop(seq_id)
 

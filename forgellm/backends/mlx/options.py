@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from forgellm import Option
+from forgellm.backends.mlx.draft_policy import DEFAULT_NUM_DRAFT_TOKENS, DEFAULT_POSITION_COST
 from forgellm.backends.mlx.output_format import TOOL_PARSERS
 from forgellm.backends.mlx.sources import GGUF_AUTO, GGUF_WEIGHT_CHOICES
 
@@ -19,6 +20,7 @@ DEFAULT_PREFILL_BATCH_SIZE = 8
 # of stalling them for its whole length (mlx-lm's default, 2048, left running streams waiting for seconds
 # on a CPU; benchmarks/prefill_stall.py measures it).
 DEFAULT_PREFILL_CHUNK_SIZE = 256
+SPECULATION_CHOICES = ("prompt-lookup", "predictions", "off")
 MLX_OPTIONS = (
     Option(
         "prompt_cache_size",
@@ -47,6 +49,29 @@ MLX_OPTIONS = (
         "slices, so a long prompt does not stall them for its whole length.",
         type=click.IntRange(min=16),
         default=DEFAULT_PREFILL_CHUNK_SIZE,
+    ),
+    Option(
+        "speculation",
+        "Speculative decoding inside the batch, where it pays (greedy output is unchanged, sampled output "
+        "keeps its distribution): prompt-lookup drafts every sequence from its own prompt and output, and "
+        "uses the outputs clients predict (OpenAI's prediction field); predictions uses only those; off "
+        "decodes one token per step.",
+        type=click.Choice(SPECULATION_CHOICES),
+        default="prompt-lookup",
+    ),
+    Option(
+        "num_draft_tokens",
+        "Most draft tokens a sequence verifies in one step; each step drafts only as far as its sequences' "
+        "recent acceptance makes it pay.",
+        type=click.IntRange(min=1, max=64),
+        default=DEFAULT_NUM_DRAFT_TOKENS,
+    ),
+    Option(
+        "draft_position_cost",
+        "What one more position in a decoding step costs, as a fraction of a step's fixed cost: how far "
+        "speculation drafts (measured 0.06 on a 2-core CPU; lower on a GPU, where extra positions cost less).",
+        type=click.FloatRange(min=0.0, min_open=True, max=1.0),
+        default=DEFAULT_POSITION_COST,
     ),
     Option(
         "cache_dir",

@@ -22,7 +22,7 @@ from typing import Any
 
 from forgellm.core.api.admission import Admission
 from forgellm.core.api.generation import Generation, GenerationGroup
-from forgellm.core.api.prompt import prompt_tokens, with_tools
+from forgellm.core.api.prompt import tokenized, with_tools
 from forgellm.core.api.request import MAX_STOP_STRINGS, Caller, GenerationRequest
 from forgellm.core.engine.backend import LoadedModel
 from forgellm.core.engine.generation import GenerationJob, SamplingParams, Usage
@@ -90,7 +90,7 @@ class GenerationService:
         job = GenerationJob(prompt_tokens=[], max_tokens=0, prompt_text=request.prompt_text)
         await self._admission.admit(caller, job)
         try:
-            job.prompt_tokens = await prompt_tokens(caller, model, request, self._limits.template_timeout)
+            job.prompt_tokens = (await tokenized(caller, model, request, self._limits.template_timeout)).prompt
             caller.record.prompt_tokens = len(job.prompt_tokens)
             return len(job.prompt_tokens)
         finally:
@@ -129,12 +129,14 @@ class GenerationService:
         )
         await self._admission.admit(caller, job)
         try:
-            job.prompt_tokens = await prompt_tokens(caller, model, request, self._limits.template_timeout)
+            job.prompt_tokens, job.prediction = await tokenized(caller, model, request, self._limits.template_timeout)
             if not job.prompt_tokens:
                 raise bad_request("The prompt is empty")
             limit = self._limits.max_prompt_tokens
             if len(job.prompt_tokens) > limit:
                 raise bad_request(f"The prompt is {len(job.prompt_tokens)} tokens; the limit is {limit}")
+            if job.prediction is not None and len(job.prediction) > limit:
+                raise bad_request(f"prediction: the content is {len(job.prediction)} tokens; the limit is {limit}")
             if resident.model is not model:
                 raise service_unavailable("The model changed while the request was prepared; retry")
             if request.max_tokens is None and model.context_length:
@@ -149,6 +151,7 @@ class GenerationService:
         async def finish(ended: SequenceHandle) -> None:
             record = caller.record
             record.completion_tokens = ended.completion_tokens
+            record.accepted_draft_tokens = ended.usage.accepted_draft_tokens
             if ended.first_token_at is not None:
                 record.time_to_first_token_ms = (ended.first_token_at - ended.submitted_at) * 1000
             await self._admission.settle(caller, ended.job, ended.usage)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from forgellm.core.api.assistant_turn import forced_call_schema, tool_prompt
 from forgellm.core.api.request import Caller, GenerationRequest
@@ -55,11 +55,19 @@ def render_without_template(messages: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\nAssistant:"
 
 
-async def prompt_tokens(caller: Caller, model: LoadedModel, request: GenerationRequest, timeout: float) -> list[int]:
-    """The prompt's tokens, rendered on a thread that is abandoned when the client leaves or the template outlasts
-    timeout seconds (--template-timeout)."""
+class Tokenized(NamedTuple):
+    prompt: list[int]
+    prediction: list[int] | None  # the output the client predicted, when it did
 
-    def work() -> list[int]:
+
+async def tokenized(caller: Caller, model: LoadedModel, request: GenerationRequest, timeout: float) -> Tokenized:
+    """The prompt's tokens (and the prediction's), rendered on a thread that is abandoned when the client leaves
+    or the template outlasts timeout seconds (--template-timeout)."""
+
+    def work() -> Tokenized:
+        return Tokenized(prompt(), model.encode(request.prediction) if request.prediction else None)
+
+    def prompt() -> list[int]:
         if request.constraint is not None:
             model.check_constraint(request.constraint)  # compiled here, off the event loop
         checked_ids([token for token, _ in request.sampling.logit_bias], model.vocab_size, "logit_bias")
@@ -83,7 +91,7 @@ async def prompt_tokens(caller: Caller, model: LoadedModel, request: GenerationR
     if not rendering.done() or rendering.cancelled():
         raise ApiError(499, "Client closed the request")
     try:
-        tokens: list[int] = rendering.result()
+        tokens: Tokenized = rendering.result()
         return tokens
     except TimeoutError:
         raise bad_request(f"Rendering the prompt took longer than {timeout:g}s (--template-timeout)") from None

@@ -48,6 +48,7 @@ class GenerationRequest:
     model: str | None = None  # the model the client named; None: whichever serves
     constraint: Constraint | None = None  # what the output must be (constrained decoding)
     logprobs: int | None = None  # report each token's logprob and this many alternatives'
+    prediction: str | None = None  # the output the client expects (mostly): drafts for speculative decoding
 
     @property
     def prompt_text(self) -> str:

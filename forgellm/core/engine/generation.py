@@ -63,16 +63,48 @@ class GenerationJob:
     logprobs: int | None = None
     # Whose share of the batch it takes (the pipeline's client key): rows go to the clients holding fewest.
     client: str = ""
+    # The output the client predicted (OpenAI's Predicted Outputs), as token ids: drafts for speculative
+    # decoding, which never change what is generated, only how fast.
+    prediction: list[int] | None = None
+
+
+# The draft source of a client's predicted output (GenerationJob.prediction), which OpenAI's usage reports on.
+PREDICTION_SOURCE = "prediction"
+
+
+@dataclass(frozen=True)
+class DraftTokens:
+    """Speculative decoding's work for one generation from one draft source: tokens drafted, and how many
+    of them the model accepted (each accepted one saved a decoding step)."""
+
+    source: str
+    drafted: int
+    accepted: int
 
 
 @dataclass(frozen=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    drafts: tuple[DraftTokens, ...] = ()  # per draft source, when the backend speculated
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def accepted_draft_tokens(self) -> int:
+        return sum(count.accepted for count in self.drafts)
+
+    @property
+    def accepted_prediction_tokens(self) -> int:
+        """Tokens of the client's predicted output that the output kept (OpenAI's usage field)."""
+        return sum(count.accepted for count in self.drafts if count.source == PREDICTION_SOURCE)
+
+    @property
+    def rejected_prediction_tokens(self) -> int:
+        """Tokens of the predicted output that were tried and not kept: computed, and counted as generated."""
+        return sum(count.drafted - count.accepted for count in self.drafts if count.source == PREDICTION_SOURCE)
 
 
 @dataclass(frozen=True)
@@ -95,6 +127,7 @@ class TokenOutput:
     error: str | None = None
     logprob: TokenLogprob | None = None  # when the job asked for logprobs
     stop_sequence: str | None = None  # the job's stop string that ended it (finish_reason "stop")
+    drafts: tuple[DraftTokens, ...] = ()  # what speculative decoding drafted for it in this step
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,15 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 from forgellm.core.engine.backend import Engine, LoadedModel
 from forgellm.core.engine.commands import Add, Cancel, Command, ModelLoader, Stop, Swap
-from forgellm.core.engine.generation import Completion, Delta, GenerationJob, TokenLogprob, TokenOutput, Usage
+from forgellm.core.engine.generation import (
+    Completion,
+    Delta,
+    DraftTokens,
+    GenerationJob,
+    TokenLogprob,
+    TokenOutput,
+    Usage,
+)
 from forgellm.core.engine.stop_strings import StopMatcher
 from forgellm.core.errors import ApiError, service_unavailable
 
@@ -36,6 +44,7 @@ class SequenceHandle:
         self.job = job
         self._scheduler = scheduler
         self.completion_tokens = 0
+        self._drafts: dict[str, tuple[int, int]] = {}  # draft source: (drafted, accepted)
         self.cached_prompt_tokens = 0  # prompt tokens whose KV the engine reused instead of computing
         self.finish_reason: str | None = None
         self.stop_sequence: str | None = None  # the stop string that ended it, if one did
@@ -56,9 +65,13 @@ class SequenceHandle:
 
     @property
     def usage(self) -> Usage:
-        return Usage(len(self.job.prompt_tokens), self.completion_tokens)
+        drafts = tuple(DraftTokens(source, *counts) for source, counts in self._drafts.items())
+        return Usage(len(self.job.prompt_tokens), self.completion_tokens, drafts)
 
     def _receive(self, output: TokenOutput) -> None:
+        for count in output.drafts:
+            drafted, accepted = self._drafts.get(count.source, (0, 0))
+            self._drafts[count.source] = (drafted + count.drafted, accepted + count.accepted)
         if output.error is not None:
             self.error = output.error
         else:
@@ -323,7 +336,14 @@ class Scheduler:
             if finish_reason is not None:
                 del self._running[output.seq_id]
             delivered.append(
-                TokenOutput(output.seq_id, text, finish_reason, logprob=output.logprob, stop_sequence=reached_stop)
+                TokenOutput(
+                    output.seq_id,
+                    text,
+                    finish_reason,
+                    logprob=output.logprob,
+                    stop_sequence=reached_stop,
+                    drafts=output.drafts,
+                )
             )
         self._post(delivered)
         if stopped:

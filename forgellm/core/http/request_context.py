@@ -38,6 +38,7 @@ class RequestRecord:
     status: int | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    accepted_draft_tokens: int | None = None  # generated tokens speculative decoding drafted and the model kept
     time_to_first_token_ms: float | None = None
     latency_ms: float | None = None
 

@@ -51,4 +51,4 @@ async def shutdown(server: Server) -> None:
 
 @hookimpl
 def after_generate(usage: Usage, caller: Caller, server: Server) -> None:
-    server.plugin_state[STATE_KEY].generation(usage.completion_tokens, caller.record.time_to_first_token_ms)
+    server.plugin_state[STATE_KEY].generation(usage, caller.record.time_to_first_token_ms)

@@ -13,6 +13,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from forgellm import Usage
+
 BUCKET_SECONDS = 5.0
 WINDOW_SECONDS = 600.0
 SHOWN_SECONDS = 300.0  # the charts' span: the last five minutes, quiet buckets included
@@ -24,6 +26,8 @@ class Bucket:
     generations: int = 0
     tokens: int = 0
     ttft_ms: list[float] = field(default_factory=list)
+    drafted: int = 0  # tokens speculative decoding drafted
+    accepted: int = 0  # of them, those the model kept
     active: int = 0  # the most sequences in the batches, over the bucket's samples
     queued: int = 0
 
@@ -33,6 +37,7 @@ class Bucket:
             "generations": self.generations,
             "tokens_per_second": self.tokens / BUCKET_SECONDS,
             "ttft_ms": statistics.median(self.ttft_ms) if self.ttft_ms else None,
+            "draft_acceptance": self.accepted / self.drafted if self.drafted else None,
             "active": self.active,
             "queued": self.queued,
         }
@@ -48,10 +53,12 @@ class LiveStats:
             self._buckets.append(Bucket(start))
         return self._buckets[-1]
 
-    def generation(self, completion_tokens: int, ttft_ms: float | None, now: float | None = None) -> None:
+    def generation(self, usage: Usage, ttft_ms: float | None, now: float | None = None) -> None:
         bucket = self._current(time.time() if now is None else now)
         bucket.generations += 1
-        bucket.tokens += completion_tokens
+        bucket.tokens += usage.completion_tokens
+        bucket.drafted += sum(drafts.drafted for drafts in usage.drafts)
+        bucket.accepted += usage.accepted_draft_tokens
         if ttft_ms is not None:
             bucket.ttft_ms.append(ttft_ms)
 

@@ -37,6 +37,7 @@ from forgellm.core.api.openai.protocol import (
     FunctionCall,
     FunctionCallDelta,
     NamedToolChoice,
+    Prediction,
     ToolCallDelta,
     ToolCallResponse,
     UsageBody,
@@ -156,7 +157,7 @@ def _response_format(data: ChatCompletionRequest) -> Constraint | None:
 
 def chat_requests(data: ChatCompletionRequest) -> list[GenerationRequest]:
     refuse_unsupported(
-        {name: getattr(data, name) for name in ("audio", "prediction", "web_search_options", "functions", "moderation")}
+        {name: getattr(data, name) for name in ("audio", "web_search_options", "functions", "moderation")}
     )
     if data.function_call is not None:
         raise bad_request("function_call is not supported by this server; use tools and tool_choice")
@@ -172,8 +173,19 @@ def chat_requests(data: ChatCompletionRequest) -> list[GenerationRequest]:
         max_tokens=data.max_completion_tokens if data.max_completion_tokens is not None else data.max_tokens,
         constraint=_response_format(data),
         logprobs=(data.top_logprobs or 0) if data.logprobs else None,
+        prediction=_prediction_text(data.prediction),
     )
     return choice_requests(data, base)
+
+
+def _prediction_text(prediction: Prediction | None) -> str | None:
+    if prediction is None:
+        return None
+    if isinstance(prediction.content, str):
+        return prediction.content
+    if any(part.type != "text" for part in prediction.content):
+        raise bad_request("prediction: content parts must be text")
+    return "".join(part.text or "" for part in prediction.content)
 
 
 def _function(tool: Any) -> dict[str, Any]:

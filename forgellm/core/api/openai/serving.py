@@ -14,6 +14,7 @@ from forgellm.core.api.openai.protocol import (
     DONE,
     ChatCompletionChunk,
     CompletionChunk,
+    CompletionTokensDetails,
     OpenAIError,
     PromptTokensDetails,
     SamplingFields,
@@ -112,7 +113,12 @@ def usage_of(generations: GenerationGroup, prompts: int) -> UsageBody:
     prompt_tokens = sum(c.usage.prompt_tokens for c in completions[::per_prompt]) if completions else 0
     completion_tokens = sum(c.usage.completion_tokens for c in completions)
     cached = sum(g.cached_prompt_tokens for g in generations[::per_prompt]) if generations else 0
-    return UsageBody(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, PromptTokensDetails(cached))
+    predicted = CompletionTokensDetails(
+        sum(c.usage.accepted_prediction_tokens for c in completions),
+        sum(c.usage.rejected_prediction_tokens for c in completions),
+    )
+    total = prompt_tokens + completion_tokens
+    return UsageBody(prompt_tokens, completion_tokens, total, PromptTokensDetails(cached), predicted)
 
 
 def token_body(logprob: TokenLogprob) -> TokenLogprobBody:

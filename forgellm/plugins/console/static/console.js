@@ -161,6 +161,7 @@ function renderCharts(state) {
   drawChart($("chart-ttft"), points, (p) => p.ttft_ms);
   drawChart($("chart-active"), points, (p) => p.active);
   drawChart($("chart-queued"), points, (p) => p.queued);
+  drawChart($("chart-drafts"), points, (p) => (p.draft_acceptance === null ? null : 100 * p.draft_acceptance));
 }
 
 async function refresh() {

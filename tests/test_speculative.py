@@ -1,0 +1,268 @@
+"""Speculative decoding inside the batch: the output is the model's own, with drafts or without.
+
+The tiny model's greedy output with speculation off is the reference. With it on, the same requests give the
+same text token for token: with a prediction that is right (every draft accepted), one that is edited (drafts
+rejected where it departs), alone and batched beside rows that do not speculate, under a grammar, with stop
+strings, with logprobs, and after a prompt-cache hit. A sampled row keeps the target's distribution: measured
+on the engine itself, over a vocabulary cut to three tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import json
+import math
+from collections import Counter
+
+import httpx
+import mlx.core as mx
+import openai
+import pytest
+from live_server import idle, serving, wait_for
+
+from forgellm import GenerationJob, SamplingParams
+from forgellm.backends.mlx.batch_engine import EngineTuning
+from forgellm.backends.mlx.model import MlxModel
+from forgellm.testing import test_client
+
+CHAT = "/v1/chat/completions"
+MAX_TOKENS = 40
+PROMPTS = ["Once upon a time", "The quick brown fox", "Tell me about the sea", "def main():"]
+
+
+def chat(client, content: str, **extra) -> dict:
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": MAX_TOKENS, "temperature": 0, **extra}
+    response = client.post(CHAT, json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def text(answer: dict) -> str:
+    return answer["choices"][0]["message"]["content"]
+
+
+def predicted(answer: dict) -> tuple[int, int]:
+    details = answer["usage"]["completion_tokens_details"]
+    return details["accepted_prediction_tokens"], details["rejected_prediction_tokens"]
+
+
+@pytest.fixture(scope="module")
+def speculating(tiny_model):
+    with test_client(tiny_model, prompt_cache_size=0) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    """The greedy answers with speculation off."""
+    with test_client(tiny_model, speculation="off", prompt_cache_size=0) as client:
+        yield {prompt: chat(client, prompt) for prompt in PROMPTS}
+
+
+def edited(original: str) -> str:
+    """The text with its middle third replaced: a prediction the output departs from, then rejoins."""
+    third = len(original) // 3
+    return original[:third] + " something else entirely " + original[2 * third :]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_a_right_prediction_is_accepted_and_changes_nothing(speculating, reference, prompt):
+    expected = reference[prompt]
+    answer = chat(speculating, prompt, prediction={"type": "content", "content": text(expected)})
+    assert text(answer) == text(expected)
+    assert answer["usage"]["completion_tokens"] == expected["usage"]["completion_tokens"]
+    accepted, _ = predicted(answer)
+    assert accepted >= answer["usage"]["completion_tokens"] // 2
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_an_edited_prediction_is_rejected_where_it_departs_and_changes_nothing(speculating, reference, prompt):
+    expected = text(reference[prompt])
+    answer = chat(
+        speculating, prompt, prediction={"type": "content", "content": [{"type": "text", "text": edited(expected)}]}
+    )
+    assert text(answer) == expected
+    accepted, rejected = predicted(answer)
+    assert accepted > 0 and rejected > 0
+
+
+def test_without_a_prediction_usage_reports_none(speculating):
+    assert predicted(chat(speculating, PROMPTS[0])) == (0, 0)
+
+
+def test_with_stop_strings_the_text_ends_where_it_does_without_speculation(speculating, reference, tiny_model):
+    expected = text(reference[PROMPTS[1]])
+    stop = expected[len(expected) // 2 : len(expected) // 2 + 3]
+    with test_client(tiny_model, speculation="off") as plain:
+        without = chat(plain, PROMPTS[1], stop=[stop])
+    answer = chat(speculating, PROMPTS[1], stop=[stop], prediction={"type": "content", "content": expected})
+    assert text(answer) == text(without) and answer["choices"][0]["finish_reason"] == "stop"
+
+
+def test_logprobs_are_the_targets_with_speculation(speculating, reference, tiny_model):
+    with test_client(tiny_model, speculation="off") as plain:
+        without = chat(plain, PROMPTS[2], logprobs=True, top_logprobs=2)
+    prediction = {"type": "content", "content": text(reference[PROMPTS[2]])}
+    answer = chat(speculating, PROMPTS[2], logprobs=True, top_logprobs=2, prediction=prediction)
+    assert predicted(answer)[0] > 0
+    ours, theirs = answer["choices"][0]["logprobs"]["content"], without["choices"][0]["logprobs"]["content"]
+    assert [entry["token"] for entry in ours] == [entry["token"] for entry in theirs]
+    for mine, other in zip(ours, theirs, strict=True):
+        assert mine["logprob"] == pytest.approx(other["logprob"], abs=1e-3)
+        assert [top["token"] for top in mine["top_logprobs"]] == [top["token"] for top in other["top_logprobs"]]
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer"}}}
+
+
+def test_a_grammar_never_lets_a_forbidden_draft_through(speculating, tiny_model):
+    format = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+    with test_client(tiny_model, speculation="off") as plain:
+        without = text(chat(plain, PROMPTS[3], response_format=format, max_tokens=60))
+    # A prediction that breaks the grammar at once, then one that follows the output exactly.
+    for prediction in ('{"nonsense": [1, 2, 3]} and more', without):
+        answer = chat(speculating, PROMPTS[3], response_format=format, max_tokens=60,
+                      prediction={"type": "content", "content": prediction})  # fmt: skip
+        assert text(answer) == without
+    assert predicted(answer)[0] > 0
+
+
+def test_after_a_prompt_cache_hit_the_output_is_the_same(tiny_model, reference):
+    expected = text(reference[PROMPTS[0]])
+    with test_client(tiny_model) as cached:
+        first = chat(cached, PROMPTS[0], prediction={"type": "content", "content": expected})
+        second = chat(cached, PROMPTS[0], prediction={"type": "content", "content": expected})
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert text(first) == text(second) == expected
+    assert predicted(second)[0] > 0
+
+
+def test_rows_that_speculate_and_rows_that_do_not_share_the_batch(tiny_model, reference):
+    """Each row accepts its own draft in the shared step: predictions, edited predictions and none at once."""
+    jobs = []
+    for prompt, variant in itertools.product(PROMPTS, ("right", "edited", "none")):
+        expected = text(reference[prompt])
+        extra = {"prediction": {"type": "content", "content": expected if variant == "right" else edited(expected)}}
+        jobs.append((prompt, expected, extra if variant != "none" else {}))
+    with serving(tiny_model, max_concurrency=8, prompt_cache_size=0) as live:
+
+        def run(job: tuple[str, str, dict]) -> tuple[str, str]:
+            prompt, expected, extra = job
+            body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS, "temperature": 0}
+            response = httpx.post(f"{live.url}{CHAT}", json={**body, **extra}, timeout=120)
+            assert response.status_code == 200, response.text
+            return text(response.json()), expected
+
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(run, jobs))
+    assert all(got == expected for got, expected in results)
+
+
+def test_prediction_through_the_openai_client(speculating, reference):
+    oai = openai.OpenAI(base_url=f"{speculating.base_url}/v1", api_key="unused", http_client=speculating, max_retries=0)
+    expected = text(reference[PROMPTS[0]])
+    completion = oai.chat.completions.create(
+        model=oai.models.list().data[0].id,
+        messages=[{"role": "user", "content": PROMPTS[0]}],
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        prediction={"type": "content", "content": expected},
+    )
+    assert completion.choices[0].message.content == expected
+    details = completion.usage.completion_tokens_details
+    # (The prediction is the text, tokenized anew: a few of its tokens may split the text otherwise than the output.)
+    assert details.accepted_prediction_tokens >= completion.usage.completion_tokens // 2
+    assert details.rejected_prediction_tokens < details.accepted_prediction_tokens
+
+
+def test_a_bad_prediction_is_a_400(speculating):
+    for prediction in ({"type": "image", "content": "x"}, {"type": "content"},
+                       {"type": "content", "content": [{"type": "image_url", "image_url": "x"}]}):  # fmt: skip
+        response = speculating.post(
+            CHAT, json={"messages": [{"role": "user", "content": "x"}], "prediction": prediction}
+        )
+        assert response.status_code == 400, response.text
+        assert "prediction" in response.json()["error"]["message"]
+
+
+def test_cancelling_a_stream_mid_draft_frees_its_slot(tiny_model, reference):
+    long_prediction = text(reference[PROMPTS[0]]) * 8
+
+    async def hang_up(url: str) -> int:
+        body = {"messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 2000, "temperature": 0,
+                "stream": True, "prediction": {"type": "content", "content": long_prediction}}  # fmt: skip
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            async with http.stream("POST", CHAT, json=body) as response:
+                async for _ in response.aiter_bytes():
+                    break
+                return response.status_code
+
+    with serving(tiny_model, max_concurrency=1, max_tokens_cap=2000) as live:
+        assert asyncio.run(hang_up(live.url)) == 200
+        wait_for(lambda: idle(live.scheduler), "the cancelled sequence to leave the batch")
+        after = httpx.post(f"{live.url}{CHAT}", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+        assert after.status_code == 200
+
+
+def test_metrics_and_the_access_log_count_accepted_drafts(tiny_model, reference, tmp_path):
+    expected = text(reference[PROMPTS[0]])
+    log = tmp_path / "access.log"
+    with test_client(tiny_model, plugins="metrics,logging", log_format="json", access_log_file=str(log)) as client:
+        accepted, _ = predicted(chat(client, PROMPTS[0], prediction={"type": "content", "content": expected}))
+        exposition = client.get("/metrics").text
+    model_label = next(line for line in exposition.splitlines() if line.startswith("forgellm_model_generations_total"))
+    label = model_label[model_label.index("{") : model_label.index("}")]
+    counted = f'forgellm_model_accepted_draft_tokens_total{label},source="prediction"}} {float(accepted)}'
+    assert counted in exposition
+    entry = json.loads(log.read_text().splitlines()[0])
+    assert entry["accepted_draft_tokens"] == accepted > 0
+
+
+# -- the sampling rule, on the engine ----------------------------------------------------------------
+
+
+def test_sampled_output_keeps_the_targets_distribution(tiny_model):
+    """Two tokens sampled at temperature 1 from the top 3, with a prediction drafting the second: the joint
+    frequencies match the model's own probabilities (a rule that accepted drafts too often would not)."""
+    model = MlxModel("tiny", None, EngineTuning(prompt_cache_size=0), path=str(tiny_model))
+    prompt = model.encode("Once upon a time")
+    sampling = SamplingParams(temperature=1.0, top_k=3)
+    probabilities = _top3_joint(model, prompt)
+    first = max({a for a, _ in probabilities}, key=lambda a: sum(p for (x, _), p in probabilities.items() if x == a))
+    second = max((b for a, b in probabilities if a == first), key=lambda b: probabilities[first, b])
+    engine = model.create_engine(16)
+    counts: Counter[tuple[bytes, ...]] = Counter()
+    rounds, drafted = 100, 0
+    for batch in range(rounds):
+        tokens: dict[int, list[bytes]] = {}
+        for row in range(16):
+            seq_id = batch * 16 + row
+            job = GenerationJob(list(prompt), 2, sampling, logprobs=0, prediction=[first, second, second])
+            engine.add(seq_id, job)
+            tokens[seq_id] = []
+        while any(len(t) < 2 for t in tokens.values()):
+            for output in engine.step():
+                assert output.logprob is not None
+                tokens[output.seq_id].append(output.logprob.token_bytes)
+                drafted += sum(count.drafted for count in output.drafts)
+        counts.update(tuple(t) for t in tokens.values())
+    assert drafted > 0
+    total = rounds * 16
+    as_bytes = {
+        (model.decoding.token_text(a)[1], model.decoding.token_text(b)[1]): p for (a, b), p in probabilities.items()
+    }
+    chi_square = sum((counts[cell] - total * p) ** 2 / (total * p) for cell, p in as_bytes.items())
+    assert sum(counts[cell] for cell in as_bytes) == total
+    assert chi_square < 40, (chi_square, counts, probabilities)  # 8 degrees of freedom: p < 1e-5 beyond 40
+
+
+def _top3_joint(model: MlxModel, prompt: list[int]) -> dict[tuple[int, int], float]:
+    def top3(tokens: list[int]) -> dict[int, float]:
+        logits = model.model(mx.array([tokens]))[0, -1]
+        best: list[int] = mx.argsort(-logits)[:3].tolist()  # type: ignore[assignment]
+        weights = [math.exp(logits[token].item()) for token in best]
+        return {token: weight / sum(weights) for token, weight in zip(best, weights, strict=True)}
+
+    return {(a, b): pa * pb for a, pa in top3(prompt).items() for b, pb in top3([*prompt, a]).items()}
