@@ -14,6 +14,7 @@ import concurrent.futures
 import itertools
 import json
 import math
+import shutil
 from collections import Counter
 
 import httpx
@@ -25,7 +26,7 @@ from live_server import idle, serving, wait_for
 from forgellm import GenerationJob, SamplingParams
 from forgellm.backends.mlx.batch_engine import EngineTuning
 from forgellm.backends.mlx.model import MlxModel
-from forgellm.testing import test_client
+from forgellm.testing import test_client, wait_until_loaded
 
 CHAT = "/v1/chat/completions"
 MAX_TOKENS = 40
@@ -266,3 +267,58 @@ def _top3_joint(model: MlxModel, prompt: list[int]) -> dict[tuple[int, int], flo
         return {token: weight / sum(weights) for token, weight in zip(best, weights, strict=True)}
 
     return {(a, b): pa * pb for a, pa in top3(prompt).items() for b, pb in top3([*prompt, a]).items()}
+
+
+# -- a draft model -------------------------------------------------------------------------------------------
+
+
+def test_a_draft_model_drafts_and_the_output_is_the_same(tiny_model, reference, tmp_path):
+    """The tiny model drafting for itself: its greedy drafts are the target's tokens, so nearly all are
+    accepted, and the answers are the ones without speculation."""
+    log = tmp_path / "access.log"
+    with test_client(tiny_model, draft_model=str(tiny_model), speculation="predictions", prompt_cache_size=0,
+                     plugins="metrics,logging", log_format="json", access_log_file=str(log)) as client:  # fmt: skip
+        answers = [chat(client, prompt) for prompt in PROMPTS]
+        exposition = client.get("/metrics").text
+    assert [text(answer) for answer in answers] == [text(reference[prompt]) for prompt in PROMPTS]
+    accepted = [json.loads(line)["accepted_draft_tokens"] for line in log.read_text().splitlines() if "chat" in line]
+    assert all(count > 0 for count in accepted), accepted
+    assert 'source="draft_model"' in exposition
+
+
+def test_a_draft_model_beside_rows_with_predictions_in_one_batch(tiny_model, reference):
+    """The draft model drafting for some rows while others follow their (edited) predictions, in one batch:
+    every answer is the target's own."""
+    with serving(tiny_model, max_concurrency=8, prompt_cache_size=0, draft_model=str(tiny_model)) as live:
+
+        def run(job: tuple[str, dict]) -> str:
+            prompt, extra = job
+            body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS, "temperature": 0}
+            response = httpx.post(f"{live.url}{CHAT}", json={**body, **extra}, timeout=120)
+            assert response.status_code == 200, response.text
+            return text(response.json())
+
+        jobs = [(prompt, {}) for prompt in PROMPTS]
+        jobs += [
+            (prompt, {"prediction": {"type": "content", "content": edited(text(reference[prompt]))}})
+            for prompt in PROMPTS
+        ]
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(run, jobs))
+    assert results == [text(reference[prompt]) for prompt, _ in jobs]
+
+
+def test_a_draft_model_with_another_tokenizer_is_a_clean_load_error(tiny_model, tmp_path):
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(tiny_model, other)
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = sorted(vocab)[10:12]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with test_client(tiny_model, draft_model=str(other), wait_for_model=False) as client:
+        status = wait_until_loaded(client)
+        assert status["loaded"] is False
+        assert "another tokenizer" in status["error"] and "\n" not in status["error"]
+        response = client.post("/api/model/generate", json={"prompt": "Hi", "max_tokens": 2})
+        assert response.json() == {"success": False, "error": "No model loaded"}

@@ -24,11 +24,16 @@ class MlxBackend(Backend):
     default_model: str | None = DEFAULT_MODEL
 
     def __init__(
-        self, tuning: EngineTuning | None = None, sources: ModelSources | None = None, tool_parser: str | None = None
+        self,
+        tuning: EngineTuning | None = None,
+        sources: ModelSources | None = None,
+        tool_parser: str | None = None,
+        draft_model: str | None = None,
     ) -> None:
         self.tuning = tuning or EngineTuning()
         self.sources = sources or ModelSources()
         self.tool_parser = tool_parser
+        self.draft_model = draft_model
 
     @classmethod
     def from_settings(cls, settings: Settings) -> MlxBackend:
@@ -49,6 +54,7 @@ class MlxBackend(Backend):
             ),
             ModelSources(pathlib.Path(cache_dir) if cache_dir else default_cache_dir(), settings["gguf_weights"]),
             settings["tool_parser"],
+            settings["draft_model"],
         )
 
     def device_memory_bytes(self) -> int:
@@ -77,5 +83,10 @@ class MlxBackend(Backend):
         for directory in (path, adapter_path):
             if directory is not None and os.path.isdir(os.path.expanduser(directory)):
                 check_model_directory(os.path.expanduser(directory))
+        draft = None
+        if self.draft_model is not None and self.tuning.speculation.enabled:
+            draft = self.sources.resolve(self.draft_model, lambda text: progress(f"draft model: {text}"))
         progress("loading weights")
-        return MlxModel(model_name, adapter_path, self.tuning, path=path, tool_parser=self.tool_parser)
+        return MlxModel(
+            model_name, adapter_path, self.tuning, path=path, tool_parser=self.tool_parser, draft_path=draft
+        )

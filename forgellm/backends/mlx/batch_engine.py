@@ -22,6 +22,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from forgellm import Engine, GenerationJob, TokenOutput
 from forgellm.backends.mlx.decoding import Decoding
 from forgellm.backends.mlx.detokenize import Detokenizers
+from forgellm.backends.mlx.draft_model import DraftModel
 from forgellm.backends.mlx.draft_policy import SpeculationSettings
 from forgellm.backends.mlx.drafts import DraftSource, PredictedOutput, PromptLookup
 from forgellm.backends.mlx.options import (
@@ -123,6 +124,7 @@ class MlxBatchEngine(Engine):
         max_batch_size: int,
         vocab_size: int,
         tuning: EngineTuning = EngineTuning(),
+        draft: nn.Module | None = None,
     ) -> None:
         self._decoding = decoding
         self._generator = BatchGenerator(
@@ -134,9 +136,14 @@ class MlxBatchEngine(Engine):
         )
         self._speculation = tuning.speculation
         self._draft_rows: dict[int, DraftRow] = {}
+        self._has_draft_model = draft is not None and tuning.speculation.enabled
         if tuning.speculation.enabled:
             self._generator._generation_batch = SpeculativeBatch(
-                model, self._generator.sampler, tuning.speculation, self._draft_rows.get
+                model,
+                self._generator.sampler,
+                tuning.speculation,
+                self._draft_rows.get,
+                DraftModel(draft) if draft is not None else None,
             )
         size, limit = tuning.prompt_cache_size, tuning.prompt_cache_bytes
         self._prompt_caches = LRUPromptCache(max_size=size, max_bytes=limit or 1 << 63) if size > 0 else None
@@ -162,8 +169,9 @@ class MlxBatchEngine(Engine):
         self._seq_of_uid[uid] = seq_id
         self._uid_of_seq[seq_id] = uid
         sources = self._draft_sources(job)
-        if sources:
-            self._draft_rows[uid] = DraftRow(sources, verify_in_order=job.sampling.xtc_probability > 0)
+        if sources or self._has_draft_model:
+            random_per_position = job.sampling.xtc_probability > 0
+            self._draft_rows[uid] = DraftRow(sources, random_per_position, draft_model=self._has_draft_model)
         self._jobs[seq_id] = job
         self._detokenizers.start(seq_id)
         return cached

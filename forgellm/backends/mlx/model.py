@@ -10,9 +10,11 @@ import pathlib
 
 import jinja2
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_load
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from forgellm import LAYERED_SAMPLING, Constraint, Engine, LoadedModel, TemplateRefused, checked_sampling_value
 from forgellm.backends.mlx.batch_engine import EngineTuning, MlxBatchEngine
@@ -42,6 +44,22 @@ def recommended_sampling(directory: pathlib.Path) -> dict[str, float]:
     return recommended
 
 
+def parameter_bytes(model: nn.Module) -> int:
+    weights: list[tuple[str, mx.array]] = tree_flatten(model.parameters())  # type: ignore[assignment]
+    return sum(array.nbytes for _, array in weights)
+
+
+def load_draft_model(path: str, tokenizer: TokenizerWrapper) -> nn.Module:
+    """The draft model at path; ValueError unless its tokenizer is the target's (its tokens would mean other
+    text) and its cache can roll back per row."""
+    draft, draft_tokenizer = mlx_load(path)[:2]
+    if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"the draft model {path} has another tokenizer than the model: it cannot draft for it")
+    if not all(type(layer) is KVCache for layer in make_prompt_cache(draft)):
+        raise ValueError(f"the draft model {path} has layers whose cache cannot be rolled back per sequence")
+    return draft
+
+
 class MlxModel(LoadedModel):
     """A model and tokenizer loaded by mlx-lm's own loader (from ``path``, a directory or repo id)."""
 
@@ -52,6 +70,7 @@ class MlxModel(LoadedModel):
         tuning: EngineTuning | None = None,
         path: str | None = None,
         tool_parser: str | None = None,
+        draft_path: str | None = None,
     ) -> None:
         self.name = name
         self.adapter_path = adapter_path
@@ -68,8 +87,8 @@ class MlxModel(LoadedModel):
         self.decoding = Decoding(self.tokenizer, self.vocab_size)
         self.output_format = output_format(self.tokenizer)
         self.sampling_defaults = recommended_sampling(pathlib.Path(os.path.expanduser(path or name)))
-        weights: list[tuple[str, mx.array]] = tree_flatten(self.model.parameters())  # type: ignore[assignment]
-        self.memory_bytes = sum(array.nbytes for _, array in weights)
+        self.draft = load_draft_model(draft_path, self.tokenizer) if draft_path else None
+        self.memory_bytes = sum(parameter_bytes(model) for model in (self.model, self.draft) if model is not None)
 
     @property
     def has_chat_template(self) -> bool:
@@ -100,12 +119,12 @@ class MlxModel(LoadedModel):
         mx.random.seed(int.from_bytes(os.urandom(8), "little"))
         if self.batchable:
             return MlxBatchEngine(
-                self.model, self.tokenizer, self.decoding, max_batch_size, self.vocab_size, self.tuning
+                self.model, self.tokenizer, self.decoding, max_batch_size, self.vocab_size, self.tuning, self.draft
             )
         return MlxSequentialEngine(self.model, self.tokenizer, self.decoding, self.vocab_size)
 
     def close(self) -> None:
-        del self.model, self.tokenizer
+        del self.model, self.tokenizer, self.draft
         gc.collect()
         mx.clear_cache()
 

@@ -60,6 +60,12 @@ MLX_OPTIONS = (
         default="prompt-lookup",
     ),
     Option(
+        "draft_model",
+        "A smaller model with the same tokenizer that drafts tokens for every model served (a directory, repo "
+        "id, built-in name or GGUF file), verified by the batch like the other drafts; it pays where it "
+        "decodes much faster than the target (a GPU), not on a CPU. A tokenizer that differs fails the load.",
+    ),
+    Option(
         "num_draft_tokens",
         "Most draft tokens a sequence verifies in one step; each step drafts only as far as its sequences' "
         "recent acceptance makes it pay.",

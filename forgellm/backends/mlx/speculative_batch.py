@@ -28,26 +28,32 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import GenerationBatch
-from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import greedy_sampler
 
 from forgellm import DraftTokens
+from forgellm.backends.mlx.draft_model import DRAFT_MODEL, DraftModel
 from forgellm.backends.mlx.draft_policy import Acceptance, SpeculationSettings, draft_width
 from forgellm.backends.mlx.drafts import DraftSource
+from forgellm.backends.mlx.kv_rollback import can_roll_back, roll_back
 
 
 class DraftRow:
     """One sequence's draft sources, tried in order, each with its acceptance so far; and what its drafts
     achieved since the engine last asked."""
 
-    def __init__(self, sources: list[DraftSource], verify_in_order: bool) -> None:
+    def __init__(self, sources: list[DraftSource], verify_in_order: bool, draft_model: bool = False) -> None:
         self.sources = [(source, Acceptance()) for source in sources]
+        # The batch's draft model drafts for the row when none of its own sources has a draft.
+        self.model_acceptance = Acceptance() if draft_model else None
         self.verify_in_order = verify_in_order  # it has logits processors, or a random draw per position
         self.counts: dict[str, list[int]] = {}  # source: [drafted, accepted], since taken
 
     @property
     def best_rate(self) -> float:
-        return max((acceptance.rate for _, acceptance in self.sources), default=0.0)
+        rates = [acceptance.rate for _, acceptance in self.sources]
+        if self.model_acceptance is not None:
+            rates.append(self.model_acceptance.rate)
+        return max(rates, default=0.0)
 
     def propose(self, tokens: list[int], limit: int) -> tuple[list[int], Acceptance | None, str]:
         for source, acceptance in self.sources:
@@ -60,6 +66,8 @@ class DraftRow:
     def idle(self) -> None:
         for _, acceptance in self.sources:
             acceptance.idle()
+        if self.model_acceptance is not None:
+            self.model_acceptance.idle()
 
     def record(self, source: str, acceptance: Acceptance, drafted: int, accepted: int) -> None:
         acceptance.record(drafted, accepted)
@@ -73,25 +81,6 @@ class DraftRow:
         return tuple(DraftTokens(source, drafted, accepted) for source, (drafted, accepted) in counts.items())
 
 
-def can_speculate(prompt_cache: list[Any]) -> bool:
-    """Whether every cache layer can hand back positions per row (plain attention caches; not a sliding
-    window's rotating cache, nor a recurrent layer's state)."""
-    return all(isinstance(layer, BatchKVCache) for layer in prompt_cache)
-
-
-def _roll_back(prompt_cache: list[BatchKVCache], surplus: list[int]) -> None:
-    """Drop each row's last surplus[i] positions: the positions all rows drop are trimmed; the rest are
-    rolled out of each row, which grows its left padding by as many."""
-    common = min(surplus)
-    extra = [count - common for count in surplus]
-    for layer in prompt_cache:
-        if common:
-            layer.trim(common)
-        if any(extra):
-            layer.prepare(right_padding=extra)
-            layer.finalize()
-
-
 class SpeculativeBatch(GenerationBatch):
     """mlx-lm's generation batch, with a speculating step used whenever drafting pays."""
 
@@ -101,19 +90,25 @@ class SpeculativeBatch(GenerationBatch):
         fallback_sampler: Callable[[mx.array], mx.array],
         settings: SpeculationSettings,
         draft_rows: Callable[[int], DraftRow | None],
+        draft_model: DraftModel | None = None,
     ) -> None:
         super().__init__(model, [], mx.array([], dtype=mx.uint32), [], [], [], fallback_sampler, [], [], [])
         self._settings = settings
         self._draft_rows = draft_rows  # the row state of a uid joining the batch
+        self._draft_model = draft_model
         self.rows: list[DraftRow | None] = []
 
     def extend(self, batch: GenerationBatch) -> None:
         super().extend(batch)
         self.rows.extend(self._draft_rows(uid) for uid in batch.uids)
+        if self._draft_model is not None:
+            self._draft_model.join([list(tokens) for tokens in batch.tokens])
 
     def filter(self, keep: list[int]) -> None:
         super().filter(keep)
         self.rows = [self.rows[index] for index in keep]
+        if self._draft_model is not None:
+            self._draft_model.filter(keep)
 
     def next(self) -> list[GenerationBatch.Response]:
         if not self.uids or not self._worth_drafting():
@@ -123,7 +118,7 @@ class SpeculativeBatch(GenerationBatch):
     def _worth_drafting(self) -> bool:
         """Whether drafting could pay this step if every row had a full draft: decided without waiting for the
         pending tokens, so a batch that would not speculate keeps mlx-lm's overlapped steps."""
-        if not can_speculate(self.prompt_cache):
+        if not can_roll_back(self.prompt_cache):
             return False
         rates = [(row.best_rate, self._settings.max_draft_tokens) for row in self.rows if row is not None]
         if rates and draft_width(rates + [(0.0, 0)] * (len(self.rows) - len(rates)), self._settings) > 0:
@@ -140,11 +135,14 @@ class SpeculativeBatch(GenerationBatch):
             row.propose([*self.tokens[i], pending[i]], self._draft_limit(i)) if row is not None else ([], None, "")
             for i, row in enumerate(self.rows)
         ]
+        modelled = self._model_drafts(pending, proposals)
         width = draft_width(
             [(acceptance.rate if acceptance else 0.0, len(draft)) for draft, acceptance, _ in proposals],
             self._settings,
         )
         if width == 0:
+            if modelled:
+                self._draft_model.kept([1] * len(self.uids), modelled)  # type: ignore[union-attr]  # it ran
             return super().next()
         drafts = [draft[:width] for draft, _, _ in proposals]
         inputs = mx.array(
@@ -152,13 +150,37 @@ class SpeculativeBatch(GenerationBatch):
         )
         logits = self.model(inputs, cache=self.prompt_cache)
         kept, kept_logprobs = self._verify(logits, pending, drafts)
-        rows = self.rows  # before _emit filters out the finished ones
-        responses, emitted = self._emit(pending, kept, kept_logprobs, width)
-        for (_, acceptance, source), row, draft, count in zip(proposals, rows, drafts, emitted, strict=True):
+        responses, emitted, finished = self._emit(pending, kept, kept_logprobs, width)
+        if self._draft_model is not None and modelled:
+            # A row that took another source's draft keeps only its pending token in the draft cache.
+            drafted_by_model = [source == DRAFT_MODEL for _, _, source in proposals]
+            counts = [count if by_model else 1 for count, by_model in zip(emitted, drafted_by_model, strict=True)]
+            self._draft_model.kept(counts, modelled)
+        for (_, acceptance, source), row, draft, count in zip(proposals, self.rows, drafts, emitted, strict=True):
             if acceptance is not None and row is not None:
                 # The pending token is emitted too; a draft token cut off by the end token was not kept.
                 row.record(source, acceptance, len(draft), count - 1)
+        if finished:
+            self.filter([i for i in range(len(self.uids)) if i not in finished])
         return responses
+
+    def _model_drafts(self, pending: list[int], proposals: list[tuple[list[int], Acceptance | None, str]]) -> int:
+        """Runs the draft model, if the batch has one and it pays, filling in the rows that have no draft of
+        their own; returns how many tokens it drafted for each row (0: it did not run)."""
+        if self._draft_model is None:
+            return 0
+        wanting = [
+            (row.model_acceptance.rate, self._draft_limit(i)) if row and row.model_acceptance and not draft else (0, 0)
+            for i, (row, (draft, _, _)) in enumerate(zip(self.rows, proposals, strict=True))
+        ]
+        width = draft_width(wanting, self._settings)
+        if width == 0:
+            return 0
+        drafts = self._draft_model.propose(self.tokens, pending, width)
+        for i, row in enumerate(self.rows):
+            if row is not None and row.model_acceptance is not None and not proposals[i][0]:
+                proposals[i] = (drafts[i][: self._draft_limit(i)], row.model_acceptance, DRAFT_MODEL)
+        return width
 
     def _draft_limit(self, i: int) -> int:
         """Draft tokens row i may use: no more than it may still generate after its pending token."""
@@ -221,10 +243,10 @@ class SpeculativeBatch(GenerationBatch):
 
     def _emit(
         self, pending: list[int], kept: list[list[int]], kept_logprobs: list[list[mx.array]], width: int
-    ) -> tuple[list[GenerationBatch.Response], list[int]]:
+    ) -> tuple[list[GenerationBatch.Response], list[int], set[int]]:
         """The step's responses (every kept token but the last, which is the next step's pending one), the
-        finished rows' stops applied, and every row's surplus positions handed back; and how many tokens each
-        row emitted."""
+        finished rows' stops applied, and every row's surplus positions handed back; how many tokens each row
+        emitted, and which rows finished."""
         responses: list[GenerationBatch.Response] = []
         finished: list[tuple[int, int, str]] = []
         surplus = []
@@ -247,7 +269,7 @@ class SpeculativeBatch(GenerationBatch):
             self.tokens[i].extend(emitted)
             if self._processors(i):
                 self._token_context[i].update_and_fetch(mx.array(emitted, dtype=mx.int32))
-        _roll_back(self.prompt_cache, surplus)
+        roll_back(self.prompt_cache, surplus)
         self._next_tokens = mx.array([tokens[-1] for tokens in kept], dtype=mx.uint32)
         self._next_logprobs = [logprobs[-1] for logprobs in kept_logprobs]
         self._current_tokens = mx.array(pending, dtype=mx.uint32)  # type: ignore[assignment]  # mlx-lm's None
@@ -256,10 +278,7 @@ class SpeculativeBatch(GenerationBatch):
             response.finish_reason = reason
             response.prompt_cache = self.extract_cache(i)
             response.all_tokens = self.tokens[i]
-        done = {i for i, _, _ in finished}
-        if done:
-            self.filter([i for i in range(len(self.uids)) if i not in done])
-        return responses, [width + 1 - count for count in surplus]
+        return responses, [width + 1 - count for count in surplus], {i for i, _, _ in finished}
 
 
 def _accepted_prefix(draft: list[int], drawn: list[int]) -> int:
