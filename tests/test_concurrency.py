@@ -44,7 +44,15 @@ def complete_all_at_once(client, prompts: list[str], max_tokens: int) -> list[st
         return list(pool.map(lambda prompt: complete(client, prompt, max_tokens), prompts))
 
 
-def test_concurrent_requests_share_engine_steps(client):
+@pytest.fixture(scope="module")
+def one_token_a_step(tiny_model):
+    """Speculation off: every step decodes exactly one token per sequence, so steps count tokens."""
+    with test_client(tiny_model, speculation="off") as client:
+        yield client
+
+
+def test_concurrent_requests_share_engine_steps(one_token_a_step):
+    client = one_token_a_step
     max_tokens = 48
     before = steps_of(client)
     for prompt in PROMPTS:

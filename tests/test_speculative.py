@@ -33,8 +33,9 @@ MAX_TOKENS = 40
 PROMPTS = ["Once upon a time", "The quick brown fox", "Tell me about the sea", "def main():"]
 
 
-def chat(client, content: str, **extra) -> dict:
-    body = {"messages": [{"role": "user", "content": content}], "max_tokens": MAX_TOKENS, "temperature": 0, **extra}
+def chat(client, content: str | None = None, **extra) -> dict:
+    messages = [{"role": "user", "content": content}] if content is not None else extra.pop("messages")
+    body = {"messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0, **extra}
     response = client.post(CHAT, json=body)
     assert response.status_code == 200, response.text
     return response.json()
@@ -322,3 +323,57 @@ def test_a_draft_model_with_another_tokenizer_is_a_clean_load_error(tiny_model, 
         assert "another tokenizer" in status["error"] and "\n" not in status["error"]
         response = client.post("/api/model/generate", json={"prompt": "Hi", "max_tokens": 2})
         assert response.json() == {"success": False, "error": "No model loaded"}
+
+
+def test_penalties_and_logit_bias_apply_to_every_kept_token(speculating, reference, tiny_model):
+    """Penalties see the tokens before each verified position, as they would one step at a time."""
+    fields = {"presence_penalty": 0.8, "frequency_penalty": 0.5, "repetition_penalty": 1.3, "logit_bias": {"5": -100}}
+    with test_client(tiny_model, speculation="off") as plain:
+        without = text(chat(plain, PROMPTS[0], **fields))
+    for prediction in (without, text(reference[PROMPTS[0]])):
+        answer = chat(speculating, PROMPTS[0], prediction={"type": "content", "content": prediction}, **fields)
+        assert text(answer) == without
+    assert predicted(chat(speculating, PROMPTS[0], prediction={"type": "content", "content": without}, **fields))[0] > 0
+
+
+# -- the built-in model ---------------------------------------------------------------------------------------
+
+MODULE = """class Counter:
+    def __init__(self):
+        self.count = 0
+
+    def increment(self):
+        self.count += 1
+        return self.count
+
+    def reset(self):
+        self.count = 0
+"""
+EDIT = "Rename the method increment to step in this class. Reply with the whole class.\n\n" + MODULE
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", EDIT]
+
+
+@pytest.mark.real_model
+def test_smollm2_greedy_output_is_the_same_with_speculation_on_and_off():
+    """SmolLM2 quoting a module (prompt lookup drafts most of it) and answering questions, alone and as one batch
+    with a prediction, a JSON answer and rows that do not speculate."""
+    from forgellm.backends.mlx.sources.builtin_models import DEFAULT_MODEL
+
+    def answers(client) -> list[str]:
+        return [text(chat(client, **body, max_tokens=120)) for body in _bodies()]
+
+    with test_client(DEFAULT_MODEL, speculation="off", prompt_cache_size=0) as plain:
+        expected = answers(plain)
+    with serving(DEFAULT_MODEL, max_concurrency=8, prompt_cache_size=0) as live:
+        client = httpx.Client(base_url=live.url, timeout=300)
+        assert answers(client) == expected
+        with concurrent.futures.ThreadPoolExecutor(len(expected)) as pool:
+            batched = list(pool.map(lambda body: text(chat(client, **body, max_tokens=120)), _bodies()))
+    assert batched == expected
+
+
+def _bodies() -> list[dict]:
+    bodies = [{"messages": [{"role": "user", "content": q}]} for q in QUESTIONS]
+    bodies.append({**bodies[2], "prediction": {"type": "content", "content": MODULE}})
+    bodies.append({**bodies[0], "response_format": {"type": "json_object"}})
+    return bodies

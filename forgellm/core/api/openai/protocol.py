@@ -159,7 +159,7 @@ class SamplingFields(msgspec.Struct, forbid_unknown_fields=True):
     xtc_probability: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
     xtc_threshold: Annotated[float, msgspec.Meta(ge=0, le=0.5)] = 0.1
     num_draft_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None  # accepted and ignored: the server decides
-    draft_model: str | None = None  # refused unless mlx_lm.server's "default_model" or the served draft model
+    draft_model: str | None = None  # refused unless mlx_lm.server's "default_model": --draft-model decides
     adapters: str | None = None  # refused: an adapter is served under a model name of its own
     # Accepted and ignored (docs/openai-fields.md says why).
     user: str | None = None

@@ -91,7 +91,7 @@ def choice_requests(data: SamplingFields, base: GenerationRequest) -> list[Gener
     if data.stream_options is not None and not data.stream:
         raise bad_request("stream_options is only allowed when stream is true")
     if data.draft_model not in (None, MLX_LM_DEFAULT_MODEL):
-        raise bad_request("draft_model: this server has no draft models")
+        raise bad_request("draft_model: a request cannot choose one; the server's --draft-model drafts for all")
     if data.adapters is not None:
         raise bad_request("adapters: an adapter is served as a model of its own; name that model instead")
     stop = data.stop if data.stop is None or isinstance(data.stop, list) else [data.stop]
