@@ -377,3 +377,12 @@ def _bodies() -> list[dict]:
     bodies.append({**bodies[2], "prediction": {"type": "content", "content": MODULE}})
     bodies.append({**bodies[0], "response_format": {"type": "json_object"}})
     return bodies
+
+
+def test_the_console_charts_the_share_of_drafts_accepted(tiny_model, reference):
+    expected = text(reference[PROMPTS[1]])
+    with test_client(tiny_model, plugins="console", speculation="predictions") as client:
+        accepted, rejected = predicted(chat(client, PROMPTS[1], prediction={"type": "content", "content": expected}))
+        series = client.get("/console/api/state").json()["series"]
+    shares = [point["draft_acceptance"] for point in series if point["draft_acceptance"] is not None]
+    assert shares == [pytest.approx(accepted / (accepted + rejected))]
