@@ -142,24 +142,27 @@ def test_after_a_prompt_cache_hit_the_output_is_the_same(tiny_model, reference):
 
 
 def test_rows_that_speculate_and_rows_that_do_not_share_the_batch(tiny_model, reference):
-    """Each row accepts its own draft in the shared step: predictions, edited predictions and none at once."""
+    """Each row accepts its own draft in the shared step: predictions, edited predictions, and rows that never
+    speculate (with --speculation predictions, a row without a prediction has no draft source at all)."""
     jobs = []
     for prompt, variant in itertools.product(PROMPTS, ("right", "edited", "none")):
         expected = text(reference[prompt])
         extra = {"prediction": {"type": "content", "content": expected if variant == "right" else edited(expected)}}
         jobs.append((prompt, expected, extra if variant != "none" else {}))
-    with serving(tiny_model, max_concurrency=8, prompt_cache_size=0) as live:
+    with serving(tiny_model, max_concurrency=8, prompt_cache_size=0, speculation="predictions") as live:
 
-        def run(job: tuple[str, str, dict]) -> tuple[str, str]:
+        def run(job: tuple[str, str, dict]) -> tuple[str, str, int]:
             prompt, expected, extra = job
             body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS, "temperature": 0}
             response = httpx.post(f"{live.url}{CHAT}", json={**body, **extra}, timeout=120)
             assert response.status_code == 200, response.text
-            return text(response.json()), expected
+            return text(response.json()), expected, predicted(response.json())[0]
 
         with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
             results = list(pool.map(run, jobs))
-    assert all(got == expected for got, expected in results)
+    assert all(got == expected for got, expected, _ in results)
+    accepted = [count for _, _, count in results]
+    assert all(count > 0 for count in accepted[0::3]) and not any(accepted[2::3])  # right ones; none
 
 
 def test_prediction_through_the_openai_client(speculating, reference):
