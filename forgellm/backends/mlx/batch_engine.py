@@ -25,6 +25,7 @@ from forgellm.backends.mlx.detokenize import Detokenizers
 from forgellm.backends.mlx.draft_model import DraftModel
 from forgellm.backends.mlx.draft_policy import SpeculationSettings
 from forgellm.backends.mlx.drafts import DraftSource, PredictedOutput, PromptLookup
+from forgellm.backends.mlx.kv_rollback import rolls_back_per_row
 from forgellm.backends.mlx.options import (
     DEFAULT_PREFILL_BATCH_SIZE,
     DEFAULT_PREFILL_CHUNK_SIZE,
@@ -135,9 +136,11 @@ class MlxBatchEngine(Engine):
             prefill_step_size=tuning.prefill_chunk_size,
         )
         self._speculation = tuning.speculation
+        # A model whose cache cannot hand back positions per row decodes one token a step, whatever is asked.
+        self._speculating = tuning.speculation.enabled and rolls_back_per_row(model)
         self._draft_rows: dict[int, DraftRow] = {}
-        self._has_draft_model = draft is not None and tuning.speculation.enabled
-        if tuning.speculation.enabled:
+        self._has_draft_model = draft is not None and self._speculating
+        if self._speculating:
             self._generator._generation_batch = SpeculativeBatch(
                 model,
                 self._generator.sampler,
@@ -178,7 +181,7 @@ class MlxBatchEngine(Engine):
 
     def _draft_sources(self, job: GenerationJob) -> list[DraftSource]:
         sources: list[DraftSource] = []
-        if not self._speculation.enabled:
+        if not self._speculating:
             return sources
         if job.prediction:
             sources.append(PredictedOutput(job.prediction, len(job.prompt_tokens)))

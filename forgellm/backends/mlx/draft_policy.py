@@ -21,7 +21,7 @@ DEFAULT_NUM_DRAFT_TOKENS = 16
 # c1/c0 above, measured on the CPU; on a GPU extra positions cost far less (--draft-position-cost).
 DEFAULT_POSITION_COST = 0.06
 # A speculating step cannot overlap its Python work with the model's (it must see the sampled tokens before
-# it can verify them), measured at about 3% of a one-sequence step.
+# it can verify them): an allowance of 3% of a one-sequence step for that, not measured on its own.
 SPECULATIVE_STEP_OVERHEAD = 0.03
 
 

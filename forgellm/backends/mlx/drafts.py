@@ -90,9 +90,8 @@ class PredictedOutput:
         self._cursor = 0  # where in the prediction the output is expected to go on
 
     def propose(self, tokens: list[int], limit: int) -> list[int]:
-        output = tokens[self._output_start :]
-        for n in range(min(LONGEST_NGRAM, len(output)), 0, -1):
-            ends = self._ends.get(tuple(output[-n:]))
+        for n in range(min(LONGEST_NGRAM, len(tokens) - self._output_start), 0, -1):
+            ends = self._ends.get(tuple(tokens[-n:]))
             if ends:
                 at = bisect.bisect_left(ends, self._cursor)
                 end = ends[at] if at < len(ends) else ends[-1]

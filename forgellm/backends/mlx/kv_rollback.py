@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlx_lm.models.cache import BatchKVCache
+import mlx.nn as nn
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 
-def can_roll_back(prompt_cache: list[Any]) -> bool:
-    """Whether every cache layer can hand back positions per row (plain attention caches; not a sliding
-    window's rotating cache, nor a recurrent layer's state)."""
-    return bool(prompt_cache) and all(isinstance(layer, BatchKVCache) for layer in prompt_cache)
+def rolls_back_per_row(model: nn.Module) -> bool:
+    """Whether the model's batched cache can hand back positions per row: plain attention at every layer (mlx-lm
+    batches those as BatchKVCache), not a sliding window's rotating cache, nor a recurrent layer's state."""
+    return all(type(layer) is KVCache for layer in make_prompt_cache(model))
 
 
 def roll_back(prompt_cache: list[Any], surplus: list[int]) -> None:

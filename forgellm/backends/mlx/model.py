@@ -13,12 +13,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_load
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from forgellm import LAYERED_SAMPLING, Constraint, Engine, LoadedModel, TemplateRefused, checked_sampling_value
 from forgellm.backends.mlx.batch_engine import EngineTuning, MlxBatchEngine
 from forgellm.backends.mlx.decoding import Decoding
+from forgellm.backends.mlx.kv_rollback import rolls_back_per_row
 from forgellm.backends.mlx.output_format import output_format
 from forgellm.backends.mlx.sequential_engine import MlxSequentialEngine
 
@@ -55,7 +56,7 @@ def load_draft_model(path: str, tokenizer: TokenizerWrapper) -> nn.Module:
     draft, draft_tokenizer = mlx_load(path)[:2]
     if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"the draft model {path} has another tokenizer than the model: it cannot draft for it")
-    if not all(type(layer) is KVCache for layer in make_prompt_cache(draft)):
+    if not rolls_back_per_row(draft):
         raise ValueError(f"the draft model {path} has layers whose cache cannot be rolled back per sequence")
     return draft
 

@@ -34,7 +34,7 @@ from forgellm import DraftTokens
 from forgellm.backends.mlx.draft_model import DRAFT_MODEL, DraftModel
 from forgellm.backends.mlx.draft_policy import Acceptance, SpeculationSettings, draft_width
 from forgellm.backends.mlx.drafts import DraftSource
-from forgellm.backends.mlx.kv_rollback import can_roll_back, roll_back
+from forgellm.backends.mlx.kv_rollback import roll_back
 
 
 class DraftRow:
@@ -46,7 +46,7 @@ class DraftRow:
         # The batch's draft model drafts for the row when none of its own sources has a draft.
         self.model_acceptance = Acceptance() if draft_model else None
         self.verify_in_order = verify_in_order  # it has logits processors, or a random draw per position
-        self.counts: dict[str, list[int]] = {}  # source: [drafted, accepted], since taken
+        self._last_step: DraftTokens | None = None  # what its draft achieved in the step just taken
 
     @property
     def best_rate(self) -> float:
@@ -71,14 +71,12 @@ class DraftRow:
 
     def record(self, source: str, acceptance: Acceptance, drafted: int, accepted: int) -> None:
         acceptance.record(drafted, accepted)
-        counts = self.counts.setdefault(source, [0, 0])
-        counts[0] += drafted
-        counts[1] += accepted
+        self._last_step = DraftTokens(source, drafted, accepted)
 
     def take_drafts(self) -> tuple[DraftTokens, ...]:
-        """What its drafts achieved since last asked, per source."""
-        counts, self.counts = self.counts, {}
-        return tuple(DraftTokens(source, drafted, accepted) for source, (drafted, accepted) in counts.items())
+        """What its draft achieved in the step just taken (nothing if it did not draft), once."""
+        last, self._last_step = self._last_step, None
+        return (last,) if last is not None else ()
 
 
 class SpeculativeBatch(GenerationBatch):
@@ -118,10 +116,9 @@ class SpeculativeBatch(GenerationBatch):
     def _worth_drafting(self) -> bool:
         """Whether drafting could pay this step if every row had a full draft: decided without waiting for the
         pending tokens, so a batch that would not speculate keeps mlx-lm's overlapped steps."""
-        if not can_roll_back(self.prompt_cache):
-            return False
-        rates = [(row.best_rate, self._settings.max_draft_tokens) for row in self.rows if row is not None]
-        if rates and draft_width(rates + [(0.0, 0)] * (len(self.rows) - len(rates)), self._settings) > 0:
+        longest = self._settings.max_draft_tokens
+        rates = [(row.best_rate, longest) if row is not None else (0.0, 0) for row in self.rows]
+        if draft_width(rates, self._settings) > 0:
             return True
         for row in self.rows:
             if row is not None:
@@ -169,17 +166,18 @@ class SpeculativeBatch(GenerationBatch):
         their own; returns how many tokens it drafted for each row (0: it did not run)."""
         if self._draft_model is None:
             return 0
-        wanting = [
-            (row.model_acceptance.rate, self._draft_limit(i)) if row and row.model_acceptance and not draft else (0, 0)
+        wanting = {
+            i: row.model_acceptance
             for i, (row, (draft, _, _)) in enumerate(zip(self.rows, proposals, strict=True))
-        ]
-        width = draft_width(wanting, self._settings)
+            if row is not None and row.model_acceptance is not None and not draft
+        }
+        rates = [(wanting[i].rate, self._draft_limit(i)) if i in wanting else (0.0, 0) for i in range(len(self.rows))]
+        width = draft_width(rates, self._settings)
         if width == 0:
             return 0
         drafts = self._draft_model.propose(self.tokens, pending, width)
-        for i, row in enumerate(self.rows):
-            if row is not None and row.model_acceptance is not None and not proposals[i][0]:
-                proposals[i] = (drafts[i][: self._draft_limit(i)], row.model_acceptance, DRAFT_MODEL)
+        for i, acceptance in wanting.items():
+            proposals[i] = (drafts[i][: self._draft_limit(i)], acceptance, DRAFT_MODEL)
         return width
 
     def _draft_limit(self, i: int) -> int:
@@ -219,7 +217,7 @@ class SpeculativeBatch(GenerationBatch):
         return kept, kept_logprobs
 
     def _processors(self, i: int) -> list[Callable[[mx.array, mx.array], mx.array]]:
-        return (self.logits_processors or [])[i] if self.logits_processors else []
+        return self.logits_processors[i] if self.logits_processors else []
 
     def _verify_in_order(
         self, i: int, logits: mx.array, token: int, draft: list[int], sampler: Callable[[mx.array], mx.array]
@@ -249,7 +247,7 @@ class SpeculativeBatch(GenerationBatch):
         emitted, and which rows finished."""
         responses: list[GenerationBatch.Response] = []
         finished: list[tuple[int, int, str]] = []
-        surplus = []
+        counts = []
         for i, (tokens, logprobs) in enumerate(zip(kept, kept_logprobs, strict=True)):
             emitted = tokens[:-1]
             reason = None
@@ -265,11 +263,11 @@ class SpeculativeBatch(GenerationBatch):
                     break
             for token, token_logprobs in zip(emitted, logprobs, strict=False):
                 responses.append(self.Response(self.uids[i], token, token_logprobs, None, None, None))
-            surplus.append(width + 1 - len(emitted))
+            counts.append(len(emitted))
             self.tokens[i].extend(emitted)
             if self._processors(i):
                 self._token_context[i].update_and_fetch(mx.array(emitted, dtype=mx.int32))
-        roll_back(self.prompt_cache, surplus)
+        roll_back(self.prompt_cache, [width + 1 - count for count in counts])
         self._next_tokens = mx.array([tokens[-1] for tokens in kept], dtype=mx.uint32)
         self._next_logprobs = [logprobs[-1] for logprobs in kept_logprobs]
         self._current_tokens = mx.array(pending, dtype=mx.uint32)  # type: ignore[assignment]  # mlx-lm's None
@@ -278,7 +276,7 @@ class SpeculativeBatch(GenerationBatch):
             response.finish_reason = reason
             response.prompt_cache = self.extract_cache(i)
             response.all_tokens = self.tokens[i]
-        return responses, [width + 1 - count for count in surplus], {i for i, _, _ in finished}
+        return responses, counts, {i for i, _, _ in finished}
 
 
 def _accepted_prefix(draft: list[int], drawn: list[int]) -> int:

@@ -149,12 +149,12 @@ class GenerationService:
             raise
 
         async def finish(ended: SequenceHandle) -> None:
-            record = caller.record
-            record.completion_tokens = ended.completion_tokens
-            record.accepted_draft_tokens = ended.usage.accepted_draft_tokens
+            record, usage = caller.record, ended.usage
+            record.completion_tokens = usage.completion_tokens
+            record.accepted_draft_tokens = usage.accepted_draft_tokens
             if ended.first_token_at is not None:
                 record.time_to_first_token_ms = (ended.first_token_at - ended.submitted_at) * 1000
-            await self._admission.settle(caller, ended.job, ended.usage)
+            await self._admission.settle(caller, ended.job, usage)
 
         output_format = model.output_format
         return Generation(handle, request, output_format, resident.name, caller, finish, self._limits.request_timeout)
