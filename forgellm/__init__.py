@@ -28,6 +28,7 @@ from forgellm.core.config.settings import Option, Settings
 from forgellm.core.engine.backend import Backend, Engine, LoadedModel, ModelSource, OutputFormat
 from forgellm.core.engine.generation import (
     LAYERED_SAMPLING,
+    PREDICTION_SOURCE,
     Completion,
     Constraint,
     Delta,
@@ -75,6 +76,7 @@ __all__ = [
     "GENERATION_ERRORS",
     "INVALID_CREDENTIALS",
     "LAYERED_SAMPLING",
+    "PREDICTION_SOURCE",
     "LOAD",
     "PROBE_PATHS",
     "STATUS",

@@ -11,8 +11,9 @@ from __future__ import annotations
 import bisect
 from typing import Protocol
 
+from forgellm import PREDICTION_SOURCE
+
 PROMPT_LOOKUP = "prompt_lookup"
-PREDICTION = "prediction"
 
 # The n-gram lengths looked up, longest first: a longer match says more about what follows.
 LONGEST_NGRAM = 4
@@ -78,7 +79,7 @@ class PredictedOutput:
     tokens are looked up in the prediction again, nearest after that point first, and it is followed from
     there."""
 
-    source = PREDICTION
+    source = PREDICTION_SOURCE  # the source OpenAI's usage fields count
 
     def __init__(self, prediction: list[int], output_start: int) -> None:
         self._prediction = prediction

@@ -93,6 +93,10 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
     @property
+    def drafted_tokens(self) -> int:
+        return sum(count.drafted for count in self.drafts)
+
+    @property
     def accepted_draft_tokens(self) -> int:
         return sum(count.accepted for count in self.drafts)
 

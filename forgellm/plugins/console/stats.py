@@ -57,7 +57,7 @@ class LiveStats:
         bucket = self._current(time.time() if now is None else now)
         bucket.generations += 1
         bucket.tokens += usage.completion_tokens
-        bucket.drafted += sum(drafts.drafted for drafts in usage.drafts)
+        bucket.drafted += usage.drafted_tokens
         bucket.accepted += usage.accepted_draft_tokens
         if ttft_ms is not None:
             bucket.ttft_ms.append(ttft_ms)
