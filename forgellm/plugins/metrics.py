@@ -82,7 +82,7 @@ class ServerStateCollector:
 
     def _per_model(self) -> Iterator[Metric]:
         registry = self._server.registry
-        families = {
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "queue_depth": GaugeMetricFamily(
                 "forgellm_model_queue_depth", "Generations waiting for a batch slot, by model.", labels=["model"]
             ),
@@ -95,6 +95,35 @@ class ServerStateCollector:
             "loaded": GaugeMetricFamily(
                 "forgellm_model_loaded_seconds", "How long each resident model took to load.", labels=["model"]
             ),
+            "kv_per_token": GaugeMetricFamily(
+                "forgellm_model_kv_bytes_per_token", "KV cache bytes of one position of one sequence.", labels=["model"]
+            ),
+            "kv_in_use": GaugeMetricFamily(
+                "forgellm_model_kv_in_use_bytes", "The running batch's KV cache, by model.", labels=["model"]
+            ),
+            "kv_reserved": GaugeMetricFamily(
+                "forgellm_model_kv_reserved_bytes",
+                "What the running sequences' KV caches may grow to (admission's count), by model.",
+                labels=["model"],
+            ),
+            "cache_bytes": GaugeMetricFamily(
+                "forgellm_model_prompt_cache_bytes",
+                "The prompt cache's size, by model and tier.",
+                labels=["model", "tier"],
+            ),
+            "cache_entries": GaugeMetricFamily(
+                "forgellm_model_prompt_cache_entries",
+                "Sequences in the prompt cache, by model and tier.",
+                labels=["model", "tier"],
+            ),
+            "lookups": CounterMetricFamily(
+                "forgellm_model_prompt_cache_lookups", "Prompts looked up in the prompt cache.", labels=["model"]
+            ),
+            "hits": CounterMetricFamily(
+                "forgellm_model_prompt_cache_hits",
+                "Prompts that took a cached prefix, by the tier it came from (hit rate: hits / lookups).",
+                labels=["model", "tier"],
+            ),
         }
         for resident in registry.residents:
             if resident.model is None:
@@ -104,6 +133,18 @@ class ServerStateCollector:
             families["memory"].add_metric([resident.name], resident.memory_bytes)
             if resident.slot.state.load_seconds is not None:
                 families["loaded"].add_metric([resident.name], resident.slot.state.load_seconds)
+            stats = resident.scheduler.cache_stats
+            families["kv_per_token"].add_metric([resident.name], stats.kv_bytes_per_token)
+            families["kv_in_use"].add_metric([resident.name], stats.kv_in_use)
+            families["kv_reserved"].add_metric([resident.name], resident.scheduler.kv_reserved)
+            families["lookups"].add_metric([resident.name], stats.lookups)
+            for tier, nbytes, entries, hits in (
+                ("memory", stats.memory_bytes, stats.memory_entries, stats.memory_hits),
+                ("disk", stats.disk_bytes, stats.disk_entries, stats.disk_hits),
+            ):
+                families["cache_bytes"].add_metric([resident.name, tier], nbytes)
+                families["cache_entries"].add_metric([resident.name, tier], entries)
+                families["hits"].add_metric([resident.name, tier], hits)
         yield from families.values()
         evictions = CounterMetricFamily(
             "forgellm_model_evictions", "Models unloaded to make room for another, by model.", labels=["model"]

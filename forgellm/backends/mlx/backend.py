@@ -12,6 +12,7 @@ from forgellm import Backend, ModelSource, Settings
 from forgellm.backends.mlx.batch_engine import EngineTuning
 from forgellm.backends.mlx.draft_policy import SpeculationSettings
 from forgellm.backends.mlx.model import MlxModel
+from forgellm.backends.mlx.quantized_kv import KvQuantization
 from forgellm.backends.mlx.sources import ModelSources
 from forgellm.backends.mlx.sources.builtin_models import BUILTIN_MODELS, DEFAULT_MODEL
 from forgellm.backends.mlx.sources.model_cache import default_cache_dir
@@ -43,6 +44,8 @@ class MlxBackend(Backend):
             EngineTuning(
                 prompt_cache_size=settings["prompt_cache_size"],
                 prompt_cache_bytes=settings["prompt_cache_bytes"],
+                prompt_cache_dir=settings["prompt_cache_dir"],
+                prompt_cache_disk_bytes=settings["prompt_cache_disk_bytes"],
                 prefill_batch_size=settings["prefill_batch_size"],
                 prefill_chunk_size=settings["prefill_chunk_size"],
                 speculation=SpeculationSettings(
@@ -51,6 +54,11 @@ class MlxBackend(Backend):
                     max_draft_tokens=settings["num_draft_tokens"],
                     position_cost=settings["draft_position_cost"],
                 ),
+                kv_quantization=KvQuantization(
+                    int(settings["kv_bits"]), int(settings["kv_group_size"]), settings["quantized_kv_start"]
+                )
+                if settings["kv_bits"]
+                else None,
             ),
             ModelSources(pathlib.Path(cache_dir) if cache_dir else default_cache_dir(), settings["gguf_weights"]),
             settings["tool_parser"],

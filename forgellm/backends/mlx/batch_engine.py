@@ -15,11 +15,11 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from forgellm import Engine, GenerationJob, TokenOutput
+from forgellm import CacheStats, Engine, GenerationJob, TokenOutput
 from forgellm.backends.mlx.decoding import Decoding
 from forgellm.backends.mlx.detokenize import Detokenizers
 from forgellm.backends.mlx.draft_model import DraftModel
@@ -29,15 +29,15 @@ from forgellm.backends.mlx.kv_rollback import rolls_back_per_row
 from forgellm.backends.mlx.options import (
     DEFAULT_PREFILL_BATCH_SIZE,
     DEFAULT_PREFILL_CHUNK_SIZE,
+    DEFAULT_PROMPT_CACHE_DISK_BYTES,
     DEFAULT_PROMPT_CACHE_SIZE,
 )
+from forgellm.backends.mlx.prompt_cache import PromptCache
+from forgellm.backends.mlx.quantized_kv import KvQuantization, QuantizableKVCache
 from forgellm.backends.mlx.sampling import LogitsProcessor, Sampler
 from forgellm.backends.mlx.speculative_batch import DraftRow, SpeculativeBatch
 
 logger = logging.getLogger("forgellm.mlx")
-
-# An engine serves one model, so its prompt cache needs no per-model key.
-_CACHE_KEY = "model"
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,12 @@ class EngineTuning:
 
     prompt_cache_size: int = DEFAULT_PROMPT_CACHE_SIZE
     prompt_cache_bytes: int = 0  # 0: bounded by entries only
+    prompt_cache_dir: str | None = None  # the disk tier's folder (None: no disk tier)
+    prompt_cache_disk_bytes: int = DEFAULT_PROMPT_CACHE_DISK_BYTES
     prefill_batch_size: int = DEFAULT_PREFILL_BATCH_SIZE
     prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK_SIZE
     speculation: SpeculationSettings = SpeculationSettings()
+    kv_quantization: KvQuantization | None = None  # None: the model's dtype
 
     def prefill_batch(self, max_batch_size: int) -> int:
         return min(self.prefill_batch_size, max_batch_size)
@@ -126,6 +129,8 @@ class MlxBatchEngine(Engine):
         vocab_size: int,
         tuning: EngineTuning = EngineTuning(),
         draft: nn.Module | None = None,
+        prompt_cache: PromptCache | None = None,
+        kv_bytes_per_token: int = 0,
     ) -> None:
         self._decoding = decoding
         self._generator = BatchGenerator(
@@ -148,23 +153,31 @@ class MlxBatchEngine(Engine):
                 self._draft_rows.get,
                 DraftModel(draft) if draft is not None else None,
             )
-        size, limit = tuning.prompt_cache_size, tuning.prompt_cache_bytes
-        self._prompt_caches = LRUPromptCache(max_size=size, max_bytes=limit or 1 << 63) if size > 0 else None
+        self._prompt_cache = prompt_cache
+        self._kv_bytes_per_token = kv_bytes_per_token
         self._detokenizers = Detokenizers(tokenizer, decoding)
         self._seq_of_uid: dict[int, int] = {}
         self._uid_of_seq: dict[int, int] = {}
         self._jobs: dict[int, GenerationJob] = {}
         self._faults = RowFaults()
         self._vocab_size = vocab_size
+        self._kv_quantization = tuning.kv_quantization
+        self._layers = len(make_prompt_cache(model))
+
+    def _fresh_cache(self) -> list[Any] | None:
+        """A new sequence's cache: None lets mlx-lm make its own, at the model's dtype."""
+        if self._kv_quantization is None:
+            return None
+        return [QuantizableKVCache(self._kv_quantization) for _ in range(self._layers)]
 
     def add(self, seq_id: int, job: GenerationJob) -> int:
         checked_prompt(job.prompt_tokens, self._vocab_size)
-        cache, rest = self._nearest_cache(job.prompt_tokens)
+        cache, rest = self._prompt_cache.nearest(job.prompt_tokens) if self._prompt_cache else (None, job.prompt_tokens)
         cached = len(job.prompt_tokens) - len(rest)
         (uid,) = self._generator.insert(
             [rest],
             max_tokens=[job.max_tokens],
-            caches=[cache],  # type: ignore[list-item]  # None: mlx-lm starts a fresh cache
+            caches=[cache if cache is not None else self._fresh_cache()],  # type: ignore[list-item]
             all_tokens=[job.prompt_tokens[:cached]],
             samplers=[self._faults.sampler(seq_id, self._decoding.sampler(job))],
             logits_processors=[self._faults.processors(seq_id, self._decoding.processors(job))],
@@ -189,19 +202,6 @@ class MlxBatchEngine(Engine):
             sources.append(PromptLookup())
         return sources
 
-    def _nearest_cache(self, prompt: list[int]) -> tuple[list[Any] | None, list[int]]:
-        """A copy of the cached KV sharing the longest prefix with prompt, and the tokens it does not cover."""
-        if self._prompt_caches is None:
-            return None, prompt
-        cache, rest = self._prompt_caches.fetch_nearest_cache(_CACHE_KEY, prompt)
-        if cache is not None and not rest:
-            # The whole prompt is cached, but its last token must still run to give the first logits.
-            if not can_trim_prompt_cache(cache):
-                return None, prompt
-            trim_prompt_cache(cache, 1)
-            rest = prompt[-1:]
-        return cache, rest
-
     def step(self) -> list[TokenOutput]:
         _, responses = self._generator.next()
         failed = self._faults.take()
@@ -219,15 +219,14 @@ class MlxBatchEngine(Engine):
             )
             if response.finish_reason is not None:
                 self._forget(seq_id)
-                if self._prompt_caches is not None:
+                if self._prompt_cache is not None:
                     # mlx-lm extracts a finished sequence's cache anyway: keep it for later prompts.
-                    self._prompt_caches.insert_cache(_CACHE_KEY, list(response.all_tokens), response.prompt_cache)
+                    self._prompt_cache.insert(list(response.all_tokens), response.prompt_cache)
             outputs.append(TokenOutput(seq_id, text, response.finish_reason, logprob=logprob, drafts=drafts))
         return outputs
 
-    def cache_bytes(self) -> int:
-        """The KV caches held: the running batch's and the prompt cache's."""
-        held = self._prompt_caches.nbytes if self._prompt_caches is not None else 0
+    def _batch_kv_bytes(self) -> int:
+        held = 0
         for batch in (
             getattr(self._generator, "_generation_batch", None),
             getattr(self._generator, "_prompt_batch", None),
@@ -238,6 +237,22 @@ class MlxBatchEngine(Engine):
                 except (AttributeError, NotImplementedError, TypeError):
                     pass  # an empty layer has no arrays yet
         return held
+
+    def cache_stats(self) -> CacheStats:
+        if self._prompt_cache is None:
+            return CacheStats(self._kv_bytes_per_token, self._batch_kv_bytes())
+        return self._prompt_cache.stats(self._kv_bytes_per_token, self._batch_kv_bytes())
+
+    def kv_bytes(self, rows: int, longest: int) -> int:
+        # The batch holds every row as long as its longest (shorter ones are left-padded), in buffers grown
+        # 256 positions at a time, with room for a step's draft tokens.
+        positions = longest + self._speculation.max_draft_tokens + 1
+        allocated = -(-positions // BatchKVCache.step) * BatchKVCache.step
+        return self._kv_bytes_per_token * rows * allocated
+
+    def release_cache(self, nbytes: int) -> None:
+        if self._prompt_cache is not None:
+            self._prompt_cache.release(nbytes)
 
     def remove(self, seq_ids: Iterable[int]) -> None:
         uids = [self._uid_of_seq[s] for s in seq_ids if s in self._uid_of_seq]
@@ -259,3 +274,5 @@ class MlxBatchEngine(Engine):
 
     def close(self) -> None:
         self._generator.close()
+        if self._prompt_cache is not None:
+            self._prompt_cache.close()

@@ -19,8 +19,11 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from forgellm import LAYERED_SAMPLING, Constraint, Engine, LoadedModel, TemplateRefused, checked_sampling_value
 from forgellm.backends.mlx.batch_engine import EngineTuning, MlxBatchEngine
 from forgellm.backends.mlx.decoding import Decoding
+from forgellm.backends.mlx.disk_prompt_cache import DiskPromptCache
+from forgellm.backends.mlx.kv_footprint import check_quantizable, kv_bytes_per_token, model_fingerprint
 from forgellm.backends.mlx.kv_rollback import rolls_back_per_row
 from forgellm.backends.mlx.output_format import output_format
+from forgellm.backends.mlx.prompt_cache import PromptCache
 from forgellm.backends.mlx.sequential_engine import MlxSequentialEngine
 
 logger = logging.getLogger("forgellm.mlx")
@@ -90,6 +93,11 @@ class MlxModel(LoadedModel):
         self.sampling_defaults = recommended_sampling(pathlib.Path(os.path.expanduser(path or name)))
         self.draft = load_draft_model(draft_path, self.tokenizer) if draft_path else None
         self.memory_bytes = sum(parameter_bytes(model) for model in (self.model, self.draft) if model is not None)
+        quantization = self.tuning.kv_quantization
+        if quantization is not None and self.batchable:
+            check_quantizable(self.model, quantization)
+        self.kv_bytes_per_token = kv_bytes_per_token(self.model, quantization if self.batchable else None)
+        self.fingerprint = model_fingerprint(path or name, adapter_path, quantization)
 
     @property
     def has_chat_template(self) -> bool:
@@ -119,8 +127,26 @@ class MlxModel(LoadedModel):
         # and the scheduler replaces a failed engine with a new one: start each from a fresh state.
         mx.random.seed(int.from_bytes(os.urandom(8), "little"))
         if self.batchable:
+            tuning = self.tuning
+            disk = None
+            if tuning.prompt_cache_dir:
+                directory = pathlib.Path(os.path.expanduser(tuning.prompt_cache_dir))
+                disk = DiskPromptCache(
+                    directory, tuning.prompt_cache_disk_bytes, self.fingerprint, tuning.kv_quantization
+                )
+            prompt_cache = None
+            if tuning.prompt_cache_size > 0:
+                prompt_cache = PromptCache(tuning.prompt_cache_size, tuning.prompt_cache_bytes, disk)
             return MlxBatchEngine(
-                self.model, self.tokenizer, self.decoding, max_batch_size, self.vocab_size, self.tuning, self.draft
+                self.model,
+                self.tokenizer,
+                self.decoding,
+                max_batch_size,
+                self.vocab_size,
+                tuning,
+                self.draft,
+                prompt_cache,
+                self.kv_bytes_per_token,
             )
         return MlxSequentialEngine(self.model, self.tokenizer, self.decoding, self.vocab_size)
 

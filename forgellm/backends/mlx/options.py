@@ -7,6 +7,7 @@ import click
 from forgellm import Option
 from forgellm.backends.mlx.draft_policy import DEFAULT_NUM_DRAFT_TOKENS, DEFAULT_POSITION_COST
 from forgellm.backends.mlx.output_format import TOOL_PARSERS
+from forgellm.backends.mlx.quantized_kv import KV_BITS_CHOICES, KV_GROUP_SIZE_CHOICES
 from forgellm.backends.mlx.sources import GGUF_AUTO, GGUF_WEIGHT_CHOICES
 
 DEFAULT_PROMPT_CACHE_SIZE = 10  # mlx_lm.server's default
@@ -20,6 +21,7 @@ DEFAULT_PREFILL_BATCH_SIZE = 8
 # of stalling them for its whole length (mlx-lm's default, 2048, left running streams waiting for seconds
 # on a CPU; benchmarks/prefill_stall.py measures it).
 DEFAULT_PREFILL_CHUNK_SIZE = 256
+DEFAULT_PROMPT_CACHE_DISK_BYTES = 8 << 30
 SPECULATION_CHOICES = ("prompt-lookup", "predictions", "off")
 MLX_OPTIONS = (
     Option(
@@ -33,6 +35,39 @@ MLX_OPTIONS = (
         "prompt_cache_bytes",
         "Most bytes the prompt cache of each resident model may hold; the least recently used entries go "
         "first (0: bounded by --prompt-cache-size only).",
+        type=click.IntRange(min=0),
+        default=0,
+    ),
+    Option(
+        "prompt_cache_dir",
+        "A folder for the prompt cache's disk tier: entries leaving memory, and all of them at shutdown or a "
+        "model swap, are written there, and a later prompt (after a restart too) loads its longest cached "
+        "prefix from it instead of prefilling it (default: no disk tier).",
+    ),
+    Option(
+        "prompt_cache_disk_bytes",
+        "Most bytes the disk tier's folder may hold, over every model in it; the least recently used files go first.",
+        type=click.IntRange(min=0),
+        default=DEFAULT_PROMPT_CACHE_DISK_BYTES,
+    ),
+    Option(
+        "kv_bits",
+        "Store the KV cache quantized to this many bits (about 3.6 times smaller at 8 bits and 6.4 at 4 for a "
+        "float32 model, 1.9 and 3.6 for float16), so more and longer sequences fit; batching stays on. Greedy "
+        "output can differ slightly from full precision (docs/models.md has the measured quality). Default: the "
+        "model's dtype.",
+        type=click.Choice([str(bits) for bits in KV_BITS_CHOICES]),
+    ),
+    Option(
+        "kv_group_size",
+        "Elements sharing one scale and bias in the quantized KV cache (--kv-bits).",
+        type=click.Choice([str(size) for size in KV_GROUP_SIZE_CHOICES]),
+        default="64",
+    ),
+    Option(
+        "quantized_kv_start",
+        "With --kv-bits: a batch's KV cache stays at full precision until it holds more than this many "
+        "positions (mlx_lm.server's default is 5000; here 0, everything quantized).",
         type=click.IntRange(min=0),
         default=0,
     ),

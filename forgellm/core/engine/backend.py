@@ -36,6 +36,22 @@ class OutputFormat:
     opens_reasoning: Callable[[list[int]], bool] | None = None
 
 
+@dataclass(frozen=True)
+class CacheStats:
+    """What an engine's KV caches hold: the running batch's, and the prompt cache's tiers (kept for later
+    prompts that share a prefix: in memory, and on disk where the backend has a tier there)."""
+
+    kv_bytes_per_token: int = 0  # one position of one sequence in the running batch
+    kv_in_use: int = 0  # the running batch's KV cache
+    memory_bytes: int = 0  # the prompt cache's in-memory tier
+    memory_entries: int = 0
+    disk_bytes: int = 0
+    disk_entries: int = 0
+    lookups: int = 0  # prompts looked up in the prompt cache
+    memory_hits: int = 0  # of those, served a prefix from memory
+    disk_hits: int = 0  # of those, served a prefix from disk
+
+
 class Engine(ABC):
     @abstractmethod
     def add(self, seq_id: int, job: GenerationJob) -> int:
@@ -56,10 +72,26 @@ class Engine(ABC):
     def __len__(self) -> int:
         """The number of sequences the engine holds."""
 
+    def cache_stats(self) -> CacheStats:
+        """What the engine's KV caches hold (all zero for an engine that does not say)."""
+        return CacheStats()
+
     def cache_bytes(self) -> int:
         """The bytes of KV caches the engine holds (running sequences and any prompt cache), counted against
         --memory-budget."""
+        stats = self.cache_stats()
+        return stats.kv_in_use + stats.memory_bytes
+
+    def kv_bytes(self, rows: int, longest: int) -> int:
+        """The most bytes the running batch's KV cache can take with this many sequences, the longest of them
+        reaching ``longest`` tokens (prompt and output), for admission against --memory-budget; 0: unknown,
+        and then sequences are admitted by count only. Called from any thread: keep it arithmetic."""
         return 0
+
+    def release_cache(self, nbytes: int) -> None:
+        """Let go of at least nbytes of the prompt cache's memory tier, least recently used first (to disk,
+        where there is a tier there), to make room for running sequences."""
+        return None
 
     def close(self) -> None:
         """Free what the engine holds."""

@@ -129,6 +129,7 @@ class TokenOutput:
     text: str
     finish_reason: str | None = None  # "stop", "length", or None while running
     error: str | None = None
+    error_status: int = 500  # the HTTP status the error answers with (503: refused for now, retry)
     logprob: TokenLogprob | None = None  # when the job asked for logprobs
     stop_sequence: str | None = None  # the job's stop string that ended it (finish_reason "stop")
     drafts: tuple[DraftTokens, ...] = ()  # what speculative decoding drafted for it in this step

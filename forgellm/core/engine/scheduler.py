@@ -19,7 +19,7 @@ import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 
-from forgellm.core.engine.backend import Engine, LoadedModel
+from forgellm.core.engine.backend import CacheStats, Engine, LoadedModel
 from forgellm.core.engine.commands import Add, Cancel, Command, ModelLoader, Stop, Swap
 from forgellm.core.engine.generation import (
     Completion,
@@ -30,6 +30,7 @@ from forgellm.core.engine.generation import (
     TokenOutput,
     Usage,
 )
+from forgellm.core.engine.kv_admission import KvAdmission, reserved_bytes
 from forgellm.core.engine.stop_strings import StopMatcher
 from forgellm.core.errors import ApiError, service_unavailable
 
@@ -49,6 +50,7 @@ class SequenceHandle:
         self.finish_reason: str | None = None
         self.stop_sequence: str | None = None  # the stop string that ended it, if one did
         self.error: str | None = None
+        self.error_status = 500
         self.submitted_at = time.perf_counter()
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
@@ -73,7 +75,7 @@ class SequenceHandle:
             drafted, accepted = self._drafts.get(count.source, (0, 0))
             self._drafts[count.source] = (drafted + count.drafted, accepted + count.accepted)
         if output.error is not None:
-            self.error = output.error
+            self.error, self.error_status = output.error, output.error_status
         else:
             self.completion_tokens += 1
             if self.first_token_at is None:
@@ -94,7 +96,9 @@ class SequenceHandle:
 
     def _raise_if_failed(self) -> None:
         if self.error is not None:
-            raise ApiError(500, f"Generation failed: {self.error}", code="generation_failed")
+            if self.error_status == 503:
+                raise service_unavailable(self.error, retry_after=5)
+            raise ApiError(self.error_status, f"Generation failed: {self.error}", code="generation_failed")
 
     async def chunks(self) -> AsyncIterator[Delta]:
         """Text as it is generated, one chunk per engine step; raises ApiError if the backend fails."""
@@ -167,6 +171,9 @@ class Scheduler:
         self.waiting_count = 0
         self.active_count = 0
         self.cache_bytes = 0  # the KV caches the engine holds, when it says (its cache_bytes())
+        self.cache_stats = CacheStats()
+        self.kv_reserved = 0  # what the running sequences may grow to (admission's count)
+        self.kv_admission = KvAdmission()
 
     # -- event-loop side ------------------------------------------------------------------
     def start(self) -> None:
@@ -203,6 +210,9 @@ class Scheduler:
         """Queue a generation, or refuse at once with 503 when the queue is full."""
         if len(self._handles) >= self.max_concurrency + self.max_queue:
             raise service_unavailable("Server is at capacity; retry shortly")
+        refused = self.kv_admission.refusal(self._engine, job)
+        if refused is not None:
+            raise refused
         handle = SequenceHandle(next(self._ids), job, self)
         self._handles[handle.seq_id] = handle
         self._inbox.put(Add(handle.seq_id, job))
@@ -274,6 +284,15 @@ class Scheduler:
                 return  # every waiting client holds --max-rows-per-client rows
             if self._engine is None:
                 self._post([TokenOutput(sequence.seq_id, "", error="no model loaded")])
+                continue
+            running = [s.job for s in self._running.values()]
+            if not self.kv_admission.room(self._engine, running, sequence.job):
+                if running:  # it waits, first in line, until finished sequences free their KV
+                    self._waiting.appendleft(sequence)
+                    return
+                refusal = self.kv_admission.refusal(self._engine, sequence.job)
+                message = refusal.message if refusal else "The memory budget has no room for this request now"
+                self._post([TokenOutput(sequence.seq_id, "", error=message, error_status=503)])
                 continue
             try:
                 cached = self._engine.add(sequence.seq_id, sequence.job)
@@ -416,4 +435,7 @@ class Scheduler:
     def _update_counts(self) -> None:
         self.waiting_count = len(self._waiting)
         self.active_count = len(self._running)
-        self.cache_bytes = self._engine.cache_bytes() if self._engine is not None else 0
+        engine = self._engine
+        self.cache_stats = engine.cache_stats() if engine is not None else CacheStats()
+        self.cache_bytes = engine.cache_bytes() if engine is not None else 0
+        self.kv_reserved = reserved_bytes(engine, (s.job for s in self._running.values())) if engine else 0

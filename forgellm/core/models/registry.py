@@ -117,6 +117,7 @@ class ModelRegistry:
         )
         slot = ModelSlot(self._backend, scheduler, self.policy, limits.load_timeout)
         resident = Resident(name, slot, scheduler, pinned)
+        scheduler.kv_admission.allowance = lambda: self._kv_allowance(resident)
         if self._started:
             scheduler.start()
         return resident
@@ -300,6 +301,13 @@ class ModelRegistry:
     # -- the budget ----------------------------------------------------------------------------------
     def memory_in_use(self) -> int:
         return sum(resident.memory_bytes for resident in self.residents)
+
+    def _kv_allowance(self, resident: Resident) -> int | None:
+        """The bytes the budget leaves resident's KV caches: less its weights and every other model's memory."""
+        if self.memory_budget is None:
+            return None
+        others = sum(r.memory_bytes for r in self.residents if r is not resident)
+        return self.memory_budget - others - resident.weights_bytes
 
     def _count(self) -> int:
         return sum(1 for r in self.residents if r.model is not None or r.slot.state.is_loading)

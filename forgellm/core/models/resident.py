@@ -54,10 +54,17 @@ class Resident:
         return self.model is None and not state.is_loading and state.error is not None
 
     @property
-    def memory_bytes(self) -> int:
-        """Its weights and the KV caches its engine holds, as the backend reports them."""
+    def weights_bytes(self) -> int:
         model = self.model
-        return (model.memory_bytes if model is not None else 0) + self.scheduler.cache_bytes
+        return model.memory_bytes if model is not None else 0
+
+    @property
+    def memory_bytes(self) -> int:
+        """Its weights and its KV caches: what the engine holds, or what its running sequences may grow to beside
+        its prompt cache, whichever is more."""
+        scheduler = self.scheduler
+        kv = max(scheduler.cache_bytes, scheduler.kv_reserved + scheduler.cache_stats.memory_bytes)
+        return self.weights_bytes + kv
 
     def answers_to(self, requested: str, requested_key: str | None = None) -> bool:
         """Whether a request naming ``requested`` (whose source key is requested_key) means this model."""

@@ -10,6 +10,22 @@ NonEmptyStr = Annotated[str, msgspec.Meta(min_length=1)]
 ModelName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
 
 
+class CacheTier(msgspec.Struct):
+    bytes: int
+    entries: int
+    hits: int  # prompts that took their cached prefix from this tier
+    hit_rate: float | None  # hits of all prompts looked up; null before the first
+
+
+class KvCache(msgspec.Struct):
+    bytes_per_token: int  # one position of one sequence (0: not known for this model)
+    in_use: int  # the running batch's KV cache
+    reserved: int  # what the running sequences may grow to: admission counts this against --memory-budget
+    lookups: int  # prompts looked up in the prompt cache
+    memory_tier: CacheTier  # the prompt cache in memory
+    disk_tier: CacheTier  # the prompt cache on disk (--prompt-cache-dir)
+
+
 class ResidentModel(msgspec.Struct):
     name: str  # what a request's `model` field names it by
     model_name: str | None  # what was loaded: a built-in name, a path, a repo id
@@ -17,7 +33,8 @@ class ResidentModel(msgspec.Struct):
     state: Literal["loading", "loaded", "failed", "unloaded"]
     error: str | None
     progress: str | None
-    memory_bytes: int  # weights and the KV caches its engine holds
+    memory_bytes: int  # weights and KV caches: held, or reserved by running sequences, whichever is more
+    kv_cache: KvCache
     last_used: float  # Unix time of the last request (or the load)
     pinned: bool  # never unloaded to make room, nor when idle
     default: bool  # the model the guide's routes and requests without `model` get

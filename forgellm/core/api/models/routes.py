@@ -11,6 +11,8 @@ from litestar.di import NamedDependency
 
 from forgellm.core.api.guide.routes import guide_errors
 from forgellm.core.api.models.protocol import (
+    CacheTier,
+    KvCache,
     ModelActionResponse,
     ModelLoadRequest,
     ModelsResponse,
@@ -41,6 +43,7 @@ def resident_model(resident: Resident, registry: ModelRegistry) -> ResidentModel
         error=state.error,
         progress=state.progress,
         memory_bytes=resident.memory_bytes,
+        kv_cache=kv_cache(resident),
         last_used=resident.last_used,
         pinned=resident.pinned,
         default=resident is registry.default,
@@ -49,6 +52,22 @@ def resident_model(resident: Resident, registry: ModelRegistry) -> ResidentModel
         queued_sequences=resident.scheduler.waiting_count,
         load_seconds=state.load_seconds,
         sampling_defaults=registry.sampling_defaults(resident),
+    )
+
+
+def kv_cache(resident: Resident) -> KvCache:
+    stats, scheduler = resident.scheduler.cache_stats, resident.scheduler
+
+    def tier(nbytes: int, entries: int, hits: int) -> CacheTier:
+        return CacheTier(nbytes, entries, hits, hits / stats.lookups if stats.lookups else None)
+
+    return KvCache(
+        bytes_per_token=stats.kv_bytes_per_token,
+        in_use=stats.kv_in_use,
+        reserved=scheduler.kv_reserved,
+        lookups=stats.lookups,
+        memory_tier=tier(stats.memory_bytes, stats.memory_entries, stats.memory_hits),
+        disk_tier=tier(stats.disk_bytes, stats.disk_entries, stats.disk_hits),
     )
 
 

@@ -83,6 +83,16 @@ function modelState(model) {
   return ["no model", ""];
 }
 
+function kvCache(kv) {
+  if (!kv.bytes_per_token) return "–";
+  const rate = (tier) => (tier.hit_rate === null ? "no lookups" : `${Math.round(100 * tier.hit_rate)}% hits`);
+  const tier = (name, t) => `${name} ${bytes(t.bytes)} in ${t.entries}, ${rate(t)}`;
+  return [
+    `${bytes(kv.bytes_per_token)}/token, ${bytes(kv.in_use)} in use of ${bytes(kv.reserved)} reserved`,
+    `prompt cache: ${tier("memory", kv.memory_tier)}; ${tier("disk", kv.disk_tier)}`,
+  ].join("; ");
+}
+
 function renderModels(state) {
   const body = $("models").querySelector("tbody");
   body.replaceChildren();
@@ -92,7 +102,7 @@ function renderModels(state) {
     const name = model.name + (model.default ? " (default)" : "") + (model.pinned ? ", pinned" : "");
     row.append(element("td", name), element("td", model.model_name || "–"), element("td", label, className));
     const batch = `${model.active_sequences} active, ${model.queued_sequences} queued`;
-    row.append(element("td", bytes(model.memory_bytes)), element("td", batch));
+    row.append(element("td", bytes(model.memory_bytes)), element("td", batch), element("td", kvCache(model.kv_cache)));
     const sampling = Object.entries(model.sampling_defaults).map(([field, value]) => `${field} ${value}`);
     row.append(element("td", sampling.join(", ") || "the API's"));
     const actions = element("td");
