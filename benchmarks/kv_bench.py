@@ -12,7 +12,8 @@ Sections (``--sections``, comma-separated, all by default), on the built-in mode
 - quality: perplexity of the real-model tests' paragraph decoded one token at a time through each cache, and
   the greedy agreement of the first 64 tokens of 32 chat prompts (one batch of 8 at a time) with the full
   precision cache.
-- throughput: 8 clients, 16 ordinary questions of 160 max tokens each, at temperature 0: ForgeLLM with
+- throughput: 8 clients, 16 ordinary questions of 160 tokens each (the end of text banned, so every answer has
+  as many tokens), at temperature 0: ForgeLLM with
   ``--kv-bits`` off and 8, and mlx_lm.server with ``--kv-bits 8`` (which serves one request at a time).
 - admission: a --memory-budget of the weights plus four 2,000-token sequences; 16 clients at once, each asking
   for 2,000 tokens, at full precision and at 4 bits. It polls /api/models for the sequences in the batch and
@@ -158,7 +159,9 @@ def section_quality(path: Path) -> None:
 
 
 # -- served sections -----------------------------------------------------------------------------------------------
-async def closed_loop(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> tuple[int, float]:
+async def closed_loop(
+    url: str, prompts: list[str], concurrency: int, max_tokens: int, extra: dict | None = None
+) -> tuple[int, float]:
     queue = list(prompts)
     tokens = 0
 
@@ -167,7 +170,7 @@ async def closed_loop(url: str, prompts: list[str], concurrency: int, max_tokens
         while queue:
             content = queue.pop(0)
             body = {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0}
-            response = await http.post(url + "/v1/chat/completions", json=body)
+            response = await http.post(url + "/v1/chat/completions", json={**body, **(extra or {})})
             response.raise_for_status()
             tokens += response.json()["usage"]["completion_tokens"]
 
@@ -192,8 +195,17 @@ def serving(name: str, command: Callable[[int], list[str]]) -> Iterator[Server]:
         yield server
 
 
+def end_of_text_banned(path: Path) -> dict:
+    """A logit_bias that bans the model's end-of-text tokens, so every answer runs to max_tokens and both servers
+    generate the same number of tokens whatever their greedy choices."""
+    config = json.loads((path / "config.json").read_text())
+    eos = config.get("eos_token_id")
+    return {"logit_bias": {str(token): -100 for token in (eos if isinstance(eos, list) else [eos])}}
+
+
 def section_throughput(path: Path) -> None:
     prompts = [f"Request {n}. {QUESTIONS[n % len(QUESTIONS)]}" for n in range(16)]
+    banned = end_of_text_banned(path)
     warm = ["Say hello."]
     rates = {}
     for name, command in {
@@ -203,7 +215,7 @@ def section_throughput(path: Path) -> None:
     }.items():
         with serving(name, command) as server:
             asyncio.run(closed_loop(server.url, warm, 1, 8))
-            tokens, wall = asyncio.run(closed_loop(server.url, prompts, 8, 160))
+            tokens, wall = asyncio.run(closed_loop(server.url, prompts, 8, 160, banned))
         rates[name] = tokens / wall
         print(f"  {name:>26}: {tokens} tokens in {wall:.1f}s, {rates[name]:.1f} tok/s", flush=True)
     ours = rates["forgellm --kv-bits 8"]
@@ -275,8 +287,12 @@ def section_admission(path: Path, sizes: dict[str, int]) -> None:
               f"peak {peak:,} (+{peak - idle:,})", flush=True)  # fmt: skip
 
 
-async def streamed_chat(http: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int) -> tuple[float, str]:
-    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+async def streamed_chat(
+    http: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int, usage: list[dict] | None = None
+) -> tuple[float, str]:
+    """Time to first token and the text; the usage the server reports at the end is appended to usage."""
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
     started = time.perf_counter()
     first = None
     text = []
@@ -285,7 +301,10 @@ async def streamed_chat(http: httpx.AsyncClient, url: str, messages: list[dict],
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            choices = json.loads(line[6:]).get("choices") or [{}]
+            chunk = json.loads(line[6:])
+            if chunk.get("usage") and usage is not None:
+                usage.append(chunk["usage"])
+            choices = chunk.get("choices") or [{}]
             piece = (choices[0].get("delta") or {}).get("content") or ""
             if piece and first is None:
                 first = time.perf_counter() - started
@@ -294,7 +313,7 @@ async def streamed_chat(http: httpx.AsyncClient, url: str, messages: list[dict],
 
 
 def section_disk(path: Path) -> None:
-    messages = [{"role": "system", "content": system_prompt(55)}, {"role": "user", "content": "Find facts on bees."}]
+    messages = [{"role": "system", "content": system_prompt(28)}, {"role": "user", "content": "Find facts on bees."}]
 
     async def ask(url: str) -> tuple[float, str]:
         async with httpx.AsyncClient(timeout=3600) as http:
@@ -315,7 +334,9 @@ def section_disk(path: Path) -> None:
         print(f"  {phase:>6}: {ttft:7.2f}s  ({cold / ttft:5.1f}x faster than cold; {same})")
 
 
-async def agent_sessions(url: str, system: str, turns: int = 5, sessions: int = 2) -> dict[str, list[float]]:
+async def agent_sessions(
+    url: str, system: str, usage: list[dict], turns: int = 5, sessions: int = 2
+) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {"first_ttft": [], "later_ttft": [], "later_turn": [], "all": []}
 
     async def session(http: httpx.AsyncClient, index: int) -> None:
@@ -323,7 +344,7 @@ async def agent_sessions(url: str, system: str, turns: int = 5, sessions: int = 
         for turn in range(turns):
             messages.append({"role": "user", "content": f"Session {index}, step {turn}: look up {TOPICS[turn]}."})
             started = time.perf_counter()
-            ttft, text = await streamed_chat(http, url, messages, 48)
+            ttft, text = await streamed_chat(http, url, messages, 48, usage if turn else None)
             took = time.perf_counter() - started
             times["first_ttft" if turn == 0 else "later_ttft"].append(ttft)
             if turn:
@@ -338,7 +359,7 @@ async def agent_sessions(url: str, system: str, turns: int = 5, sessions: int = 
 
 
 def section_agent(path: Path) -> None:
-    system = system_prompt(30)
+    system = system_prompt(15)
     print("\nagent turns: 2 sessions x 5 turns at once, 48 tokens an answer")
     for name, command in {
         "forgellm": lambda port: forgellm_run(port, "--model", str(path)),
@@ -346,13 +367,20 @@ def section_agent(path: Path) -> None:
     }.items():
         with serving(name, command) as server:
             asyncio.run(closed_loop(server.url, ["Say hello."], 1, 4))
-            times = asyncio.run(agent_sessions(server.url, system))
+            usage: list[dict] = []
+            times = asyncio.run(agent_sessions(server.url, system, usage))
             body = {"messages": [{"role": "system", "content": system}], "max_tokens": 1}
             tokens = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=600).json()
         mean = {key: sum(values) / len(values) for key, values in times.items()}
         print(f"  {name:>14}: {mean['all']:.1f}s in all; first turn's time to first token {mean['first_ttft']:.2f}s "
               f"(system prompt {tokens['usage']['prompt_tokens']:,} tokens); later turns {mean['later_turn']:.2f}s "
               f"each (time to first token {mean['later_ttft']:.2f}s)", flush=True)  # fmt: skip
+        cached = [u.get("prompt_tokens_details", {}).get("cached_tokens") for u in usage]
+        if usage and None not in cached:
+            prompt = sum(u["prompt_tokens"] for u in usage) / len(usage)
+            reused = sum(cached) / len(cached)  # type: ignore[arg-type]
+            print(f"{'':>18}later turns' prompts: {prompt:,.0f} tokens, {reused:,.0f} of them from the prompt cache, "
+                  f"{prompt - reused:,.0f} prefilled")  # fmt: skip
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ import os
 import pathlib
 from collections.abc import Callable
 
+import click
 import mlx.core as mx
 
 from forgellm import Backend, ModelSource, Settings
@@ -39,6 +40,9 @@ class MlxBackend(Backend):
     @classmethod
     def from_settings(cls, settings: Settings) -> MlxBackend:
         """The backend the MLX plugin's options (forgellm/backends/mlx/options.py) describe."""
+        if settings["prompt_cache_dir"] and settings["prompt_cache_size"] == 0:
+            # The disk tier is fed by the memory tier: without it the folder would silently stay empty.
+            raise click.UsageError("--prompt-cache-dir needs the prompt cache in memory: a --prompt-cache-size above 0")
         cache_dir = settings["cache_dir"]
         return cls(
             EngineTuning(
