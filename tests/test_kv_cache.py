@@ -29,7 +29,7 @@ from forgellm.testing.clients import free_port
 
 CHAT = "/v1/chat/completions"
 PROMPTS = ["Once upon a time", "The quick brown fox", "Tell me about the sea", "def main():"] * 2
-QUANTIZED = {"kv_bits": "8", "kv_group_size": "32"}
+QUANTIZED = {"kv_bits": 8, "kv_group_size": 32}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_batching_stays_on_with_a_quantized_kv_cache(model):
 def test_the_quantized_cache_is_smaller_by_what_its_bits_say(model):
     with test_client(model, **QUANTIZED) as client:
         quantized = kv_cache(client)["bytes_per_token"]
-    with test_client(model, kv_bits="4", kv_group_size="32") as client:
+    with test_client(model, kv_bits=4, kv_group_size=32) as client:
         four_bits = kv_cache(client)["bytes_per_token"]
     with test_client(model) as client:
         full = kv_cache(client)["bytes_per_token"]
@@ -97,7 +97,7 @@ def test_the_quantized_cache_is_smaller_by_what_its_bits_say(model):
 
 
 def test_a_model_whose_heads_do_not_fit_the_groups_is_refused_clearly(tiny_model):
-    with test_client(tiny_model, kv_bits="8", wait_for_model=False) as client:
+    with test_client(tiny_model, kv_bits=8, wait_for_model=False) as client:
         wait_for(lambda: client.get("/api/model/status").json()["error"], "the load to fail")
         error = client.get("/api/model/status").json()["error"]
     assert "--kv-group-size 64 does not fit this model's heads" in error
@@ -300,6 +300,17 @@ def test_a_disk_tier_without_the_memory_tier_is_a_usage_error(tmp_path):
     assert "--prompt-cache-dir needs the prompt cache in memory" in result.output
 
 
+def test_kv_bits_are_set_in_the_config_file_as_numbers(tmp_path):
+    config = tmp_path / "forgellm.toml"
+    config.write_text("[mlx]\nkv_bits = 8\nkv_group_size = 32\n")
+    shown = CliRunner().invoke(build_cli(), ["run", "--config", str(config), "--print-config"])
+    assert shown.exit_code == 0, shown.output
+    assert "kv_bits = 8\n" in shown.output and "kv_group_size = 32\n" in shown.output
+    config.write_text("[mlx]\nkv_bits = 5\n")
+    refused = CliRunner().invoke(build_cli(), ["run", "--config", str(config), "--print-config"])
+    assert refused.exit_code == 2 and "5 is not one of 4, 8" in refused.output
+
+
 # -- the real model ----------------------------------------------------------------------------------------------------
 REAL_PROMPTS = [
     "What is the capital of France?",
@@ -364,7 +375,7 @@ def test_smollm2_at_8_bits_keeps_its_perplexity_and_parts_only_at_near_ties():
 
     with test_client(DEFAULT_MODEL, prompt_cache_size=0) as client:
         expected = greedy_tokens(client)
-    with test_client(DEFAULT_MODEL, prompt_cache_size=0, kv_bits="8") as client:
+    with test_client(DEFAULT_MODEL, prompt_cache_size=0, kv_bits=8) as client:
         quantized = greedy_tokens(client)
     identical = 0
     for reference, answer in zip(expected, quantized, strict=True):

@@ -59,7 +59,7 @@ class MlxBackend(Backend):
                     position_cost=settings["draft_position_cost"],
                 ),
                 kv_quantization=KvQuantization(
-                    int(settings["kv_bits"]), int(settings["kv_group_size"]), settings["quantized_kv_start"]
+                    settings["kv_bits"], settings["kv_group_size"], settings["quantized_kv_start"]
                 )
                 if settings["kv_bits"]
                 else None,

@@ -246,7 +246,7 @@ class MlxBatchEngine(Engine):
     def kv_bytes(self, rows: int, longest: int) -> int:
         # The batch holds every row as long as its longest (shorter ones are left-padded), in buffers grown
         # 256 positions at a time, with room for a step's draft tokens.
-        positions = longest + self._speculation.max_draft_tokens + 1
+        positions = longest + (self._speculation.max_draft_tokens + 1 if self._speculating else 0)
         allocated = -(-positions // BatchKVCache.step) * BatchKVCache.step
         return self._kv_bytes_per_token * rows * allocated
 

@@ -94,7 +94,7 @@ class MlxModel(LoadedModel):
         self.draft = load_draft_model(draft_path, self.tokenizer) if draft_path else None
         self.memory_bytes = sum(parameter_bytes(model) for model in (self.model, self.draft) if model is not None)
         quantization = self.tuning.kv_quantization
-        if quantization is not None and self.batchable:
+        if quantization is not None:
             check_quantizable(self.model, quantization)
         self.kv_bytes_per_token = kv_bytes_per_token(self.model, quantization if self.batchable else None)
         self.fingerprint = model_fingerprint(path or name, adapter_path, quantization)

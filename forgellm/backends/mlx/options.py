@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from forgellm import Option
@@ -22,6 +24,22 @@ DEFAULT_PREFILL_BATCH_SIZE = 8
 # on a CPU; benchmarks/prefill_stall.py measures it).
 DEFAULT_PREFILL_CHUNK_SIZE = 256
 DEFAULT_PROMPT_CACHE_DISK_BYTES = 8 << 30
+
+
+class IntChoice(click.types.IntParamType):
+    """An integer among a few (``kv_bits = 8`` in the config file, as ``--kv-bits 8`` on the command line)."""
+
+    def __init__(self, choices: tuple[int, ...]) -> None:
+        self.choices = choices
+        self.name = "|".join(map(str, choices))
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        number = super().convert(value, param, ctx)
+        if number not in self.choices:
+            self.fail(f"{number} is not one of {', '.join(map(str, self.choices))}", param, ctx)
+        return int(number)
+
+
 SPECULATION_CHOICES = ("prompt-lookup", "predictions", "off")
 MLX_OPTIONS = (
     Option(
@@ -56,13 +74,13 @@ MLX_OPTIONS = (
         "float32 model, 1.9 and 3.6 for float16), so more and longer sequences fit; batching stays on. Greedy "
         "output can differ slightly from full precision (docs/models.md has the measured quality). Default: the "
         "model's dtype.",
-        type=click.Choice([str(bits) for bits in KV_BITS_CHOICES]),
+        type=IntChoice(KV_BITS_CHOICES),
     ),
     Option(
         "kv_group_size",
         "Elements sharing one scale and bias in the quantized KV cache (--kv-bits).",
-        type=click.Choice([str(size) for size in KV_GROUP_SIZE_CHOICES]),
-        default="64",
+        type=IntChoice(KV_GROUP_SIZE_CHOICES),
+        default=64,
     ),
     Option(
         "quantized_kv_start",

@@ -121,18 +121,16 @@ class QuantizedBatchKVCache(BatchKVCache):
         if longest == 0:
             return batch
         quantize = longest > settings.start or any(_is_quantized(row.keys) for row in rows)
-        held = [(row.quantized() if quantize else row) for row in rows if row.keys is not None]
-        batch_size = len(rows)
+        converted = [row.quantized() if quantize else row for row in rows]
+        template = next(row for row in converted if row.keys is not None)
 
         def stacked(take: Any) -> Stored:
-            template = take(held[0])
-            shaped = tree_map(lambda a: mx.zeros((batch_size, a.shape[1], longest, a.shape[3]), a.dtype), template)
-            for i, row in enumerate(rows):
+            shaped = tree_map(lambda a: mx.zeros((len(rows), a.shape[1], longest, a.shape[3]), a.dtype), take(template))
+            for i, row in enumerate(converted):
                 if row.keys is None:
                     continue
                 start = longest - lengths[i]
-                source = take(row.quantized() if quantize else row)
-                for target, part in zip(_parts(shaped), _parts(source), strict=True):
+                for target, part in zip(_parts(shaped), _parts(take(row)), strict=True):
                     target[i : i + 1, :, start:longest] = part[..., : lengths[i], :]
             return shaped
 
