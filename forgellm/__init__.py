@@ -64,6 +64,7 @@ from forgellm.core.http.request_context import RequestRecord, record_of
 from forgellm.core.http.streaming import streamed
 from forgellm.core.http.strict_body import strict_body
 from forgellm.core.identity import ADMIN, GENERATE, LOAD, STATUS, Identity
+from forgellm.core.models.resident import parse_model_spec
 from forgellm.core.models.sampling_defaults import checked_value as checked_sampling_value
 from forgellm.core.plugin_manager import available_plugins
 from forgellm.core.server import Server
@@ -135,6 +136,7 @@ __all__ = [
     "json_post",
     "openai_error_body",
     "record_of",
+    "parse_model_spec",
     "resident_model",
     "server_sent_event",
     "service_unavailable",

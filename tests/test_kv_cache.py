@@ -96,6 +96,20 @@ def test_the_quantized_cache_is_smaller_by_what_its_bits_say(model):
     assert (full, quantized, four_bits) == (512, 160, 96)
 
 
+def test_one_model_can_have_its_own_kv_bits(model, tmp_path):
+    other = tmp_path / "tiny-32-copy"
+    shutil.copytree(model, other)
+    models = [f"plain={model}", f"small={other}"]
+    with test_client(models, model_kv_bits=["small=8"], kv_group_size=32) as client:
+        wait_for(lambda: all(m["state"] == "loaded" for m in client.get("/api/models").json()["models"]), "loads")
+        sizes = {m["name"]: m["kv_cache"]["bytes_per_token"] for m in client.get("/api/models").json()["models"]}
+        answer = client.post(
+            CHAT, json={"model": "small", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        )
+    assert sizes == {"plain": 512, "small": 160}
+    assert answer.status_code == 200
+
+
 def test_a_model_whose_heads_do_not_fit_the_groups_is_refused_clearly(tiny_model):
     with test_client(tiny_model, kv_bits=8, wait_for_model=False) as client:
         wait_for(lambda: client.get("/api/model/status").json()["error"], "the load to fail")
@@ -302,10 +316,11 @@ def test_a_disk_tier_without_the_memory_tier_is_a_usage_error(tmp_path):
 
 def test_kv_bits_are_set_in_the_config_file_as_numbers(tmp_path):
     config = tmp_path / "forgellm.toml"
-    config.write_text("[mlx]\nkv_bits = 8\nkv_group_size = 32\n")
+    config.write_text('[mlx]\nkv_bits = 8\nkv_group_size = 32\nmodel_kv_bits = ["coder=0"]\n')
     shown = CliRunner().invoke(build_cli(), ["run", "--config", str(config), "--print-config"])
     assert shown.exit_code == 0, shown.output
     assert "kv_bits = 8\n" in shown.output and "kv_group_size = 32\n" in shown.output
+    assert 'model_kv_bits = [\n    "coder=0",\n]' in shown.output
     config.write_text("[mlx]\nkv_bits = 5\n")
     refused = CliRunner().invoke(build_cli(), ["run", "--config", str(config), "--print-config"])
     assert refused.exit_code == 2 and "5 is not one of 4, 8" in refused.output

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import click
 import mlx.core as mx
 
-from forgellm import Backend, ModelSource, Settings
+from forgellm import Backend, ModelSource, Settings, parse_model_spec
 from forgellm.backends.mlx.batch_engine import EngineTuning
 from forgellm.backends.mlx.draft_policy import SpeculationSettings
 from forgellm.backends.mlx.model import MlxModel
+from forgellm.backends.mlx.options import ModelKvBits
 from forgellm.backends.mlx.quantized_kv import KvQuantization
 from forgellm.backends.mlx.sources import ModelSources
 from forgellm.backends.mlx.sources.builtin_models import BUILTIN_MODELS, DEFAULT_MODEL
@@ -31,8 +33,12 @@ class MlxBackend(Backend):
         sources: ModelSources | None = None,
         tool_parser: str | None = None,
         draft_model: str | None = None,
+        kv_bits_by_model: dict[str, int] | None = None,
+        kv_form: KvQuantization | None = None,
     ) -> None:
         self.tuning = tuning or EngineTuning()
+        self.kv_bits_by_model = kv_bits_by_model or {}  # by source (what load() is given); 0: the model's dtype
+        self.kv_form = kv_form or KvQuantization(8)  # the group size and start of a model's own --model-kv-bits
         self.sources = sources or ModelSources()
         self.tool_parser = tool_parser
         self.draft_model = draft_model
@@ -67,6 +73,8 @@ class MlxBackend(Backend):
             ModelSources(pathlib.Path(cache_dir) if cache_dir else default_cache_dir(), settings["gguf_weights"]),
             settings["tool_parser"],
             settings["draft_model"],
+            kv_bits_by_source(settings["model_kv_bits"], settings["model"]),
+            KvQuantization(8, settings["kv_group_size"], settings["quantized_kv_start"]),
         )
 
     def device_memory_bytes(self) -> int:
@@ -100,5 +108,21 @@ class MlxBackend(Backend):
             draft = self.sources.resolve(self.draft_model, lambda text: progress(f"draft model: {text}"))
         progress("loading weights")
         return MlxModel(
-            model_name, adapter_path, self.tuning, path=path, tool_parser=self.tool_parser, draft_path=draft
-        )
+            model_name, adapter_path, self._tuning_for(model_name), path=path, tool_parser=self.tool_parser,
+            draft_path=draft,
+        )  # fmt: skip
+
+    def _tuning_for(self, model_name: str) -> EngineTuning:
+        """The tuning, with the model's own --model-kv-bits where it has one."""
+        bits = self.kv_bits_by_model.get(model_name)
+        if bits is None:
+            return self.tuning
+        form = dataclasses.replace(self.kv_form, bits=bits) if bits else None
+        return dataclasses.replace(self.tuning, kv_quantization=form)
+
+
+def kv_bits_by_source(specs: Iterable[str], models: Iterable[str]) -> dict[str, int]:
+    """--model-kv-bits by source: a served name of --model NAME=SOURCE stands for its source."""
+    sources = {name: source for name, source in map(parse_model_spec, models) if name is not None}
+    parsed = (ModelKvBits.parse(spec) for spec in specs)
+    return {sources.get(name, name): bits for name, bits in parsed}

@@ -40,6 +40,27 @@ class IntChoice(click.types.IntParamType):
         return int(number)
 
 
+class ModelKvBits(click.ParamType):
+    """``NAME=BITS``: one model's --kv-bits (0: the model's dtype), by its served name or its source; kept as
+    text, so the effective configuration prints it back as it was given."""
+
+    name = "NAME=BITS"
+
+    @staticmethod
+    def parse(spec: str) -> tuple[str, int]:
+        name, equals, bits = spec.rpartition("=")
+        if not equals or not name or bits.strip() not in ("0", *map(str, KV_BITS_CHOICES)):
+            raise ValueError(f"{spec!r} is not NAME=BITS with BITS one of 0, 4, 8")
+        return name, int(bits)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            self.parse(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        return str(value)
+
+
 SPECULATION_CHOICES = ("prompt-lookup", "predictions", "off")
 MLX_OPTIONS = (
     Option(
@@ -75,6 +96,14 @@ MLX_OPTIONS = (
         "output can differ slightly from full precision (docs/models.md has the measured quality). Default: the "
         "model's dtype.",
         type=IntChoice(KV_BITS_CHOICES),
+    ),
+    Option(
+        "model_kv_bits",
+        "One model's --kv-bits: NAME=BITS (0: the model's dtype), NAME being the name it is served as "
+        "(--model NAME=SOURCE) or its source; repeatable, and a list in the config file's [mlx] table.",
+        type=ModelKvBits(),
+        multiple=True,
+        one_or_many=True,
     ),
     Option(
         "kv_group_size",
