@@ -38,21 +38,12 @@ from pathlib import Path
 
 import httpx
 from serve_bench import Server, forgellm_run, mlx_lm_env, running
+from spec_bench import QUESTIONS
 
 from forgellm.backends.mlx import ModelSources
 from forgellm.backends.mlx.cpu_blas import selected_blas
 from forgellm.testing import free_port
 
-QUESTIONS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain photosynthesis in two sentences.",
-    "List three prime numbers and say why they are prime.",
-    "Why is the sky blue?",
-    "Give me a recipe for pancakes.",
-    "What is 12 times 7? Show your working.",
-    "Tell me a joke about cats.",
-]
 TOPICS = ["rivers", "volcanoes", "bread", "chess", "bees", "comets", "glass", "tides"]
 MLX_LM_ARGS = ["--host", "127.0.0.1", "--log-level", "WARNING"]
 

@@ -15,7 +15,7 @@ from forgellm.core.api.assistant_turn import TurnEvent, TurnSplitter
 from forgellm.core.api.request import Caller, GenerationRequest
 from forgellm.core.engine.backend import OutputFormat
 from forgellm.core.engine.generation import Completion, Delta, SamplingParams, TokenLogprob
-from forgellm.core.engine.scheduler import SequenceHandle
+from forgellm.core.engine.sequence_handle import SequenceHandle
 from forgellm.core.errors import ApiError
 
 

@@ -26,7 +26,7 @@ from forgellm.core.api.prompt import tokenized, with_tools
 from forgellm.core.api.request import MAX_STOP_STRINGS, Caller, GenerationRequest
 from forgellm.core.engine.backend import LoadedModel
 from forgellm.core.engine.generation import GenerationJob, SamplingParams, Usage
-from forgellm.core.engine.scheduler import SequenceHandle
+from forgellm.core.engine.sequence_handle import SequenceHandle
 from forgellm.core.errors import bad_request, service_unavailable
 from forgellm.core.models.registry import ModelRegistry
 from forgellm.core.models.resident import Resident
