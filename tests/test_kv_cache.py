@@ -268,6 +268,18 @@ def test_corrupt_and_foreign_files_are_ignored_and_removed(model, tmp_path):
     assert [path.name for path in written.parent.iterdir()] == [written.name]  # rewritten whole at shutdown
 
 
+def test_two_servers_share_one_folder(model, tmp_path):
+    """Two servers write into one folder at once; a third is served by both's files."""
+    folder = str(tmp_path / "prompt-cache")
+    prompts = [LONG_PROMPT, LONG_PROMPT.replace("lighthouses", "rivers")]
+    with test_client(model, prompt_cache_dir=folder) as first, test_client(model, prompt_cache_dir=folder) as second:
+        answers = [text(chat(first, prompts[0], 16)), text(chat(second, prompts[1], 16))]
+    with test_client(model, prompt_cache_dir=folder) as third:
+        again = [chat(third, prompt, 16) for prompt in prompts]
+    assert [text(answer) for answer in again] == answers
+    assert all(cached(answer) > 0 for answer in again)
+
+
 def test_the_disk_tier_stays_under_its_byte_bound(model, tmp_path):
     folder = tmp_path / "prompt-cache"
     with test_client(model, prompt_cache_dir=str(folder)) as client:
