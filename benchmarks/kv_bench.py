@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -95,32 +94,23 @@ def section_bytes(path: Path) -> dict[str, int]:
 
 
 def section_quality(path: Path) -> None:
-    import mlx.core as mx
-    from mlx_lm import load
-    from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
-
     from forgellm import GenerationJob
     from forgellm.backends.mlx.batch_engine import EngineTuning
     from forgellm.backends.mlx.draft_policy import SpeculationSettings
+    from forgellm.backends.mlx.kv_footprint import perplexity_through_cache
     from forgellm.backends.mlx.model import MlxModel
-    from forgellm.backends.mlx.quantized_kv import QuantizedBatchKVCache
 
     paragraph = (
         "The quick brown fox jumps over the lazy dog. Paris is the capital and most populous city of France. "
         "It is located on the Seine River, in the north of the country. The city has been one of the world's "
         "major centres of finance, diplomacy, commerce, culture, fashion and gastronomy for centuries."
     )
-    model, tokenizer = load(str(path))[:2]
-    tokens = tokenizer.encode(paragraph)
-    layers = len(make_prompt_cache(model))
     perplexities = {}
     for name, form in kv_forms().items():
-        cache = [BatchKVCache([0]) if form is None else QuantizedBatchKVCache([0], form) for _ in range(layers)]
-        nll = 0.0
-        for position in range(len(tokens) - 1):  # one token at a time: every key and value read from the cache
-            logits = model(mx.array([[tokens[position]]]), cache=cache)[0, -1].astype(mx.float32)
-            nll -= (logits - mx.logsumexp(logits)).tolist()[tokens[position + 1]]
-        perplexities[name] = math.exp(nll / (len(tokens) - 1))
+        tuning = EngineTuning(kv_quantization=form)  # type: ignore[arg-type]
+        served = MlxModel("bench", None, tuning, path=str(path))
+        tokens = served.encode(paragraph)
+        perplexities[name] = perplexity_through_cache(served.model, tokens, served.kv_layers)
     base = perplexities["model dtype"]
     print(f"\nperplexity of the paragraph ({len(tokens)} tokens), decoded one token at a time")
     for name, value in perplexities.items():

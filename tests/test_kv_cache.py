@@ -354,23 +354,10 @@ PARAGRAPH = (
 )
 
 
-def perplexity(model, form) -> float:
-    """The paragraph decoded one token at a time, every key and value read back from the batch's cache."""
-    import math
+def perplexity(model) -> float:
+    from forgellm.backends.mlx.kv_footprint import perplexity_through_cache
 
-    import mlx.core as mx
-    from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
-
-    from forgellm.backends.mlx.quantized_kv import QuantizedBatchKVCache
-
-    tokens = model.encode(PARAGRAPH)
-    layers = len(make_prompt_cache(model.model))
-    cache = [BatchKVCache([0]) if form is None else QuantizedBatchKVCache([0], form) for _ in range(layers)]
-    nll = 0.0
-    for position in range(len(tokens) - 1):
-        logits = model.model(mx.array([[tokens[position]]]), cache=cache)[0, -1]
-        nll -= (logits - mx.logsumexp(logits)).tolist()[tokens[position + 1]]
-    return math.exp(nll / (len(tokens) - 1))
+    return perplexity_through_cache(model.model, model.encode(PARAGRAPH), model.kv_layers)
 
 
 def greedy_tokens(client) -> list[list[tuple[str, list[tuple[str, float]]]]]:
@@ -391,14 +378,16 @@ def test_smollm2_at_8_bits_keeps_its_perplexity_and_parts_only_at_near_ties():
     """Quantization is not exact, so greedy answers may part from full precision's; where one does, it is at a
     token full precision itself nearly tied with the one it took (benchmarks/kv_bench.py: 72% of 32 answers
     identical for 64 tokens; these six parted, where they did, at ties within 0.07 nats)."""
+    from forgellm.backends.mlx.batch_engine import EngineTuning
     from forgellm.backends.mlx.model import MlxModel
     from forgellm.backends.mlx.quantized_kv import KvQuantization
     from forgellm.backends.mlx.sources import ModelSources
     from forgellm.backends.mlx.sources.builtin_models import DEFAULT_MODEL
 
     path = ModelSources().resolve(DEFAULT_MODEL, lambda _: None)
-    full = perplexity(MlxModel(DEFAULT_MODEL, None, path=path), None)
-    assert perplexity(MlxModel(DEFAULT_MODEL, None, path=path), KvQuantization(8)) == pytest.approx(full, rel=0.01)
+    full = perplexity(MlxModel(DEFAULT_MODEL, None, path=path))
+    quantized = MlxModel(DEFAULT_MODEL, None, EngineTuning(kv_quantization=KvQuantization(8)), path=path)
+    assert perplexity(quantized) == pytest.approx(full, rel=0.01)
 
     with test_client(DEFAULT_MODEL, prompt_cache_size=0) as client:
         expected = greedy_tokens(client)

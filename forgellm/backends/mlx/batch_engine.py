@@ -15,7 +15,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
+from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import greedy_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -33,7 +33,7 @@ from forgellm.backends.mlx.options import (
     DEFAULT_PROMPT_CACHE_SIZE,
 )
 from forgellm.backends.mlx.prompt_cache import PromptCache
-from forgellm.backends.mlx.quantized_kv import KvQuantization, QuantizableKVCache
+from forgellm.backends.mlx.quantized_kv import KvQuantization, LayerQuantization, QuantizableKVCache
 from forgellm.backends.mlx.sampling import LogitsProcessor, Sampler
 from forgellm.backends.mlx.speculative_batch import DraftRow, SpeculativeBatch
 
@@ -131,6 +131,7 @@ class MlxBatchEngine(Engine):
         draft: nn.Module | None = None,
         prompt_cache: PromptCache | None = None,
         kv_bytes_per_token: int = 0,
+        kv_layers: list[LayerQuantization] | None = None,
     ) -> None:
         self._decoding = decoding
         self._generator = BatchGenerator(
@@ -161,14 +162,13 @@ class MlxBatchEngine(Engine):
         self._jobs: dict[int, GenerationJob] = {}
         self._faults = RowFaults()
         self._vocab_size = vocab_size
-        self._kv_quantization = tuning.kv_quantization
-        self._layers = len(make_prompt_cache(model))
+        self._kv_layers = kv_layers  # each layer's quantization; None: the model's dtype
 
     def _fresh_cache(self) -> list[Any] | None:
         """A new sequence's cache: None lets mlx-lm make its own, at the model's dtype."""
-        if self._kv_quantization is None:
+        if self._kv_layers is None:
             return None
-        return [QuantizableKVCache(self._kv_quantization) for _ in range(self._layers)]
+        return [QuantizableKVCache(layer) for layer in self._kv_layers]
 
     def add(self, seq_id: int, job: GenerationJob) -> int:
         checked_prompt(job.prompt_tokens, self._vocab_size)

@@ -26,7 +26,7 @@ from typing import Any, cast
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from forgellm.backends.mlx.quantized_kv import KvQuantization, QuantizableKVCache
+from forgellm.backends.mlx.quantized_kv import LayerQuantization, QuantizableKVCache
 
 logger = logging.getLogger("forgellm.mlx")
 
@@ -65,13 +65,13 @@ def common_prefix(a: tuple[int, ...], b: list[int]) -> int:
 
 
 class DiskPromptCache:
-    def __init__(self, directory: Path, max_bytes: int, fingerprint: str, quantization: KvQuantization | None):
+    def __init__(self, directory: Path, max_bytes: int, fingerprint: str, layers: list[LayerQuantization] | None):
         self._root = directory
         self._dir = directory / fingerprint[:32]
         self._dir.mkdir(parents=True, exist_ok=True)
         self._max_bytes = max_bytes
         self._fingerprint = fingerprint
-        self._quantization = quantization
+        self._layers = layers  # each layer's quantization; None: the model's dtype
         self._entries: dict[str, _Entry] = {}  # by file name
 
     # -- what is there --------------------------------------------------------------------------------
@@ -171,8 +171,8 @@ class DiskPromptCache:
         for layer in range(layers):
             keys = _stored(arrays, f"{layer}.keys")
             values = _stored(arrays, f"{layer}.values")
-            row: KVCache = QuantizableKVCache(self._quantization) if self._quantization else KVCache()
-            if isinstance(keys, tuple) and self._quantization is None:
+            row: KVCache = QuantizableKVCache(self._layers[layer]) if self._layers else KVCache()
+            if isinstance(keys, tuple) and self._layers is None:
                 raise ValueError("quantized, for a cache that is not")
             for stored in (keys, values):
                 first = stored[0] if isinstance(stored, tuple) else stored

@@ -20,7 +20,12 @@ from forgellm import LAYERED_SAMPLING, Constraint, Engine, LoadedModel, Template
 from forgellm.backends.mlx.batch_engine import EngineTuning, MlxBatchEngine
 from forgellm.backends.mlx.decoding import Decoding
 from forgellm.backends.mlx.disk_prompt_cache import DiskPromptCache
-from forgellm.backends.mlx.kv_footprint import check_quantizable, kv_bytes_per_token, model_fingerprint
+from forgellm.backends.mlx.kv_footprint import (
+    check_quantizable,
+    kv_bytes_per_token,
+    layer_quantizations,
+    model_fingerprint,
+)
 from forgellm.backends.mlx.kv_rollback import rolls_back_per_row
 from forgellm.backends.mlx.output_format import output_format
 from forgellm.backends.mlx.prompt_cache import PromptCache
@@ -97,7 +102,8 @@ class MlxModel(LoadedModel):
         if quantization is not None:
             check_quantizable(self.model, quantization)
         self.kv_bytes_per_token = kv_bytes_per_token(self.model, quantization if self.batchable else None)
-        self.fingerprint = model_fingerprint(path or name, adapter_path, quantization)
+        self.kv_layers = layer_quantizations(self.model, self.tokenizer, quantization) if quantization else None
+        self.fingerprint = model_fingerprint(path or name, adapter_path, self.kv_layers)
 
     @property
     def has_chat_template(self) -> bool:
@@ -131,9 +137,7 @@ class MlxModel(LoadedModel):
             disk = None
             if tuning.prompt_cache_dir:
                 directory = pathlib.Path(os.path.expanduser(tuning.prompt_cache_dir))
-                disk = DiskPromptCache(
-                    directory, tuning.prompt_cache_disk_bytes, self.fingerprint, tuning.kv_quantization
-                )
+                disk = DiskPromptCache(directory, tuning.prompt_cache_disk_bytes, self.fingerprint, self.kv_layers)
             prompt_cache = None
             if tuning.prompt_cache_size > 0:
                 prompt_cache = PromptCache(tuning.prompt_cache_size, tuning.prompt_cache_bytes, disk)
@@ -147,6 +151,7 @@ class MlxModel(LoadedModel):
                 self.draft,
                 prompt_cache,
                 self.kv_bytes_per_token,
+                self.kv_layers,
             )
         return MlxSequentialEngine(self.model, self.tokenizer, self.decoding, self.vocab_size)
 

@@ -42,21 +42,40 @@ class KvQuantization:
         return self.bits / 8 + 2 * dtype_size / self.group_size
 
 
-def _quantize(array: mx.array, settings: KvQuantization) -> tuple[mx.array, mx.array, mx.array]:
+@dataclass(frozen=True, eq=False)
+class LayerQuantization:
+    """One layer's quantization: the settings, and a scale per channel of its keys and of its values (None: 1).
+
+    A group's range is set by its largest element, so a channel that is always large (keys have a few) costs
+    every other channel of the group its precision. Dividing each channel by its typical size before
+    quantizing, and multiplying back after, evens the ranges out (kv_footprint.layer_quantizations measures
+    them). On SmolLM2 it took 8-bit greedy answers identical to full precision's from 72% to 91%, and 4-bit
+    perplexity's rise from 32.6% to 12.8% (docs/kv-cache.md)."""
+
+    settings: KvQuantization
+    key_scale: mx.array | None = None
+    value_scale: mx.array | None = None
+
+
+def _quantize(array: mx.array, settings: KvQuantization, scale: mx.array | None) -> tuple[mx.array, ...]:
+    if scale is not None:
+        array = array / scale
     packed, scales, biases = mx.quantize(array, group_size=settings.group_size, bits=settings.bits)
     return packed, scales, biases
 
 
-def _dequantize(parts: tuple[mx.array, mx.array, mx.array], settings: KvQuantization) -> mx.array:
+def _dequantize(parts: tuple[mx.array, ...], settings: KvQuantization, scale: mx.array | None) -> mx.array:
     packed, scales, biases = parts
     if mx.default_device().type == mx.DeviceType.gpu:
-        return mx.dequantize(packed, scales, biases, group_size=settings.group_size, bits=settings.bits)
-    # The packed words as bytes, in element order (8 bits: one element a byte; 4 bits: low nibble first).
-    codes = packed.view(mx.uint8)
-    if settings.bits == 4:
-        codes = mx.stack([codes & 15, codes >> 4], axis=-1)
-    groups = codes.reshape(*scales.shape, settings.group_size).astype(scales.dtype)
-    return (groups * scales[..., None] + biases[..., None]).reshape(*scales.shape[:-1], -1)
+        values = mx.dequantize(packed, scales, biases, group_size=settings.group_size, bits=settings.bits)
+    else:
+        # The packed words as bytes, in element order (8 bits: one element a byte; 4 bits: low nibble first).
+        codes = packed.view(mx.uint8)
+        if settings.bits == 4:
+            codes = mx.stack([codes & 15, codes >> 4], axis=-1)
+        groups = codes.reshape(*scales.shape, settings.group_size).astype(scales.dtype)
+        values = (groups * scales[..., None] + biases[..., None]).reshape(*scales.shape[:-1], -1)
+    return values * scale if scale is not None else values
 
 
 def _is_quantized(stored: Stored) -> bool:
@@ -76,9 +95,9 @@ class QuantizableKVCache(KVCache):
     keys: Stored
     values: Stored
 
-    def __init__(self, settings: KvQuantization) -> None:
+    def __init__(self, layer: LayerQuantization) -> None:
         super().__init__()
-        self.settings = settings
+        self.layer = layer
 
     @classmethod
     def merge(cls, caches: list[QuantizableKVCache]) -> QuantizedBatchKVCache:  # type: ignore[override]
@@ -92,9 +111,10 @@ class QuantizableKVCache(KVCache):
         """This row with its positions quantized (itself, if they already are)."""
         if self.keys is None or _is_quantized(self.keys):
             return self
-        row = QuantizableKVCache(self.settings)
-        row.keys = _quantize(self.keys[..., : self.offset, :], self.settings)
-        row.values = _quantize(self.values[..., : self.offset, :], self.settings)
+        layer = self.layer
+        row = QuantizableKVCache(layer)
+        row.keys = _quantize(self.keys[..., : self.offset, :], layer.settings, layer.key_scale)
+        row.values = _quantize(self.values[..., : self.offset, :], layer.settings, layer.value_scale)
         row.offset = self.offset
         return row
 
@@ -108,19 +128,19 @@ class QuantizedBatchKVCache(BatchKVCache):
     keys: Stored
     values: Stored
 
-    def __init__(self, left_padding: list[int], settings: KvQuantization) -> None:
+    def __init__(self, left_padding: list[int], layer: LayerQuantization) -> None:
         super().__init__(left_padding)
-        self.settings = settings
+        self.layer = layer
 
     @classmethod
     def from_rows(cls, rows: list[QuantizableKVCache]) -> QuantizedBatchKVCache:
-        settings = rows[0].settings
+        layer = rows[0].layer
         lengths = [row.offset if row.keys is not None else 0 for row in rows]
         longest = max(lengths)
-        batch = cls([longest - length for length in lengths], settings)
+        batch = cls([longest - length for length in lengths], layer)
         if longest == 0:
             return batch
-        quantize = longest > settings.start or any(_is_quantized(row.keys) for row in rows)
+        quantize = longest > layer.settings.start or any(_is_quantized(row.keys) for row in rows)
         converted = [row.quantized() if quantize else row for row in rows]
         template = next(row for row in converted if row.keys is not None)
 
@@ -150,7 +170,7 @@ class QuantizedBatchKVCache(BatchKVCache):
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         if not self.quantized:
             fetched = super().update_and_fetch(keys, values)
-            if self._idx <= self.settings.start:
+            if self._idx <= self.layer.settings.start:
                 return fetched
             self._quantize_held()
             return self.keys_and_values()
@@ -164,8 +184,9 @@ class QuantizedBatchKVCache(BatchKVCache):
                 return mx.concatenate([part, extra], axis=2)
 
             self.keys, self.values = tree_map(grown, (self.keys, self.values))
-        for stored, new in ((self.keys, keys), (self.values, values)):
-            for target, part in zip(stored, _quantize(new, self.settings), strict=True):
+        layer = self.layer
+        for stored, new, scale in ((self.keys, keys, layer.key_scale), (self.values, values, layer.value_scale)):
+            for target, part in zip(stored, _quantize(new, layer.settings, scale), strict=True):
                 target[..., previous : previous + count, :] = part
         self._idx += count
         self.offset = self.offset + count
@@ -173,14 +194,19 @@ class QuantizedBatchKVCache(BatchKVCache):
 
     def _quantize_held(self) -> None:
         # The whole buffer, so it keeps its room for the positions to come.
-        self.keys = _quantize(self.keys, self.settings)
-        self.values = _quantize(self.values, self.settings)
+        layer = self.layer
+        self.keys = _quantize(self.keys, layer.settings, layer.key_scale)
+        self.values = _quantize(self.values, layer.settings, layer.value_scale)
 
     def keys_and_values(self) -> tuple[mx.array, mx.array]:
         if not self.quantized:
             return super().keys_and_values()  # type: ignore[no-any-return]
         held = tree_map(lambda part: part[..., : self._idx, :], (self.keys, self.values))
-        return _dequantize(held[0], self.settings), _dequantize(held[1], self.settings)
+        layer = self.layer
+        return (
+            _dequantize(held[0], layer.settings, layer.key_scale),
+            _dequantize(held[1], layer.settings, layer.value_scale),
+        )
 
     def finalize(self) -> None:
         if self._right_padding is not None:
@@ -243,7 +269,7 @@ class QuantizedBatchKVCache(BatchKVCache):
     def extract(self, idx: int) -> QuantizableKVCache:  # type: ignore[override]
         mx.eval(self.left_padding)
         padding: int = self.left_padding[idx].item()  # type: ignore[assignment]
-        row = QuantizableKVCache(self.settings)
+        row = QuantizableKVCache(self.layer)
         row.keys, row.values = tree_map(
             lambda a: mx.contiguous(a[idx : idx + 1, :, padding : self._idx]), (self.keys, self.values)
         )
