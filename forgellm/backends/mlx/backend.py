@@ -34,11 +34,13 @@ class MlxBackend(Backend):
         tool_parser: str | None = None,
         draft_model: str | None = None,
         kv_bits_by_model: dict[str, int] | None = None,
-        kv_form: KvQuantization | None = None,
+        kv_group_size: int | None = None,
+        quantized_kv_start: int = 0,
     ) -> None:
         self.tuning = tuning or EngineTuning()
         self.kv_bits_by_model = kv_bits_by_model or {}  # by source (what load() is given); 0: the model's dtype
-        self.kv_form = kv_form or KvQuantization(8)  # the group size and start of a model's own --model-kv-bits
+        self.kv_group_size = kv_group_size  # for a model's own --model-kv-bits (None: by its bits)
+        self.quantized_kv_start = quantized_kv_start
         self.sources = sources or ModelSources()
         self.tool_parser = tool_parser
         self.draft_model = draft_model
@@ -64,17 +66,16 @@ class MlxBackend(Backend):
                     max_draft_tokens=settings["num_draft_tokens"],
                     position_cost=settings["draft_position_cost"],
                 ),
-                kv_quantization=KvQuantization(
+                kv_quantization=KvQuantization.chosen(
                     settings["kv_bits"], settings["kv_group_size"], settings["quantized_kv_start"]
-                )
-                if settings["kv_bits"]
-                else None,
+                ),
             ),
             ModelSources(pathlib.Path(cache_dir) if cache_dir else default_cache_dir(), settings["gguf_weights"]),
             settings["tool_parser"],
             settings["draft_model"],
             kv_bits_by_source(settings["model_kv_bits"], settings["model"]),
-            KvQuantization(8, settings["kv_group_size"], settings["quantized_kv_start"]),
+            settings["kv_group_size"],
+            settings["quantized_kv_start"],
         )
 
     def device_memory_bytes(self) -> int:
@@ -117,7 +118,7 @@ class MlxBackend(Backend):
         bits = self.kv_bits_by_model.get(model_name)
         if bits is None:
             return self.tuning
-        form = dataclasses.replace(self.kv_form, bits=bits) if bits else None
+        form = KvQuantization.chosen(bits, self.kv_group_size, self.quantized_kv_start)
         return dataclasses.replace(self.tuning, kv_quantization=form)
 
 

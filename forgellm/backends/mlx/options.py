@@ -91,9 +91,9 @@ MLX_OPTIONS = (
     ),
     Option(
         "kv_bits",
-        "Store the KV cache quantized to this many bits (about 3.6 times smaller at 8 bits and 6.4 at 4 for a "
-        "float32 model, 1.9 and 3.6 for float16), so more and longer sequences fit; batching stays on. Greedy "
-        "output can differ slightly from full precision (docs/models.md has the measured quality). Default: the "
+        "Store the KV cache quantized to this many bits (about 3.6 times smaller at 8 bits and 5.3 at 4 for a "
+        "float32 model, 1.9 and 3.2 for float16), so more and longer sequences fit; batching stays on. Greedy "
+        "output can differ slightly from full precision (docs/kv-cache.md has the measured quality). Default: the "
         "model's dtype.",
         type=IntChoice(KV_BITS_CHOICES),
     ),
@@ -107,9 +107,9 @@ MLX_OPTIONS = (
     ),
     Option(
         "kv_group_size",
-        "Elements sharing one scale and bias in the quantized KV cache (--kv-bits).",
+        "Elements sharing one scale and bias in the quantized KV cache (--kv-bits); default: 64 at 8 bits, "
+        "32 at 4 (finer groups keep 4 bits' quality, for 20% more bytes).",
         type=IntChoice(KV_GROUP_SIZE_CHOICES),
-        default=64,
     ),
     Option(
         "quantized_kv_start",

@@ -37,6 +37,15 @@ class KvQuantization:
     group_size: int = 64
     start: int = 0
 
+    @classmethod
+    def chosen(cls, bits: int | None, group_size: int | None, start: int) -> KvQuantization | None:
+        """The quantization the options choose (None: the model's dtype). Unless set, groups are of 64 at 8
+        bits (mlx-lm's default) and of 32 at 4, as llama.cpp's 4-bit blocks are: 4 bits in groups of 64 cost
+        SmolLM2 12.8% perplexity, in groups of 32 2.7%, for 20% more bytes (docs/kv-cache.md)."""
+        if not bits:
+            return None
+        return cls(bits, group_size or (32 if bits == 4 else 64), start)
+
     def bytes_per_element(self, dtype_size: int) -> float:
         """Stored bytes per key or value element: the packed bits, and a scale and a bias per group."""
         return self.bits / 8 + 2 * dtype_size / self.group_size
