@@ -25,6 +25,7 @@ from typing import Any, cast
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
+from mlx_lm.utils import common_prefix_len
 
 from forgellm.backends.mlx.quantized_kv import LayerQuantization, QuantizableKVCache
 
@@ -53,15 +54,6 @@ def read_metadata(path: Path) -> dict[str, str]:
     if not isinstance(metadata, dict):
         raise ValueError("no metadata")
     return metadata
-
-
-def common_prefix(a: tuple[int, ...], b: list[int]) -> int:
-    count = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        count += 1
-    return count
 
 
 class DiskPromptCache:
@@ -135,7 +127,7 @@ class DiskPromptCache:
         self._refresh()
         best: tuple[str, int] | None = None
         for name, entry in self._entries.items():
-            shared = common_prefix(entry.tokens, prompt)
+            shared = common_prefix_len(entry.tokens, prompt)
             if shared and (best is None or shared > best[1]):
                 best = (name, shared)
         return best
@@ -153,7 +145,7 @@ class DiskPromptCache:
                 self._remove(name, problem)
                 return None
             cache = self._rows(arrays, int(metadata["layers"]), len(tokens))
-            mx.eval([array for array in arrays.values()])
+            mx.eval(list(arrays.values()))
         except FileNotFoundError:
             self._entries.pop(name, None)
             return None

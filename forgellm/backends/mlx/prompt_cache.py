@@ -40,7 +40,6 @@ class PromptCache:
         self._leaving = _LeavingTrie()
         self._memory._trie = self._leaving
         self._disk = disk
-        self._held: dict[tuple[int, ...], list[Any]] = {}  # what the memory tier holds, to flush at close
         self.lookups = self.memory_hits = self.disk_hits = 0
 
     def nearest(self, prompt: list[int]) -> tuple[list[Any] | None, list[int]]:
@@ -55,11 +54,12 @@ class PromptCache:
                 trim_prompt_cache(cache, 1)
                 rest = prompt[-1:]
         from_memory = len(prompt) - len(rest) if cache is not None else 0
-        if self._disk is not None:
-            found = self._disk.longest_prefix(prompt)
-            if found is not None and min(found[1], len(prompt) - 1) > from_memory:
-                keep = min(found[1], len(prompt) - 1)
-                loaded = self._disk.load(found[0], keep)
+        disk = self._disk
+        if disk is not None and from_memory < len(prompt) - 1:  # else the disk could not cover more
+            found = disk.longest_prefix(prompt)
+            keep = min(found[1], len(prompt) - 1) if found is not None else 0
+            if found is not None and keep > from_memory:
+                loaded = disk.load(found[0], keep)
                 if loaded is not None:
                     self.disk_hits += 1
                     return loaded, prompt[keep:]
@@ -69,7 +69,6 @@ class PromptCache:
 
     def insert(self, tokens: list[int], cache: list[Any]) -> None:
         self._memory.insert_cache(_CACHE_KEY, tokens, cache)
-        self._held[tuple(tokens)] = cache
         self._spill()
 
     def release(self, nbytes: int) -> None:
@@ -79,22 +78,16 @@ class PromptCache:
     def _spill(self) -> None:
         """What the memory tier let go of, to disk."""
         left, self._leaving.left = self._leaving.left, []
-        for tokens, entry in left:
-            self._held.pop(tuple(tokens), None)
-            if self._disk is not None:
+        if self._disk is not None:
+            for tokens, entry in left:
                 self._disk.store(tokens, entry.prompt_cache)
-        # Entries superseded by a longer one are no longer held either.
-        if len(self._held) > len(self._memory):
-            for held in list(self._held):
-                if any(len(other) > len(held) and other[: len(held)] == held for other in self._held):
-                    del self._held[held]
 
     def close(self) -> None:
-        """Keep what the memory tier holds on disk (it survives the restart or the swap)."""
+        """Keep what the memory tier holds on disk (it survives the restart or the swap): it leaves memory as an
+        eviction does, so _spill writes it."""
         if self._disk is not None:
-            for tokens, cache in self._held.items():
-                self._disk.store(list(tokens), cache)
-        self._held.clear()
+            self._memory.trim_to(n_sequences=0)
+            self._spill()
 
     @property
     def nbytes(self) -> int:
