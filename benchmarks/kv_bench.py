@@ -204,16 +204,10 @@ def section_throughput(path: Path) -> None:
           f"{ours / rates['mlx_lm.server --kv-bits 8']:.2f}x")  # fmt: skip
 
 
-def peak_rss(server: Server) -> int:
+def memory_of(server: Server, field: str) -> int:
+    """A field of the server process's /proc status, in bytes: VmRSS now, VmHWM the peak."""
     for line in Path(f"/proc/{server.pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def rss(server: Server) -> int:
-    for line in Path(f"/proc/{server.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return 0
 
@@ -255,11 +249,11 @@ def section_admission(path: Path, sizes: dict[str, int]) -> None:
         options = ["--model", str(path), "--memory-budget", str(budget), "--max-concurrency", "16",
                    "--prompt-cache-size", "0", *extra]  # fmt: skip
         with serving(label, lambda port, options=options: forgellm_run(port, *options)) as server:
-            idle = rss(server)
+            idle = memory_of(server, "VmRSS")
             started = time.perf_counter()
             statuses, peaks = asyncio.run(watched_burst(server.url, prompts, 2000))
             wall = time.perf_counter() - started
-            peak = peak_rss(server)
+            peak = memory_of(server, "VmHWM")
         answered, refused = statuses.count(200), statuses.count(503)
         within = "within" if peaks["in_use"] <= budget else "PAST"
         print(f"  {label:>11}: {answered} answered, {refused} refused (503), {16 - answered - refused} other, in "
