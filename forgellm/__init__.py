@@ -25,7 +25,7 @@ from forgellm.core.api.openai.protocol import error_body as openai_error_body
 from forgellm.core.api.pipeline import GenerationService
 from forgellm.core.api.request import Caller, GenerationRequest, ToolChoice, client_sampling
 from forgellm.core.config.settings import Option, Settings
-from forgellm.core.engine.backend import Backend, CacheStats, Engine, LoadedModel, ModelSource, OutputFormat
+from forgellm.core.engine.backend import Backend, CacheStats, Engine, LoadedModel, ModelSource, OutputFormat, Rank
 from forgellm.core.engine.generation import (
     LAYERED_SAMPLING,
     PREDICTION_SOURCE,
@@ -79,6 +79,7 @@ __all__ = [
     "INVALID_CREDENTIALS",
     "LAYERED_SAMPLING",
     "PREDICTION_SOURCE",
+    "Rank",
     "LOAD",
     "PROBE_PATHS",
     "STATUS",

@@ -104,6 +104,10 @@ def _run(options: list[Option], print_config: bool, **values) -> None:
     _configure_logging(settings.log_level)
     limits = _connection_limits(settings)
     app = create_app(settings, create_plugin_manager(names))
+    # A rank other than 0 of a model sharded over processes serves no HTTP: it follows rank 0.
+    follower_status = app.state.server.backend.follow()
+    if follower_status is not None:
+        sys.exit(follower_status)
     # uvicorn drains in-flight requests on SIGINT/SIGTERM, then re-raises the signal to the
     # handler it found: make that handler a clean exit, since the shutdown was graceful.
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -119,4 +119,7 @@ class Server:
     async def shutdown(self) -> None:
         for result in self.hook.shutdown(server=self):
             await await_me_maybe(result)
-        await self.registry.stop(timeout=self.config.drain_timeout)
+        # A backend that cannot generate any more (a lost rank) may have left an engine thread waiting for good.
+        unavailable = self.backend.unavailable() is not None
+        await self.registry.stop(timeout=1.0 if unavailable else self.config.drain_timeout)
+        self.backend.close()

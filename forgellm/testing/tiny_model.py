@@ -15,6 +15,7 @@ almost never when sampling, so a generation runs to ``max_tokens``.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pathlib
@@ -24,7 +25,6 @@ from typing import Any, cast
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.models.llama import Model, ModelArgs
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from tokenizers import (
     Tokenizer,
@@ -34,6 +34,8 @@ from tokenizers import (
     processors,
     trainers,
 )
+
+from forgellm.backends.mlx.sources.weights_file import save_weights
 
 __all__ = ["build_tiny_model", "build_tiny_adapter"]
 
@@ -148,15 +150,23 @@ def _printable_token_mask(tokenizer: Tokenizer) -> np.ndarray:
     return mask
 
 
+def _model_of(config: dict[str, Any]) -> Any:
+    """mlx-lm's model for config's model_type, as its loader would build it (random weights)."""
+    architecture = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    return architecture.Model(architecture.ModelArgs.from_dict(config))
+
+
 def _random_weights(config: dict[str, Any], allowed_outputs: np.ndarray, seed: int) -> dict[str, mx.array]:
-    """Random float32 weights under the names and shapes mlx-lm's Llama uses."""
+    """Random float32 weights under the names and shapes mlx-lm's model of config's model_type uses."""
     rng = np.random.default_rng(seed)
-    parameters = cast(list[tuple[str, Any]], tree_flatten(Model(ModelArgs.from_dict(config)).parameters()))
+    parameters = cast(list[tuple[str, Any]], tree_flatten(_model_of(config).parameters()))
     shapes = {name: param.shape for name, param in parameters}
     weights = {}
     for name, shape in sorted(shapes.items()):
         if name.endswith("norm.weight"):
             value = np.ones(shape)
+        elif name.endswith(".bias"):
+            value = np.zeros(shape)
         elif name == "model.embed_tokens.weight":
             value = rng.normal(0.0, 1.0, shape)
             value[:, _BIAS_DIM] = _BIAS_ACTIVATION
@@ -240,7 +250,7 @@ def build_tiny_model(
         template_file.unlink(missing_ok=True)
 
     weights = _random_weights(config, _printable_token_mask(tokenizer), seed)
-    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    save_weights(out, weights)
     return out
 
 
@@ -274,7 +284,7 @@ def build_tiny_adapter(
     }
 
     # Wrap a model exactly as mlx-lm's loader will, so names and shapes match.
-    model = Model(ModelArgs.from_dict(config))
+    model = _model_of(config)
     linear_to_lora_layers(model, config["num_hidden_layers"], lora_parameters)
     rng = np.random.default_rng(seed)
     weights = {}

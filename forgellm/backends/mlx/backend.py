@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pathlib
 from collections.abc import Callable, Iterable
@@ -10,8 +11,11 @@ from collections.abc import Callable, Iterable
 import click
 import mlx.core as mx
 
-from forgellm import Backend, ModelSource, Settings, parse_model_spec
+from forgellm import Backend, LoadedModel, ModelSource, Rank, Settings, parse_model_spec
 from forgellm.backends.mlx.batch_engine import EngineTuning
+from forgellm.backends.mlx.distributed import join_group
+from forgellm.backends.mlx.distributed.leader import Timeouts
+from forgellm.backends.mlx.distributed.serving import DistributedServing
 from forgellm.backends.mlx.draft_policy import SpeculationSettings
 from forgellm.backends.mlx.model import MlxModel
 from forgellm.backends.mlx.options import ModelKvBits
@@ -20,6 +24,8 @@ from forgellm.backends.mlx.sources import ModelSources
 from forgellm.backends.mlx.sources.builtin_models import BUILTIN_MODELS, DEFAULT_MODEL
 from forgellm.backends.mlx.sources.model_cache import default_cache_dir
 from forgellm.backends.mlx.sources.model_files import check_model_directory
+
+logger = logging.getLogger("forgellm.mlx")
 
 
 class MlxBackend(Backend):
@@ -36,6 +42,7 @@ class MlxBackend(Backend):
         kv_bits_by_model: dict[str, int] | None = None,
         kv_group_size: int | None = None,
         quantized_kv_start: int = 0,
+        distributed: DistributedServing | None = None,
     ) -> None:
         self.tuning = tuning or EngineTuning()
         self.kv_bits_by_model = kv_bits_by_model or {}  # by source (what load() is given); 0: the model's dtype
@@ -44,6 +51,7 @@ class MlxBackend(Backend):
         self.sources = sources or ModelSources()
         self.tool_parser = tool_parser
         self.draft_model = draft_model
+        self.distributed = distributed  # None: this process serves its models alone
 
     @classmethod
     def from_settings(cls, settings: Settings) -> MlxBackend:
@@ -52,6 +60,16 @@ class MlxBackend(Backend):
             # The disk tier is fed by the memory tier: without it the folder would silently stay empty.
             raise click.UsageError("--prompt-cache-dir needs the prompt cache in memory: a --prompt-cache-size above 0")
         cache_dir = settings["cache_dir"]
+        group = join_group()
+        if group is not None and settings["prompt_cache_dir"]:
+            raise click.UsageError(
+                "--prompt-cache-dir is not available under mlx.launch: every rank would need its own disk tier, "
+                "found alike (the memory tier works)"
+            )
+        distributed = None
+        if group is not None:
+            timeouts = Timeouts(rank=settings["rank_timeout"], load=settings["load_timeout"] or None)
+            distributed = DistributedServing(group, settings["parallel"], timeouts, settings["drain_timeout"])
         return cls(
             EngineTuning(
                 prompt_cache_size=settings["prompt_cache_size"],
@@ -76,6 +94,7 @@ class MlxBackend(Backend):
             kv_bits_by_source(settings["model_kv_bits"], settings["model"]),
             settings["kv_group_size"],
             settings["quantized_kv_start"],
+            distributed,
         )
 
     def device_memory_bytes(self) -> int:
@@ -99,7 +118,64 @@ class MlxBackend(Backend):
                 return ModelSource("file", "GGUF file", False, 0, name)
         return super().describe_source(name)
 
-    def load(self, model_name: str, adapter_path: str | None, progress: Callable[[str], None]) -> MlxModel:
+    def load(self, model_name: str, adapter_path: str | None, progress: Callable[[str], None]) -> LoadedModel:
+        distributed = self.distributed
+        if distributed is None:
+            return self._load_alone(model_name, adapter_path, progress)
+        if adapter_path is not None:
+            raise ValueError("adapters are not available for a model sharded over ranks (mlx-lm shards base models)")
+        if self.draft_model is not None and self.tuning.speculation.enabled:
+            raise ValueError("--draft-model is not available for a model sharded over ranks; prompt lookup is")
+        progress(f"loading this model's part on each of {distributed.sharding.ranks} ranks")
+        return distributed.load(
+            model_name,
+            lambda: self._prepare_part(model_name, progress),
+            lambda path: self._load_part(model_name, path),
+        )
+
+    def follow(self) -> int | None:
+        if self.distributed is None or self.distributed.rank == 0:
+            return None
+
+        def prepare(model_name: str) -> pathlib.Path:
+            return self._prepare_part(model_name, lambda text: logger.info("%s: %s", model_name, text))
+
+        def build(model_name: str, path: pathlib.Path) -> MlxModel:
+            return self._load_part(model_name, path, follower=True)
+
+        return self.distributed.follow(prepare, build)
+
+    def ranks(self) -> tuple[Rank, ...]:
+        return self.distributed.ranks() if self.distributed is not None else ()
+
+    def unavailable(self) -> str | None:
+        return self.distributed.unavailable() if self.distributed is not None else None
+
+    def close(self) -> None:
+        if self.distributed is not None:
+            self.distributed.close()
+
+    def _prepare_part(self, model_name: str, progress: Callable[[str], None]) -> pathlib.Path:
+        """Find this rank's copy of the model and check that it splits as asked (no weights loaded yet)."""
+        assert self.distributed is not None
+        path = pathlib.Path(os.path.expanduser(self.sources.resolve(model_name, progress)))
+        if not path.is_dir():
+            raise ValueError(f"{model_name}: a model sharded over ranks needs a local model directory, not {path}")
+        check_model_directory(str(path))
+        self.distributed.sharding.plan(path)
+        return path
+
+    def _load_part(self, model_name: str, path: pathlib.Path, follower: bool = False) -> MlxModel:
+        assert self.distributed is not None
+        tuning = self._tuning_for(model_name)
+        if follower:  # its prompt cache drops what rank 0's drops, whatever the bytes (AddSequence.entries)
+            tuning = dataclasses.replace(tuning, prompt_cache_bytes=0)
+        return MlxModel(
+            model_name, None, tuning, path=str(path), tool_parser=self.tool_parser,
+            sharding=self.distributed.sharding,
+        )  # fmt: skip
+
+    def _load_alone(self, model_name: str, adapter_path: str | None, progress: Callable[[str], None]) -> MlxModel:
         path = self.sources.resolve(model_name, progress)
         for directory in (path, adapter_path):
             if directory is not None and os.path.isdir(os.path.expanduser(directory)):

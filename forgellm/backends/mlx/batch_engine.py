@@ -254,6 +254,11 @@ class MlxBatchEngine(Engine):
         if self._prompt_cache is not None:
             self._prompt_cache.release(nbytes)
 
+    def keep_newest_cached(self, entries: int) -> None:
+        """Keep only the newest entries of the prompt cache (a follower rank matching rank 0's)."""
+        if self._prompt_cache is not None:
+            self._prompt_cache.keep_newest(entries)
+
     def remove(self, seq_ids: Iterable[int]) -> None:
         uids = [self._uid_of_seq[s] for s in seq_ids if s in self._uid_of_seq]
         if uids:

@@ -20,6 +20,7 @@ from forgellm import LAYERED_SAMPLING, Constraint, Engine, LoadedModel, Template
 from forgellm.backends.mlx.batch_engine import EngineTuning, MlxBatchEngine
 from forgellm.backends.mlx.decoding import Decoding
 from forgellm.backends.mlx.disk_prompt_cache import DiskPromptCache
+from forgellm.backends.mlx.distributed.sharding import Sharding
 from forgellm.backends.mlx.kv_footprint import (
     check_quantizable,
     kv_bytes_per_token,
@@ -80,14 +81,18 @@ class MlxModel(LoadedModel):
         path: str | None = None,
         tool_parser: str | None = None,
         draft_path: str | None = None,
+        sharding: Sharding | None = None,
     ) -> None:
         self.name = name
         self.adapter_path = adapter_path
         self.tuning = tuning or EngineTuning()
         # mlx-lm infers the tool-call parser from the chat template; the tokenizer config overrides that.
         tokenizer_config = {"tool_parser_type": tool_parser} if tool_parser else None
-        loaded = mlx_load(path or name, tokenizer_config=tokenizer_config, adapter_path=adapter_path)
-        self.model, self.tokenizer = loaded[0], loaded[1]
+        if sharding is not None:  # this rank's part (the backend refuses adapters and draft models then)
+            self.model, self.tokenizer = sharding.load(pathlib.Path(path or name), tokenizer_config)
+        else:
+            loaded = mlx_load(path or name, tokenizer_config=tokenizer_config, adapter_path=adapter_path)
+            self.model, self.tokenizer = loaded[0], loaded[1]
         # mlx-lm batches only models whose every cache layer can be merged across sequences.
         self.batchable = all(hasattr(c, "merge") for c in make_prompt_cache(self.model))
         args = getattr(self.model, "args", None)
@@ -128,10 +133,11 @@ class MlxModel(LoadedModel):
     def check_constraint(self, constraint: Constraint) -> None:
         self.decoding.constraints.grammar(constraint)
 
-    def create_engine(self, max_batch_size: int) -> Engine:
+    def create_engine(self, max_batch_size: int, seed: int | None = None) -> Engine:
+        """A fresh engine, its random state seeded with seed (every rank of a sharded model gets the same one)."""
         # A failed step can leave MLX's global random state unusable (mlx-lm's compiled samplers trace it),
         # and the scheduler replaces a failed engine with a new one: start each from a fresh state.
-        mx.random.seed(int.from_bytes(os.urandom(8), "little"))
+        mx.random.seed(int.from_bytes(os.urandom(8), "little") if seed is None else seed)
         if self.batchable:
             tuning = self.tuning
             disk = None

@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from forgellm import Option
+from forgellm.backends.mlx.distributed.sharding import PARALLEL_CHOICES
 from forgellm.backends.mlx.draft_policy import DEFAULT_NUM_DRAFT_TOKENS, DEFAULT_POSITION_COST
 from forgellm.backends.mlx.output_format import TOOL_PARSERS
 from forgellm.backends.mlx.quantized_kv import KV_BITS_CHOICES, KV_GROUP_SIZE_CHOICES
@@ -24,6 +25,9 @@ DEFAULT_PREFILL_BATCH_SIZE = 8
 # on a CPU; benchmarks/prefill_stall.py measures it).
 DEFAULT_PREFILL_CHUNK_SIZE = 256
 DEFAULT_PROMPT_CACHE_DISK_BYTES = 8 << 30
+# A rank that has not taken a command or finished a step after this long has stopped answering. A step
+# prefills at most one --prefill-chunk-size slice per prompt, well within it on machines that can serve.
+DEFAULT_RANK_TIMEOUT = 30.0
 
 
 class IntChoice(click.types.IntParamType):
@@ -160,6 +164,22 @@ MLX_OPTIONS = (
         "speculation drafts (measured 0.06 on a 2-core CPU; lower on a GPU, where extra positions cost less).",
         type=click.FloatRange(min=0.0, min_open=True, max=1.0),
         default=DEFAULT_POSITION_COST,
+    ),
+    Option(
+        "parallel",
+        "Under mlx.launch, how the model is split over the ranks: tensor (every layer split, its heads divided "
+        "among the ranks), pipeline (each rank holds whole layers; needs model.safetensors.index.json), or auto "
+        "(tensor where the model has it and the rank count divides its heads, else pipeline). Run alone, unused.",
+        type=click.Choice(PARALLEL_CHOICES),
+        default="auto",
+    ),
+    Option(
+        "rank_timeout",
+        "Under mlx.launch: seconds rank 0 waits for the other ranks to take a command or finish a step, and "
+        "the others wait for rank 0's heartbeat, before the group counts as broken (rank 0 refuses generations "
+        "with 503 and every rank exits).",
+        type=click.FloatRange(min=0.5),
+        default=DEFAULT_RANK_TIMEOUT,
     ),
     Option(
         "cache_dir",

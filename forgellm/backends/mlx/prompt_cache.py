@@ -75,6 +75,13 @@ class PromptCache:
         self._memory.trim_to(n_bytes=self._memory.nbytes - nbytes)
         self._spill()
 
+    def keep_newest(self, entries: int) -> None:
+        """Drop the least recently used entries past the newest ``entries`` (as another rank's cache dropped them
+        to its byte bound or to make room)."""
+        if len(self._memory) > entries:
+            self._memory.trim_to(n_sequences=entries)
+            self._spill()
+
     def _spill(self) -> None:
         """What the memory tier let go of, to disk."""
         left, self._leaving.left = self._leaving.left, []

@@ -16,12 +16,15 @@ class Liveness(msgspec.Struct):
     status: Literal["ok"]
 
 
-class Readiness(msgspec.Struct):
+class Readiness(msgspec.Struct, omit_defaults=True):
     """Whether to send traffic here; nothing more, since the probes answer without credentials."""
 
     ready: bool
     model_loaded: bool
     engine_alive: bool
+    # Of a model sharded over processes: how many ranks, and whether they all answer (absent: one process).
+    ranks: int | None = None
+    ranks_answering: bool | None = None
 
 
 # HEAD too: load balancers and uptime checkers often probe with it.
@@ -41,7 +44,7 @@ async def healthz() -> Liveness:
     responses={
         503: ResponseSpec(
             Readiness,
-            description="Not ready: no model loaded (yet), or the engine thread died",
+            description="Not ready: no model loaded (yet), the engine thread died, or a sharded model lost a rank",
             generate_examples=False,
         ),
     },
@@ -49,8 +52,12 @@ async def healthz() -> Liveness:
 async def readyz(server: NamedDependency[Server]) -> Response[Readiness]:
     default = server.default_model
     state, alive = default.slot.state, default.scheduler.alive
-    ready = state.loaded and alive
+    ranks = server.backend.ranks()
+    answering = server.backend.unavailable() is None
+    ready = state.loaded and alive and answering
     body = Readiness(ready=ready, model_loaded=state.loaded, engine_alive=alive)
+    if ranks:
+        body.ranks, body.ranks_answering = len(ranks), answering
     return Response(body, status_code=200 if ready else 503)
 
 

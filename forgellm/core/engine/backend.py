@@ -158,9 +158,38 @@ class ModelSource:
     key: str  # one key for every spelling of the same source (a local path's real path)
 
 
+@dataclass(frozen=True)
+class Rank:
+    """One process of a model served by several (a rank of a distributed group): where it runs, and what it
+    last reported holding."""
+
+    rank: int
+    host: str
+    weights_bytes: int = 0  # its part of the models' weights
+    memory_bytes: int = 0  # the memory its framework holds now
+    peak_memory_bytes: int = 0
+
+
 class Backend(ABC):
     # The model `forgellm run` loads when given no --model (None: start with none).
     default_model: str | None = None
+
+    def follow(self) -> int | None:
+        """When this process is not the one that serves HTTP (a rank other than 0 of a model sharded over
+        processes), do its part until the group ends and return the process's exit status; None: serve."""
+        return None
+
+    def ranks(self) -> tuple[Rank, ...]:
+        """The processes the backend's models are spread over, this one first (none: it runs alone)."""
+        return ()
+
+    def unavailable(self) -> str | None:
+        """Why the backend cannot generate at all now (a rank of its group was lost), for a 503; None: it can."""
+        return None
+
+    def close(self) -> None:
+        """Called once as the server stops, after every model is unloaded."""
+        return None
 
     @abstractmethod
     def load(self, model_name: str, adapter_path: str | None, progress: Callable[[str], None]) -> LoadedModel:

@@ -24,7 +24,7 @@ from forgellm.core.engine.generation import GenerationJob, TokenOutput
 from forgellm.core.engine.kv_admission import KvAdmission, reserved_bytes
 from forgellm.core.engine.sequence_handle import SequenceHandle
 from forgellm.core.engine.stop_strings import StopMatcher
-from forgellm.core.errors import service_unavailable
+from forgellm.core.errors import ApiError, service_unavailable
 
 logger = logging.getLogger("forgellm.scheduler")
 
@@ -114,6 +114,13 @@ class Scheduler:
     def cancel(self, seq_id: int) -> None:
         if self._handles.pop(seq_id, None) is not None:
             self._inbox.put(Cancel(seq_id))
+
+    def fail_in_flight(self, message: str) -> None:
+        """End every request in flight with a 503 now, without waiting on the engine thread (the backend cannot
+        generate any more); what the thread posts for them later is dropped."""
+        handles, self._handles = self._handles, {}
+        for handle in handles.values():
+            handle._receive(TokenOutput(handle.seq_id, "", error=message, error_status=503))
 
     def swap_model(self, load: ModelLoader) -> concurrent.futures.Future[LoadedModel | None]:
         """Replace the model once admitted work is done; load returns the new model, or None to unload."""
@@ -278,7 +285,10 @@ class Scheduler:
     def _reset_engine(self, operation: str, exc: Exception) -> None:
         """After an engine call fails the batch's state is unknown: fail what it held and start a fresh engine."""
         logger.exception("engine %s failed; failing %d sequences", operation, len(self._running), exc_info=exc)
-        failed = [TokenOutput(seq_id, "", error=str(exc) or type(exc).__name__) for seq_id in self._running]
+        # An ApiError says what the clients should see (a lost rank of a sharded model: 503).
+        status = exc.status_code if isinstance(exc, ApiError) else 500
+        message = exc.message if isinstance(exc, ApiError) else str(exc) or type(exc).__name__
+        failed = [TokenOutput(seq_id, "", error=message, error_status=status) for seq_id in self._running]
         self._running.clear()
         self._post(failed)
         self._close_quietly(self._engine)

@@ -74,6 +74,7 @@ class ModelRegistry:
         self.residents: list[Resident] = [self._new_resident("default", pinned=True)]
         self.evictions: dict[str, int] = {}  # by model name, for the metrics
         self._sweeper: asyncio.Task[None] | None = None
+        self._backend_watch: asyncio.Task[None] | None = None
 
     # -- the default model (the guide's) ---------------------------------------------------------
     @property
@@ -127,12 +128,16 @@ class ModelRegistry:
         self._started = True
         for resident in self.residents:
             resident.scheduler.start()
+        loop = asyncio.get_running_loop()
         if self.keep_alive > 0:
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep(sweep_every))
+            self._sweeper = loop.create_task(self._sweep(sweep_every))
+        self._backend_watch = loop.create_task(self._watch_backend())
 
     async def stop(self, timeout: float | None) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._backend_watch is not None:
+            self._backend_watch.cancel()
         await asyncio.gather(*(resident.scheduler.stop(timeout=timeout) for resident in self.residents))
 
     async def load_at_start(self, specs: tuple[str, ...], adapter: str | None, pinned: bool) -> None:
@@ -171,7 +176,11 @@ class ModelRegistry:
     async def serving(self, requested: str | None, may_load: MayLoad) -> tuple[Resident, LoadedModel]:
         """The resident model a request names (the default when it names none) and its loaded model, loading it
         first when it is allowed and the caller may load models; waits up to --model-load-wait for a load under
-        way. No model for the default is the guide's 400, one loading its 503."""
+        way. No model for the default is the guide's 400, one loading its 503; a backend that cannot generate at
+        all (a lost rank) is a 503."""
+        unavailable = self._backend.unavailable()
+        if unavailable is not None:
+            raise service_unavailable(unavailable[:1].upper() + unavailable[1:])
         if requested is None or self.default.answers_to(requested):
             return self.default, self.default.slot.require_model()
         resident = self.find(requested)
@@ -336,6 +345,17 @@ class ModelRegistry:
             logger.info("unloading %s (least recently used) to make room for %s", victim.name, for_name)
             self.evictions[victim.name] = self.evictions.get(victim.name, 0) + 1
             await self._remove(victim)
+
+    async def _watch_backend(self, every: float = 0.25) -> None:
+        """Once the backend cannot generate at all (a lost rank), fail every request in flight with its 503 at
+        once: their engine threads may never answer again."""
+        while True:
+            await asyncio.sleep(every)
+            why = self._backend.unavailable()
+            if why is not None:
+                for resident in self.residents:
+                    resident.scheduler.fail_in_flight(why[:1].upper() + why[1:])
+                return
 
     async def _sweep(self, every: float) -> None:
         """Unload unpinned models idle for longer than --keep-alive."""

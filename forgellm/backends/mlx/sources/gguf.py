@@ -24,6 +24,7 @@ import mlx.core as mx
 
 from forgellm.backends.mlx.sources.gguf_errors import UnsupportedGguf
 from forgellm.backends.mlx.sources.gguf_tokenizer import build_tokenizer, tokenizer_config
+from forgellm.backends.mlx.sources.weights_file import save_weights
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 # GGUF tensor names to mlx-lm's, for the llama family (qwen2 included).
@@ -103,7 +104,7 @@ def convert(source: pathlib.Path, target: pathlib.Path, weights: WeightFormat, p
     else:
         renamed = _dequantized(renamed, getattr(mx, weights.dequantize_to))
     progress("writing the MLX model directory")
-    mx.save_safetensors(str(target / "model.safetensors"), renamed, metadata={"format": "mlx"})
+    save_weights(target, renamed)
     _write_json(target / "config.json", config)
     tokenizer.save(str(target / "tokenizer.json"))
     _write_json(target / "tokenizer_config.json", tokenizer_config(metadata, special))

@@ -47,12 +47,24 @@ class ResidentModel(msgspec.Struct):
     sampling_defaults: dict[str, float]
 
 
+class RankInfo(msgspec.Struct):
+    """One process of models sharded over several (mlx.launch's ranks), as it last reported (every second)."""
+
+    rank: int
+    host: str
+    weights_bytes: int  # its part of the models' weights
+    memory_bytes: int  # the memory its framework holds
+    peak_memory_bytes: int
+
+
 class ModelsResponse(msgspec.Struct):
     success: bool
     models: list[ResidentModel]
     memory_in_use: int
     memory_budget: int | None  # --memory-budget in bytes; null: none
     max_models: int  # 0: no limit
+    ranks: list[RankInfo]  # the processes the models are sharded over, this server (rank 0) first; []: one
+    ranks_error: str | None  # why the ranks cannot generate (one was lost); null: they can
 
 
 class ModelLoadRequest(msgspec.Struct, forbid_unknown_fields=True):

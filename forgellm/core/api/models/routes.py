@@ -6,6 +6,8 @@ list and manage all of them, in the guide's envelope.
 
 from __future__ import annotations
 
+import dataclasses
+
 from litestar import get
 from litestar.di import NamedDependency
 
@@ -17,6 +19,7 @@ from forgellm.core.api.models.protocol import (
     ModelLoadRequest,
     ModelsResponse,
     ModelUnloadRequest,
+    RankInfo,
     ResidentModel,
 )
 from forgellm.core.http.json_route import json_post
@@ -80,6 +83,8 @@ async def list_models(server: NamedDependency[Server]) -> ModelsResponse:
         memory_in_use=registry.memory_in_use(),
         memory_budget=registry.memory_budget,
         max_models=registry.max_models,
+        ranks=[RankInfo(**dataclasses.asdict(rank)) for rank in server.backend.ranks()],
+        ranks_error=server.backend.unavailable(),
     )
 
 
