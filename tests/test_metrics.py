@@ -205,7 +205,7 @@ def _poll(url: str, ready, timeout: float = 30.0) -> dict:
         time.sleep(0.05)
 
 
-def test_queue_depth_active_sequences_and_capacity_refusals_on_a_live_server(tiny_model):
+def test_queue_depth_active_sequences_kv_usage_and_capacity_refusals_on_a_live_server(tiny_model):
     """One sequence decoding, one queued behind it, a third refused with 503; seen from /metrics."""
     args = [
         "--model",
@@ -229,6 +229,10 @@ def test_queue_depth_active_sequences_and_capacity_refusals_on_a_live_server(tin
                 samples = _poll(server.url, lambda s: value(s, "forgellm_queue_depth") == 1)
                 assert value(samples, "forgellm_queue_depth") == 1
                 assert value(samples, "forgellm_active_sequences") == 1
+                # What the Gateway API Inference Extension routes on, under vLLM's names: the one batch slot is
+                # taken (no --memory-budget: the share of slots), one request waits.
+                assert value(samples, "vllm:num_requests_waiting") == 1
+                assert value(samples, "vllm:gpu_cache_usage_perc") == 1.0
                 refused = http.post(GENERATE, json={"prompt": "hi"})
                 assert refused.status_code == 503
                 assert refused.headers["retry-after"]
@@ -236,4 +240,6 @@ def test_queue_depth_active_sequences_and_capacity_refusals_on_a_live_server(tin
         samples = _poll(server.url, lambda s: value(s, "forgellm_active_sequences") == 0)
         assert value(samples, "forgellm_active_sequences") == 0
         assert value(samples, "forgellm_queue_depth") == 0
+        assert value(samples, "vllm:num_requests_waiting") == 0
+        assert value(samples, "vllm:gpu_cache_usage_perc") == 0.0
         assert value(samples, "forgellm_refusals_total", reason="unavailable") == 1

@@ -6,6 +6,7 @@ trusted proxy), clients reach nginx from 127.0.0.2 and up, each a distinct clien
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -26,6 +28,7 @@ pytestmark = pytest.mark.nginx
 
 DOCS = Path(__file__).parent.parent / "docs"
 SITE_CONFIG = DOCS / "nginx.conf.example"
+REPLICAS_CONFIG = DOCS / "nginx-replicas.conf.example"
 MOUNT = "/llm"
 RATE_LIMIT = 3
 
@@ -98,19 +101,8 @@ def deployment(tiny_model, tls_certificate, tmp_path_factory):
     with ServerProcess(args) as server:
         certificate, key = tls_certificate
         https_port, http_port = free_port(), free_port()
-        site = directory / "forgellm.conf"
-        site.write_text(site_config(https_port, http_port, server.port, certificate, key))
-        config = directory / "nginx.conf"
-        config.write_text(main_config(directory, site))
-        output = directory / "nginx.out"
-        with open(output, "w") as sink:
-            nginx = subprocess.Popen(
-                [NGINX, "-p", str(directory), "-c", str(config), "-e", str(directory / "error.log")],
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            wait_for_port(http_port, nginx, output)
+        site = site_config(https_port, http_port, server.port, certificate, key)
+        with running_nginx(directory, site, http_port):
             yield {
                 "server": server,
                 "public_url": f"https://127.0.0.1:{https_port}{MOUNT}",
@@ -118,13 +110,31 @@ def deployment(tiny_model, tls_certificate, tmp_path_factory):
                 "certificate": certificate,
                 "access_log": access_log,
             }
-        finally:
-            nginx.send_signal(signal.SIGQUIT)  # graceful stop
-            try:
-                nginx.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                nginx.kill()
-                nginx.wait()
+
+
+@contextlib.contextmanager
+def running_nginx(directory: Path, site_text: str, http_port: int) -> Iterator[None]:
+    site = directory / "forgellm.conf"
+    site.write_text(site_text)
+    config = directory / "nginx.conf"
+    config.write_text(main_config(directory, site))
+    output = directory / "nginx.out"
+    with open(output, "w") as sink:
+        nginx = subprocess.Popen(
+            [NGINX, "-p", str(directory), "-c", str(config), "-e", str(directory / "error.log")],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for_port(http_port, nginx, output)
+        yield
+    finally:
+        nginx.send_signal(signal.SIGQUIT)  # graceful stop
+        try:
+            nginx.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            nginx.kill()
+            nginx.wait()
 
 
 def test_the_deployment_guide_shows_the_configuration_tested_here():
@@ -228,3 +238,57 @@ def test_a_stream_passes_through_whole(deployment):
     assert [line["type"] for line in lines[:-1]] == ["chunk"] * (len(lines) - 1)
     assert lines[-1]["type"] == "complete"
     assert lines[-1]["completion_tokens"] == 5
+
+
+def replicas_site_config(https_port: int, http_port: int, replica_ports: list[int], certificate, key) -> str:
+    """The documented configuration with its upstream block replaced by the replicas' (affinity hashing)."""
+    site = site_config(https_port, http_port, replica_ports[0], certificate, key)
+    upstream = re.search(r"upstream forgellm \{.*?\n\}\n", site, re.DOTALL)
+    assert upstream is not None
+    replicas = REPLICAS_CONFIG.read_text()
+    documented = re.findall(r"server \S+:5001;", replicas)
+    assert len(documented) == len(replica_ports), "docs/nginx-replicas.conf.example lists another replica count"
+    for line, port in zip(documented, replica_ports, strict=True):
+        replicas = replicas.replace(line, f"server 127.0.0.1:{port};")
+    return site.replace(upstream.group(0), replicas)
+
+
+@pytest.fixture(scope="module")
+def replicated_deployment(tiny_model, tls_certificate, tmp_path_factory):
+    """Two replicas behind the documented nginx, each conversation routed to one of them by its session."""
+    if NGINX is None:
+        pytest.skip("nginx is not installed (Debian: apt-get install nginx)")
+    directory = tmp_path_factory.mktemp("nginx-replicas")
+    args = ["--model", str(tiny_model), "--trusted-proxies", "127.0.0.1/32", "--root-path", MOUNT]
+    with ServerProcess(args) as first, ServerProcess(args) as second:
+        certificate, key = tls_certificate
+        https_port, http_port = free_port(), free_port()
+        site = replicas_site_config(https_port, http_port, [first.port, second.port], certificate, key)
+        with running_nginx(directory, site, http_port):
+            yield {"replicas": (first, second), "public_url": f"https://127.0.0.1:{https_port}{MOUNT}",
+                   "certificate": certificate}  # fmt: skip
+
+
+def test_the_deployment_guide_shows_the_replicas_configuration_tested_here():
+    assert f"```nginx\n{REPLICAS_CONFIG.read_text()}```" in (DOCS / "security.md").read_text()
+
+
+def test_each_conversation_keeps_to_one_replica_whose_prompt_cache_holds_its_earlier_turns(replicated_deployment):
+    sessions = [f"conversation-{number}" for number in range(8)]
+    with client_from("127.0.0.1", replicated_deployment["public_url"], replicated_deployment["certificate"]) as client:
+        for session in sessions:
+            messages = [{"role": "user", "content": f"Tell me a story about {session}."}]
+            headers = {"X-Session-ID": session}
+            first = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8}, headers=headers)
+            assert first.status_code == 200
+            messages += [first.json()["choices"][0]["message"], {"role": "user", "content": "And then?"}]
+            second = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8}, headers=headers)
+            assert second.status_code == 200
+            # Its earlier turn's KV cache is on the replica it reached: the same one.
+            assert second.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0, session
+    lookups = [
+        httpx.get(f"{replica.url}/api/models").json()["models"][0]["kv_cache"]["lookups"]
+        for replica in replicated_deployment["replicas"]
+    ]
+    assert sum(lookups) == 2 * len(sessions)
+    assert all(lookups), f"the sessions all went to one replica: {lookups}"

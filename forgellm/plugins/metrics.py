@@ -14,7 +14,9 @@ Enable it with ``forgellm run --plugins metrics``. It exposes:
   ``forgellm_model_prompt_tokens_total``, ``forgellm_model_generated_tokens_total``,
   ``forgellm_model_queue_depth``, ``forgellm_model_active_sequences``, ``forgellm_model_memory_bytes``,
   ``forgellm_model_loaded_seconds`` (its load time) and ``forgellm_model_evictions_total``; with
-  ``forgellm_memory_in_use_bytes`` and ``forgellm_memory_budget_bytes`` (--memory-budget) for all of them.
+  ``forgellm_memory_in_use_bytes`` and ``forgellm_memory_budget_bytes`` (--memory-budget) for all of them;
+- ``vllm:num_requests_waiting`` and ``vllm:gpu_cache_usage_perc``: what the Kubernetes Gateway API Inference
+  Extension routes on, under vLLM's names (``inference_gateway.py``).
 
 Route labels are the route's path template, never the raw path, and every unmatched path
 shares the label ``unmatched``, so a scanner probing random URLs cannot grow the series.
@@ -37,6 +39,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 
 from forgellm import ADMIN, PROBE_PATHS, Caller, RequestRecord, Server, Usage, guide_errors, hookimpl
+from forgellm.plugins.inference_gateway import InferenceGatewayCollector
 
 PLUGIN = "metrics"
 UNMATCHED_ROUTE = "unmatched"
@@ -217,6 +220,7 @@ class ServerMetrics:
         for reason in REFUSAL_REASONS.values():
             self.refusals.labels(reason)  # present at zero from the first scrape, so rate() works at once
         self.registry.register(ServerStateCollector(server))
+        self.registry.register(InferenceGatewayCollector(server))
 
     def observe_request(self, record: RequestRecord) -> None:
         route = record.route or UNMATCHED_ROUTE

@@ -6,6 +6,7 @@ from this origin only, no inline script, no framing.
 
 from __future__ import annotations
 
+import dataclasses
 from importlib import resources
 from typing import Any
 
@@ -70,6 +71,8 @@ async def state(request: Request[Any, Any, Any], server: NamedDependency[Server]
         "models": [resident_model(resident, registry) for resident in registry.residents],
         "memory_in_use": registry.memory_in_use(),
         "memory_budget": registry.memory_budget,
+        "ranks": [dataclasses.asdict(rank) for rank in server.backend.ranks()],
+        "ranks_error": server.backend.unavailable(),
         "series": server.plugin_state[STATE_KEY].series(),
         "plugins": [
             {"name": name, "version": info.version, "enabled": name in enabled}

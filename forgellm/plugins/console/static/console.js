@@ -117,6 +117,7 @@ function renderModels(state) {
   }
   const budget = state.memory_budget ? ` of ${bytes(state.memory_budget)}` : "";
   $("memory").textContent = `Memory in use: ${bytes(state.memory_in_use)}${budget}`;
+  renderRanks(state);
   $("load-form").hidden = !state.can_load;
 
   const select = $("chat-model");
@@ -128,6 +129,17 @@ function renderModels(state) {
   }
   const loaded = names.length;
   $("summary").textContent = `${loaded} model${loaded === 1 ? "" : "s"} loaded`;
+}
+
+function renderRanks(state) {
+  // A model sharded over mlx.launch's ranks: each rank's host and what it holds, or why the group broke.
+  const ranks = $("ranks");
+  ranks.hidden = state.ranks.length === 0;
+  const each = state.ranks.map(
+    (rank) => `rank ${rank.rank} on ${rank.host}: ${bytes(rank.weights_bytes)} of weights, ${bytes(rank.memory_bytes)} in use`,
+  );
+  ranks.textContent = `${state.ranks.length} ranks: ${each.join("; ")}` + (state.ranks_error ? ` (broken: ${state.ranks_error})` : "");
+  ranks.className = state.ranks_error ? "error" : "muted";
 }
 
 function renderPlugins(state) {
