@@ -168,6 +168,7 @@ class Rank:
     weights_bytes: int = 0  # its part of the models' weights
     memory_bytes: int = 0  # the memory its framework holds now
     peak_memory_bytes: int = 0
+    sequences: int = 0  # the sequences its engines hold
 
 
 class Backend(ABC):

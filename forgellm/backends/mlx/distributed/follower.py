@@ -97,7 +97,9 @@ class Follower:
             self._engines[command.engine_id].remove(command.seq_ids)
         elif isinstance(command, Heartbeat):
             if command.report:
-                self.channel.gather_numbers(local_numbers(self._models.values()), self.timeouts.rank)
+                self.channel.gather_numbers(
+                    local_numbers(self._models.values(), self._engines.values()), self.timeouts.rank
+                )
             time.sleep(command.pause)
         elif isinstance(command, CreateEngine):
             model = self._models[command.model_id]

@@ -63,6 +63,7 @@ class Leader:
         self.ranks: list[Rank] = []
         self._hosts: list[str] = []
         self._models: dict[int, MlxModel] = {}
+        self.engines: dict[int, Engine] = {}  # rank 0's own, by engine id
         self._quiet_until = 0.0  # no command before this (monotonic time): the others sleep until then
         self._last_command = self._last_report = time.monotonic()
 
@@ -104,7 +105,9 @@ class Leader:
                 try:
                     channel.send(Heartbeat(pause, report), self.timeouts.rank)
                     if report:
-                        numbers = channel.gather_numbers(local_numbers(list(self._models.values())), self.timeouts.rank)
+                        numbers = channel.gather_numbers(
+                            local_numbers(self._models.values(), self.engines.values()), self.timeouts.rank
+                        )
                 except Exception:  # the channel has declared the group broken and said why
                     return
                 self._quiet_until = time.monotonic() + pause
@@ -189,6 +192,7 @@ class LockstepModel(LoadedModel):
             CreateEngine(self.model_id, engine_id, max_batch_size, seed), self.leader.timeouts.rank
         ):
             engine = self.inner.create_engine(max_batch_size, seed=seed)
+        self.leader.engines[engine_id] = engine
         return LockstepEngine(self.leader, engine_id, engine)
 
     def close(self) -> None:
@@ -242,6 +246,7 @@ class LockstepEngine(Engine):
         self.inner.release_cache(nbytes)
 
     def close(self) -> None:
+        self.leader.engines.pop(self.engine_id, None)
         try:
             if self.leader.channel.broken is None:
                 with self.leader.command(CloseEngine(self.engine_id), self.leader.timeouts.rank):

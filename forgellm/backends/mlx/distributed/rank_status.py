@@ -1,4 +1,5 @@
-"""What a rank reports of itself in a heartbeat: the bytes its models' parts take and MLX's memory."""
+"""What a rank reports of itself in a heartbeat: the bytes its models' parts take, MLX's memory, and the
+sequences its engines hold."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ from collections.abc import Iterable
 
 import mlx.core as mx
 
+from forgellm import Engine
 from forgellm.backends.mlx.model import MlxModel
 
-STATUS_FIELDS = ("weights_bytes", "memory_bytes", "peak_memory_bytes")
 
-
-def local_numbers(models: Iterable[MlxModel]) -> list[int]:
-    """This rank's STATUS_FIELDS."""
-    return [sum(model.memory_bytes for model in list(models)), mx.get_active_memory(), mx.get_peak_memory()]
+def local_numbers(models: Iterable[MlxModel], engines: Iterable[Engine]) -> list[int]:
+    """This rank's status, as forgellm.Rank's fields after its rank and host."""
+    weights = sum(model.memory_bytes for model in list(models))
+    return [weights, mx.get_active_memory(), mx.get_peak_memory(), sum(len(engine) for engine in list(engines))]

@@ -55,6 +55,7 @@ class RankInfo(msgspec.Struct):
     weights_bytes: int  # its part of the models' weights
     memory_bytes: int  # the memory its framework holds
     peak_memory_bytes: int
+    sequences: int  # the sequences its engines hold (rank 0's count, on every rank, when they agree)
 
 
 class ModelsResponse(msgspec.Struct):
