@@ -147,6 +147,10 @@ def test_qwen2_gguf_loads(tiny_model, tmp_path):
     mx.save_gguf(str(source), tensors, metadata)
     with test_client(source, cache_dir=str(tmp_path / "cache")) as client:
         assert _generate(client)["completion_tokens"] == PROMPT["max_tokens"]
+    # The converted directory says which file holds each weight, as a pipeline rank needs to load only its own.
+    (converted,) = (tmp_path / "cache" / "converted").iterdir()
+    index = json.loads((converted / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == dict.fromkeys(mx.load(str(converted / "model.safetensors")), "model.safetensors")
 
 
 def _load_error(client, model: pathlib.Path) -> str:

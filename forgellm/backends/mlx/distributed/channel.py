@@ -141,6 +141,7 @@ class ControlChannel:
         rank's connection dropped."""
         if self.broken is not None:
             raise GroupBroken(self.broken)
+        outer = self._deadline  # a wait inside another (a load's votes) gives the outer one back after it
         self._deadline = (time.monotonic() + timeout, what) if timeout is not None else None
         try:
             yield
@@ -150,7 +151,7 @@ class ControlChannel:
                 raise GroupBroken(self.broken or str(exc)) from None
             raise
         finally:
-            self._deadline = None
+            self._deadline = outer
 
     def declare_broken(self, why: str) -> None:
         with self._breaking:
