@@ -13,13 +13,14 @@ import uvicorn
 from forgellm.testing import create_test_app, free_port
 
 
-def wait_for(condition, what: str, timeout: float = 60.0) -> None:
-    """Poll until condition() holds; the deadline only turns a broken server into a failure, not a hang."""
+def wait_for(condition, what: str, timeout: float = 60.0, every: float = 0.005) -> None:
+    """Poll every few moments until condition() holds; the deadline only turns a broken server into a failure,
+    not a hang."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
+        time.sleep(every)
 
 
 def idle(scheduler) -> bool:

@@ -4,6 +4,7 @@ HTTP; its output must be what one process gives. Run these alone with ``-m distr
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import live_server
 import openai
 import pytest
 from mlx.utils import tree_flatten
@@ -26,13 +28,8 @@ from forgellm.testing import ServerProcess, build_tiny_model, free_port
 pytestmark = pytest.mark.distributed
 
 
-def wait_for(condition, what: str, timeout: float = 60.0) -> None:
-    """Poll (gently: the ranks share the machine's cores with the test) until condition() holds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+# Poll gently: the ranks share the machine's cores with the test.
+wait_for = functools.partial(live_server.wait_for, every=0.2)
 
 
 GREEDY = {"temperature": 0}
