@@ -327,3 +327,35 @@ def test_every_rank_keeps_the_prompt_cache_rank_0_keeps_under_its_byte_bound(tin
         cached = [reply["usage"]["prompt_tokens_details"]["cached_tokens"] for reply in (kept, dropped)]
         assert cached[0] > 1 and cached[1] <= 1, cached  # at most the shared BOS token
         assert httpx.get(f"{group.url}/readyz").status_code == 200
+
+
+def test_the_model_unloads_and_loads_again_on_every_rank(tensor_group):
+    with httpx.Client(base_url=tensor_group.url, timeout=30) as http:
+        model = http.get("/api/model/status").json()["model_name"]
+        assert http.post("/api/model/unload").status_code == 200
+        wait_for(lambda: not http.get("/api/model/status").json()["loaded"], "the unload")
+        wait_for(
+            lambda: [rank["weights_bytes"] for rank in _ranks(tensor_group.url)] == [0, 0], "every rank to free it"
+        )
+        assert http.post("/api/model/load", json={"model_name": model}).status_code == 200
+        wait_for(lambda: http.get("/api/model/status").json()["loaded"], "the load")
+        reply = http.post("/v1/completions", json={"prompt": "Once", "max_tokens": 4})
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
+
+
+def test_a_draft_model_is_refused_for_a_sharded_model(tiny_model, tmp_path):
+    args = ["--model", str(tiny_model), "--draft-model", str(tiny_model)]
+    with RankGroup(2, args, tmp_path, wait_ready=False) as group:
+        wait_for(lambda: httpx.get(f"{group.url}/api/model/status").json()["error"], "the load to fail")
+        assert (
+            "--draft-model is not available for a model sharded over ranks"
+            in httpx.get(f"{group.url}/api/model/status").json()["error"]
+        )
+
+
+def test_the_other_ranks_exit_when_rank_0_dies(tiny_model, tmp_path):
+    with RankGroup(2, ["--model", str(tiny_model), "--rank-timeout", "2"], tmp_path) as group:
+        assert group.server is not None and group.server.process is not None
+        group.server.process.kill()
+        assert group.wait_followers(timeout=20) == [1]
+        assert "rank 1:" in group.follower_output(1)

@@ -16,7 +16,7 @@ Enable it with ``forgellm run --plugins metrics``. It exposes:
   ``forgellm_model_loaded_seconds`` (its load time) and ``forgellm_model_evictions_total``; with
   ``forgellm_memory_in_use_bytes`` and ``forgellm_memory_budget_bytes`` (--memory-budget) for all of them;
 - ``vllm:num_requests_waiting`` and ``vllm:gpu_cache_usage_perc``: what the Kubernetes Gateway API Inference
-  Extension routes on, under vLLM's names (``inference_gateway.py``).
+  Extension routes on, under vLLM's names.
 
 Route labels are the route's path template, never the raw path, and every unmatched path
 shares the label ``unmatched``, so a scanner probing random URLs cannot grow the series.
@@ -39,7 +39,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 
 from forgellm import ADMIN, PROBE_PATHS, Caller, RequestRecord, Server, Usage, guide_errors, hookimpl
-from forgellm.plugins.inference_gateway import InferenceGatewayCollector
 
 PLUGIN = "metrics"
 UNMATCHED_ROUTE = "unmatched"
@@ -164,6 +163,37 @@ class ServerStateCollector:
             yield GaugeMetricFamily(
                 "forgellm_memory_budget_bytes", "The memory the resident models may take.", value=registry.memory_budget
             )
+
+
+class InferenceGatewayCollector:
+    """The gauges the Kubernetes Gateway API Inference Extension's endpoint picker routes on, under the names it
+    scrapes from vLLM: ``vllm:num_requests_waiting`` (requests queued for a batch slot, over every resident
+    model) and ``vllm:gpu_cache_usage_perc`` (how full the fullest model's KV cache is, 0 to 1: its running
+    sequences' KV reservation over what --memory-budget leaves it, or without a budget its share of
+    --max-concurrency's batch slots)."""
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+
+    def collect(self) -> Iterator[Metric]:
+        residents = self._server.registry.residents
+        yield GaugeMetricFamily(
+            "vllm:num_requests_waiting",
+            "Requests waiting for a batch slot (the Gateway API Inference Extension's queue signal).",
+            value=sum(resident.scheduler.waiting_count for resident in residents),
+        )
+        yield GaugeMetricFamily(
+            "vllm:gpu_cache_usage_perc",
+            "How full the fullest model's KV cache is, 0 to 1 (the Gateway API Inference Extension's KV signal).",
+            value=max(map(self._kv_usage, residents), default=0.0),
+        )
+
+    def _kv_usage(self, resident: Any) -> float:
+        scheduler = resident.scheduler
+        allowance = scheduler.kv_admission.allowance()
+        if allowance is not None:
+            return min(1.0, scheduler.kv_reserved / allowance) if allowance > 0 else 1.0
+        return float(min(1.0, scheduler.active_count / scheduler.max_concurrency))
 
 
 class ServerMetrics:

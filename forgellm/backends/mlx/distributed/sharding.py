@@ -97,4 +97,6 @@ def _config(directory: pathlib.Path) -> dict[str, Any]:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ShardingRefused(f"cannot read {directory / 'config.json'}: {exc}") from None
-    return config if isinstance(config, dict) else {}
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ShardingRefused(f"{directory / 'config.json'} names no model_type")
+    return config
