@@ -359,3 +359,22 @@ def test_the_other_ranks_exit_when_rank_0_dies(tiny_model, tmp_path):
         group.server.process.kill()
         assert group.wait_followers(timeout=20) == [1]
         assert "rank 1:" in group.follower_output(1)
+
+
+def test_two_resident_models_are_served_at_once_by_the_same_ranks(tensor_group, tiny_model, tmp_path):
+    """Each resident model has its own engine thread on rank 0; their commands reach the other ranks in one
+    order, so both batches run side by side."""
+    other = build_tiny_model(tmp_path / "other", seed=1)
+    with httpx.Client(base_url=tensor_group.url, timeout=60) as http:
+        load = http.post("/api/models/load", json={"model_name": str(other), "name": "other"})
+        assert load.status_code == 200
+        wait_for(lambda: _state(http, "other")["state"] == "loaded", "the other model to load")
+        models = [str(tiny_model), "other"] * 3
+        bodies = [{"model": model, "prompt": "Once upon a time", "max_tokens": 40, **GREEDY} for model in models]
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            replies = list(pool.map(lambda body: http.post("/v1/completions", json=body), bodies))
+        assert [reply.status_code for reply in replies] == [200] * len(bodies)
+        texts = [reply.json()["choices"][0]["text"] for reply in replies]
+        assert len(set(texts[0::2])) == 1 and len(set(texts[1::2])) == 1  # each model's greedy answer, thrice
+        assert texts[0] != texts[1]  # two models
+        assert http.post("/api/models/unload", json={"name": "other"}).status_code == 200
