@@ -121,7 +121,7 @@ class Leader:
         model_id = next(self._ids)
         timeout = self.timeouts.load
         with self.command(LoadModel(model_id, name), timeout):
-            prepared = self._agreed(lambda: prepare(), timeout)
+            prepared = self._agreed(prepare, timeout)
             model = self._agreed(lambda: build(prepared), timeout)
         self._models[model_id] = model
         return LockstepModel(self, model_id, model)
