@@ -86,10 +86,13 @@ class Leader:
         with self.channel.lock:
             time.sleep(max(0.0, self._quiet_until - time.monotonic()))
             self.channel.send(command, self.timeouts.rank)
-            self._last_command = time.monotonic()
-            with self.channel.waiting(timeout, f"every rank to finish {type(command).__name__}"):
-                yield
-                self.channel.settle()
+            try:
+                with self.channel.waiting(timeout, f"every rank to finish {type(command).__name__}"):
+                    yield
+                    self.channel.settle()
+            finally:
+                # Idle time counts from a command's end: a long step is no reason for a heartbeat's pause.
+                self._last_command = time.monotonic()
 
     def _heartbeats(self) -> None:
         channel = self.channel
@@ -97,7 +100,8 @@ class Leader:
             time.sleep(MIN_PAUSE / 2)
             with channel.lock:
                 now = time.monotonic()
-                idle = now - channel.last_exchange >= IDLE_AFTER and now >= self._quiet_until
+                quiet_since = max(channel.last_exchange, self._last_command)
+                idle = now - quiet_since >= IDLE_AFTER and now >= self._quiet_until
                 report = now - self._last_report >= REPORT_EVERY
                 if not (idle or report):
                     continue
