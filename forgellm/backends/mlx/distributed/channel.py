@@ -91,17 +91,8 @@ class ControlChannel:
     def vote(self, problem: str | None, timeout: float | None) -> list[str | None]:
         """Every rank's problem (None: none), gathered on every rank: how ranks agree that a step they each took
         alone (a load) went well everywhere."""
-        text = np.zeros(_TEXT_BYTES, dtype=np.uint8)
-        if problem is not None:
-            encoded = ("!" + problem).encode()[:_TEXT_BYTES]
-            text[: len(encoded)] = np.frombuffer(encoded, dtype=np.uint8)
-        with self.waiting(timeout, "every rank's report"):
-            gathered = self._all_gather(text).reshape(self.size, _TEXT_BYTES)
-        reports: list[str | None] = []
-        for row in gathered:
-            raw = row.tobytes().rstrip(b"\0").decode(errors="replace")
-            reports.append(raw[1:] if raw.startswith("!") else None)
-        return reports
+        reports = self.gather_text("" if problem is None else "!" + problem, timeout, "every rank's report")
+        return [report[1:] if report.startswith("!") else None for report in reports]
 
     def gather_numbers(self, numbers: list[int], timeout: float) -> list[list[int]]:
         """Every rank's numbers (as many on each), gathered on every rank."""
@@ -110,11 +101,12 @@ class ControlChannel:
             gathered = self._all_gather(mine).reshape(self.size, len(numbers))
         return gathered.tolist()
 
-    def gather_text(self, text: str, timeout: float) -> list[str]:
+    def gather_text(self, text: str, timeout: float | None, what: str = "every rank's name") -> list[str]:
+        """Every rank's text (its first _TEXT_BYTES bytes), gathered on every rank."""
         encoded = np.zeros(_TEXT_BYTES, dtype=np.uint8)
         raw = text.encode()[:_TEXT_BYTES]
         encoded[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
-        with self.waiting(timeout, "every rank's name"):
+        with self.waiting(timeout, what):
             gathered = self._all_gather(encoded).reshape(self.size, _TEXT_BYTES)
         return [row.tobytes().rstrip(b"\0").decode(errors="replace") for row in gathered]
 

@@ -1,8 +1,9 @@
 """A rank other than 0: no HTTP, no plugins; it does what rank 0 tells it, in the order told, until rank 0 says
 stop or the group breaks, and never outlives the group.
 
-It watches rank 0 as rank 0 watches it: rank 0 sends a heartbeat every second when it has nothing else to say,
-so a command that does not come within its deadline means rank 0 has stopped answering. SIGINT and SIGTERM
+It watches rank 0 as rank 0 watches it: rank 0 sends a heartbeat, then pauses at most MAX_PAUSE, whenever it
+has had nothing else to say for a moment, so a command that does not come within its deadline means rank 0 has
+stopped answering. SIGINT and SIGTERM
 (mlx.launch passes Ctrl-C on to every rank) let rank 0 end the group, which drains its requests first; a rank
 that hears nothing more within the grace period exits on its own.
 """
