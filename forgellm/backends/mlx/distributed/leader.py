@@ -94,6 +94,11 @@ class Leader:
                 # Idle time counts from a command's end: a long step is no reason for a heartbeat's pause.
                 self._last_command = time.monotonic()
 
+    def tell(self, command: Command) -> None:
+        """Send a command that asks nothing more of rank 0 than what it has already done alone."""
+        with self.command(command, self.timeouts.rank):
+            pass
+
     def _heartbeats(self) -> None:
         channel = self.channel
         while channel.broken is None:
@@ -203,8 +208,7 @@ class LockstepModel(LoadedModel):
         self.leader.forget(self.model_id)
         try:
             if self.leader.channel.broken is None:  # else the others have gone, and nothing is left to tell
-                with self.leader.command(CloseModel(self.model_id), self.leader.timeouts.rank):
-                    pass
+                self.leader.tell(CloseModel(self.model_id))
         finally:
             self.inner.close()
 
@@ -220,8 +224,7 @@ class LockstepEngine(Engine):
     def add(self, seq_id: int, job: GenerationJob) -> int:
         entries = self.inner.cache_stats().memory_entries
         cached = self.inner.add(seq_id, job)  # a prompt rank 0 refuses never reaches the others
-        with self.leader.command(AddSequence(self.engine_id, seq_id, job, entries, cached), self.leader.timeouts.rank):
-            pass
+        self.leader.tell(AddSequence(self.engine_id, seq_id, job, entries, cached))
         return cached
 
     def step(self) -> list[TokenOutput]:
@@ -253,7 +256,6 @@ class LockstepEngine(Engine):
         self.leader.engines.pop(self.engine_id, None)
         try:
             if self.leader.channel.broken is None:
-                with self.leader.command(CloseEngine(self.engine_id), self.leader.timeouts.rank):
-                    pass
+                self.leader.tell(CloseEngine(self.engine_id))
         finally:
             self.inner.close()
