@@ -185,7 +185,8 @@ class Backend(ABC):
         return ()
 
     def unavailable(self) -> str | None:
-        """Why the backend cannot generate at all now (a rank of its group was lost), for a 503; None: it can."""
+        """Why the backend cannot generate at all now (a rank of its group was lost), as a sentence for a 503;
+        None: it can."""
         return None
 
     def close(self) -> None:

@@ -180,7 +180,7 @@ class ModelRegistry:
         all (a lost rank) is a 503."""
         unavailable = self._backend.unavailable()
         if unavailable is not None:
-            raise service_unavailable(unavailable[:1].upper() + unavailable[1:])
+            raise service_unavailable(unavailable)
         if requested is None or self.default.answers_to(requested):
             return self.default, self.default.slot.require_model()
         resident = self.find(requested)
@@ -354,7 +354,7 @@ class ModelRegistry:
             why = self._backend.unavailable()
             if why is not None:
                 for resident in self.residents:
-                    resident.scheduler.fail_in_flight(why[:1].upper() + why[1:])
+                    resident.scheduler.fail_in_flight(why)
                 return
 
     async def _sweep(self, every: float) -> None:

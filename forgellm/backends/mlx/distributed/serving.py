@@ -51,7 +51,7 @@ class DistributedServing:
 
     def unavailable(self) -> str | None:
         broken = self.channel.broken
-        return f"the model's distributed group is broken: {broken}" if broken is not None else None
+        return f"The model's distributed group is broken: {broken}" if broken is not None else None
 
     def close(self) -> None:
         if self.leader is not None:
