@@ -16,6 +16,7 @@ from forgellm.core.api.assistant_turn import (
     template_tool,
     template_tool_call,
 )
+from forgellm.core.api.embeddings import EmbeddingRequest, Embeddings
 from forgellm.core.api.generation import Generation, GenerationGroup, TurnChunk
 from forgellm.core.api.guide.routes import guide_errors
 from forgellm.core.api.health import PROBE_PATHS
@@ -25,7 +26,16 @@ from forgellm.core.api.openai.protocol import error_body as openai_error_body
 from forgellm.core.api.pipeline import GenerationService
 from forgellm.core.api.request import Caller, GenerationRequest, ToolChoice, client_sampling
 from forgellm.core.config.settings import Option, Settings
-from forgellm.core.engine.backend import Backend, CacheStats, Engine, LoadedModel, ModelSource, OutputFormat, Rank
+from forgellm.core.engine.backend import (
+    Backend,
+    CacheStats,
+    EmbeddingModel,
+    Engine,
+    LoadedModel,
+    ModelSource,
+    OutputFormat,
+    Rank,
+)
 from forgellm.core.engine.generation import (
     LAYERED_SAMPLING,
     PREDICTION_SOURCE,
@@ -92,6 +102,9 @@ __all__ = [
     "ContentDelta",
     "Delta",
     "DraftTokens",
+    "EmbeddingModel",
+    "EmbeddingRequest",
+    "Embeddings",
     "Engine",
     "Forbidden",
     "Generation",

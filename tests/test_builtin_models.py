@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from forgellm.backends.mlx import ModelSources
-from forgellm.backends.mlx.sources.builtin_models import BUILTIN_MODELS, DEFAULT_MODEL, downloaded_gguf
+from forgellm.backends.mlx.sources.builtin_models import BUILTIN_MODELS, DEFAULT_MODEL, downloaded_member
 from forgellm.backends.mlx.sources.model_cache import default_cache_dir
 from forgellm.testing import ServerProcess
 
@@ -53,7 +53,7 @@ def test_pull_refuses_a_file_whose_checksum_does_not_match(tmp_path):
     impostor.write_bytes(b"GGUF" + bytes(1000))
     result = pull(DEFAULT_MODEL, "--from", str(impostor), env=offline(tmp_path))
     assert result.returncode == 1
-    assert "checksum mismatch" in result.stderr and BUILTIN_MODELS[DEFAULT_MODEL].gguf_sha256 in result.stderr
+    assert "checksum mismatch" in result.stderr and BUILTIN_MODELS[DEFAULT_MODEL].member_sha256 in result.stderr
     assert not (tmp_path / "cache" / "downloads" / impostor.name).exists()
 
 
@@ -66,11 +66,11 @@ def test_pull_names_the_built_in_models_it_knows(tmp_path):
 def test_pull_from_a_local_file_needs_no_network_and_later_starts_use_the_cache(tmp_path):
     model = BUILTIN_MODELS[DEFAULT_MODEL]
     ModelSources().resolve(DEFAULT_MODEL, print)  # the user's cache holds the GGUF file from then on
-    result = pull(DEFAULT_MODEL, "--from", str(downloaded_gguf(model, default_cache_dir())), env=offline(tmp_path))
+    result = pull(DEFAULT_MODEL, "--from", str(downloaded_member(model, default_cache_dir())), env=offline(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "converted into" in result.stderr
     converted = result.stdout.strip()
-    assert converted.startswith(str(tmp_path / "cache" / "converted" / model.gguf_sha256))
+    assert converted.startswith(str(tmp_path / "cache" / "converted" / model.member_sha256))
     with ServerProcess(["--model", DEFAULT_MODEL], env=offline(tmp_path)) as server:  # ready: loaded offline
         assert httpx.get(f"{server.url}/api/model/status").json()["loaded"]
         assert "using the converted model" in server.output()

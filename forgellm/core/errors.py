@@ -52,5 +52,5 @@ def service_unavailable(message: str, retry_after: int = 1) -> ApiError:
     return ApiError(503, message, headers={"Retry-After": str(retry_after)}, code="unavailable")
 
 
-def bad_request(message: str) -> ApiError:
-    return ApiError(400, message, code="invalid_request")
+def bad_request(message: str, code: str = "invalid_request") -> ApiError:
+    return ApiError(400, message, code=code)

@@ -31,6 +31,7 @@ OPT_IN_PLUGINS: dict[str, str] = {
     "metrics": "forgellm.plugins.metrics",
     "responses": "forgellm.plugins.responses",
     "anthropic": "forgellm.plugins.anthropic",
+    "ollama": "forgellm.plugins.ollama",
 }
 
 

@@ -83,6 +83,7 @@ class Server:
                 max_tokens_cap=config.max_tokens_cap,
                 max_request_tokens=config.max_request_tokens,
                 max_prompt_tokens=config.max_prompt_tokens,
+                max_embedding_tokens=config.max_embedding_tokens,
                 template_timeout=config.template_timeout,
                 request_timeout=config.request_timeout,
             ),

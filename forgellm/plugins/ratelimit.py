@@ -94,7 +94,7 @@ def register_options(register: Callable[[Option], None]) -> None:
     register(
         Option(
             "token_limit",
-            "Tokens each client may have generated, e.g. 20000/minute; counted from real usage.",
+            "Tokens each client may have generated (and sent to embed), e.g. 20000/minute; counted from real usage.",
             type=LimitString(),
         )
     )
@@ -187,6 +187,8 @@ class Budgets:
             if token_limits and job.max_tokens > 0:  # a job of 0 tokens only counts a prompt's tokens
                 job.max_tokens = await self._reserve(key, token_limits, job.max_tokens)
                 self._reservations[id(job)] = (key, job.max_tokens, token_limits)
+            elif token_limits and job.embeds:  # its input tokens are charged at its end: the budget must have room
+                self._reservations[id(job)] = (key, await self._reserve(key, token_limits, 1), token_limits)
             for limit in self.limits_for(identity, "rate_limit", self.request_limits):
                 if not await self.limiter.hit(limit, REQUESTS, key):
                     await self.settle(job, 0)
@@ -283,7 +285,7 @@ async def before_generate(identity: Identity | None, job: GenerationJob, caller:
 
 @hookimpl
 async def after_generate(job: GenerationJob, usage: Usage, server: Server) -> None:
-    await budgets_of(server).settle(job, usage.completion_tokens)
+    await budgets_of(server).settle(job, usage.prompt_tokens if job.embeds else usage.completion_tokens)
 
 
 @hookimpl

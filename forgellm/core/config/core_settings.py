@@ -44,6 +44,7 @@ class CoreSettings:
     max_inflight_per_client: int
     ipv6_client_prefix: int
     max_prompt_tokens: int
+    max_embedding_tokens: int
     template_timeout: float
     request_timeout: float
     max_body_size: int

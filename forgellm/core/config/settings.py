@@ -250,6 +250,13 @@ CORE_OPTIONS = (
     ),
     Option("max_prompt_tokens", "Longest prompt accepted, in tokens; longer is a 400.", type=int, default=8192),
     Option(
+        "max_embedding_tokens",
+        "Most tokens one embeddings request may send over all its inputs; more is a 400 (each input is also "
+        "bounded by its model's window).",
+        type=click.IntRange(min=1),
+        default=131072,
+    ),
+    Option(
         "template_timeout",
         "Seconds a prompt may take to render through the model's chat template and tokenize; longer is a 400 "
         "and the rendering is abandoned, as it is when the client leaves.",

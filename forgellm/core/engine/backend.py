@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from forgellm.core.engine.generation import Constraint, GenerationJob, TokenOutput
+from forgellm.core.errors import TemplateRefused
 
 # A marked tool call's text (between its markers), with the request's tools, as {"name": ..., "arguments": {...}}.
 ToolCallParser = Callable[[str, list[dict[str, Any]] | None], dict[str, Any]]
@@ -147,6 +148,43 @@ class LoadedModel(ABC):
         return None
 
 
+class EmbeddingModel(LoadedModel):
+    """A loaded model that turns inputs into vectors and generates nothing (an encoder such as BERT). Its
+    encode() gives a text's tokens as it embeds them (its special tokens included); context_length bounds
+    an input's tokens."""
+
+    dimensions: int  # the length of its vectors
+    output_format = OutputFormat()
+
+    @abstractmethod
+    def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        """One vector per input (each of at most context_length tokens, none empty), pooled and normalised as
+        the model's files declare; called on the model's engine thread with the inputs of many requests."""
+
+    @abstractmethod
+    def truncated(self, tokens: list[int]) -> list[int]:
+        """An encoded input cut to context_length tokens, keeping the tokens that end every input."""
+
+    @property
+    def has_chat_template(self) -> bool:
+        return False
+
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        template_options: dict[str, Any] | None = None,
+    ) -> list[int]:
+        raise TemplateRefused(f"{self.name} is an embedding model: it has no chat")
+
+    def check_constraint(self, constraint: Constraint) -> None:
+        raise ValueError(f"{self.name} is an embedding model: it generates nothing to constrain")
+
+    def create_engine(self, max_batch_size: int) -> Engine:
+        raise TypeError(f"{self.name} is an embedding model: it generates nothing")
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """What a model name is, as the backend that would load it sees it."""
@@ -192,6 +230,15 @@ class Backend(ABC):
     def close(self) -> None:
         """Called once as the server stops, after every model is unloaded."""
         return None
+
+    def pullable(self) -> Mapping[str, str]:
+        """The model names the backend fetches by name (built-in models), each with what it is in words."""
+        return {}
+
+    def pull(self, name: str, progress: Callable[[str], None]) -> None:
+        """Fetch a pullable model ahead of its first load, reporting long steps through progress(text); raise
+        with a clear message when that is impossible."""
+        raise ValueError(f"{name} is not a model this backend fetches by name")
 
     @abstractmethod
     def load(self, model_name: str, adapter_path: str | None, progress: Callable[[str], None]) -> LoadedModel:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from forgellm.core.engine.backend import LoadedModel
+from forgellm.core.engine.embedding_batch import EmbeddingWork
 from forgellm.core.engine.generation import GenerationJob
 
 # Loads the next model on the engine thread; None unloads.
@@ -19,6 +20,13 @@ class Add:
 
     seq_id: int
     job: GenerationJob
+
+
+@dataclass(frozen=True)
+class Embed:
+    """Queue an embedding request's inputs for the next forward passes."""
+
+    work: EmbeddingWork
 
 
 @dataclass(frozen=True)
@@ -41,4 +49,4 @@ class Stop:
     """Finish the admitted work, free the model and end the engine thread."""
 
 
-Command = Add | Cancel | Swap | Stop
+Command = Add | Embed | Cancel | Swap | Stop

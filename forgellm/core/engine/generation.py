@@ -66,6 +66,9 @@ class GenerationJob:
     # The output the client predicted (OpenAI's Predicted Outputs), as token ids: drafts for speculative
     # decoding, which never change what is generated, only how fast.
     prediction: list[int] | None = None
+    # An embeddings request's inputs (a job of max_tokens 0): their tokens, counted as its prompt's, are its
+    # whole cost, which token budgets charge instead of generated tokens.
+    embeds: int = 0
 
 
 # The draft source of a client's predicted output (GenerationJob.prediction), which OpenAI's usage reports on.

@@ -18,8 +18,9 @@ import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 
-from forgellm.core.engine.backend import CacheStats, Engine, LoadedModel
-from forgellm.core.engine.commands import Add, Cancel, Command, ModelLoader, Stop, Swap
+from forgellm.core.engine.backend import CacheStats, EmbeddingModel, Engine, LoadedModel
+from forgellm.core.engine.commands import Add, Cancel, Command, Embed, ModelLoader, Stop, Swap
+from forgellm.core.engine.embedding_batch import EmbeddingBatch, EmbeddingWork
 from forgellm.core.engine.generation import GenerationJob, TokenOutput
 from forgellm.core.engine.kv_admission import KvAdmission, reserved_bytes
 from forgellm.core.engine.sequence_handle import SequenceHandle
@@ -52,12 +53,14 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._handles: dict[int, SequenceHandle] = {}  # event-loop side only
+        self._embeddings_in_flight: set[EmbeddingWork] = set()  # event-loop side only
         # Engine-thread state.
         self._model: LoadedModel | None = None
         self._engine: Engine | None = None
         self._release_thread: Callable[[], None] | None = None
         self._waiting: deque[_Sequence] = deque()
         self._running: dict[int, _Sequence] = {}
+        self._embeddings = EmbeddingBatch()
         self._cached_prompt_tokens: dict[int, int] = {}  # admitted since the last post
         # Read from the event loop for health and metrics; plain ints are safe to share.
         self.steps = 0
@@ -97,7 +100,7 @@ class Scheduler:
     @property
     def in_flight(self) -> int:
         """Requests admitted and not yet finished: waiting or in the batch."""
-        return len(self._handles)
+        return len(self._handles) + len(self._embeddings_in_flight)
 
     def submit(self, job: GenerationJob) -> SequenceHandle:
         """Queue a generation, or refuse at once with 503 when the queue is full."""
@@ -111,6 +114,19 @@ class Scheduler:
         self._inbox.put(Add(handle.seq_id, job))
         return handle
 
+    def submit_embedding(self, inputs: list[list[int]]) -> concurrent.futures.Future[list[list[float]]]:
+        """Queue an embedding request's inputs (token ids); its future gets one vector per input. Cancelling the
+        future drops the inputs not yet embedded. A full queue is a 503 at once."""
+        if self.in_flight >= self.max_concurrency + self.max_queue:
+            raise service_unavailable("Server is at capacity; retry shortly")
+        work = EmbeddingWork(inputs)
+        self._embeddings_in_flight.add(work)
+        loop = self._loop
+        if loop is not None:
+            work.future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._embeddings_in_flight.discard, work))
+        self._inbox.put(Embed(work))
+        return work.future
+
     def cancel(self, seq_id: int) -> None:
         if self._handles.pop(seq_id, None) is not None:
             self._inbox.put(Cancel(seq_id))
@@ -121,6 +137,9 @@ class Scheduler:
         handles, self._handles = self._handles, {}
         for handle in handles.values():
             handle._receive(TokenOutput(handle.seq_id, "", error=message, error_status=503))
+        for work in list(self._embeddings_in_flight):
+            if not work.future.done():
+                work.future.set_exception(service_unavailable(message))
 
     def swap_model(self, load: ModelLoader) -> concurrent.futures.Future[LoadedModel | None]:
         """Replace the model once admitted work is done; load returns the new model, or None to unload."""
@@ -146,10 +165,12 @@ class Scheduler:
         swaps: deque[Swap] = deque()
         stopping = False
         while True:
-            busy = bool(self._running or self._waiting)
+            busy = bool(self._running or self._waiting or self._embeddings)
             for command in self._commands(block=not (busy or swaps or stopping)):
                 if isinstance(command, Add):
                     self._waiting.append(_Sequence(command.seq_id, command.job))
+                elif isinstance(command, Embed):
+                    self._embeddings.add(command.work)
                 elif isinstance(command, Cancel):
                     self._drop(command.seq_id)
                 elif isinstance(command, Swap):
@@ -159,6 +180,8 @@ class Scheduler:
             self._admit()
             if self._running:
                 self._step()
+            elif self._embeddings:
+                self._embeddings.run_pass(self._model)
             elif swaps and not self._waiting:
                 self._swap(swaps.popleft())
             elif stopping and not self._waiting:
@@ -306,7 +329,8 @@ class Scheduler:
         self._close_model()
         try:
             model = load()
-            engine = model.create_engine(self.max_concurrency) if model is not None else None
+            generates = model is not None and not isinstance(model, EmbeddingModel)
+            engine = model.create_engine(self.max_concurrency) if model is not None and generates else None
         except BaseException as exc:
             future.set_exception(exc)
             return
@@ -336,7 +360,7 @@ class Scheduler:
             self._loop.call_soon_threadsafe(self._deliver, outputs, cached)
 
     def _update_counts(self) -> None:
-        self.waiting_count = len(self._waiting)
+        self.waiting_count = len(self._waiting) + len(self._embeddings)
         self.active_count = len(self._running)
         engine = self._engine
         self.cache_stats = engine.cache_stats() if engine is not None else CacheStats()

@@ -20,8 +20,9 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
-from forgellm.core.engine.backend import Backend, LoadedModel, ModelSource
+from forgellm.core.engine.backend import Backend, EmbeddingModel, LoadedModel, ModelSource
 from forgellm.core.engine.scheduler import Scheduler
 from forgellm.core.errors import ApiError, bad_request, service_unavailable
 from forgellm.core.models.policy import LoadPolicy
@@ -50,6 +51,9 @@ class RegistryLimits:
     load_wait: float
     load_timeout: float
 
+
+# What a request asks of a model: text generated, or its inputs embedded.
+Task = Literal["generate", "embed"]
 
 # Whether the caller of a request may load models (the LOAD action), asked only when a load on demand is due.
 MayLoad = Callable[[], Awaitable[bool]]
@@ -129,8 +133,7 @@ class ModelRegistry:
         for resident in self.residents:
             resident.scheduler.start()
         loop = asyncio.get_running_loop()
-        if self.keep_alive > 0:
-            self._sweeper = loop.create_task(self._sweep(sweep_every))
+        self._sweeper = loop.create_task(self._sweep(sweep_every))
         self._backend_watch = loop.create_task(self._watch_backend())
 
     async def stop(self, timeout: float | None) -> None:
@@ -173,11 +176,21 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return [resident.name for resident in self.residents if resident.model is not None]
 
-    async def serving(self, requested: str | None, may_load: MayLoad) -> tuple[Resident, LoadedModel]:
+    async def serving(
+        self, requested: str | None, may_load: MayLoad, task: Task | None = "generate"
+    ) -> tuple[Resident, LoadedModel]:
         """The resident model a request names (the default when it names none) and its loaded model, loading it
         first when it is allowed and the caller may load models; waits up to --model-load-wait for a load under
         way. No model for the default is the guide's 400, one loading its 503; a backend that cannot generate at
-        all (a lost rank) is a 503."""
+        all (a lost rank) is a 503; a model that does not do the task (an embedding model asked to generate, a
+        generating model asked to embed) is a 400; task None: any model."""
+        resident, model = await self._serving(requested, may_load)
+        if task is not None and isinstance(model, EmbeddingModel) != (task == "embed"):
+            does = "an embedding model: it does not generate" if task == "generate" else "not an embedding model"
+            raise bad_request(f"The model '{resident.name}' is {does}", code="model_task_mismatch")
+        return resident, model
+
+    async def _serving(self, requested: str | None, may_load: MayLoad) -> tuple[Resident, LoadedModel]:
         unavailable = self._backend.unavailable()
         if unavailable is not None:
             raise service_unavailable(unavailable)
@@ -358,11 +371,16 @@ class ModelRegistry:
                 return
 
     async def _sweep(self, every: float) -> None:
-        """Unload unpinned models idle for longer than --keep-alive."""
+        """Unload unpinned models idle for longer than their keep-alive (a request's, else --keep-alive)."""
         while True:
             await asyncio.sleep(every)
             now = time.time()
             for resident in list(self.residents):
-                if resident.unloadable and now - resident.last_used > self.keep_alive:
-                    logger.info("unloading %s: idle for more than %gs (--keep-alive)", resident.name, self.keep_alive)
+                asked = resident.keep_alive
+                limit = self.keep_alive if asked is None else asked
+                if asked is None and limit == 0 or limit < 0 or not resident.unloadable:
+                    continue  # --keep-alive 0: never; a request's 0: as soon as it is idle
+                if now - resident.last_used >= limit:
+                    why = "--keep-alive" if asked is None else "as a request's keep_alive asked"
+                    logger.info("unloading %s: idle for %gs (%s)", resident.name, limit, why)
                     await self.unload(resident.name)

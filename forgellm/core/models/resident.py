@@ -33,6 +33,9 @@ class Resident:
     source_key: str | None = None
     last_used: float = field(default_factory=time.time)
     pending: int = 0  # requests that chose this model and are not yet in its queue
+    # Seconds it may sit idle before it is unloaded, as a request last asked (Ollama's keep_alive); negative:
+    # never; None: the server's --keep-alive. A pinned model stays whatever a request asks.
+    keep_alive: float | None = None
 
     @property
     def model(self) -> LoadedModel | None:

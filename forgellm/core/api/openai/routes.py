@@ -1,7 +1,7 @@
-"""The OpenAI-compatible routes: /v1/models, /v1/completions and /v1/chat/completions.
+"""The OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions and /v1/embeddings.
 
 Thin: each route declares its body and responses and hands the request to its endpoint's module
-(``chat``, ``completions``), as vLLM lays out its OpenAI entry points. Errors use OpenAI's error
+(``chat``, ``completions``, ``embeddings``), as vLLM lays out its OpenAI entry points. Errors use OpenAI's error
 object; streams are server-sent events ending in ``data: [DONE]``.
 """
 
@@ -14,6 +14,7 @@ from litestar.response import Stream
 
 from forgellm.core.api.openai.chat import serve_chat
 from forgellm.core.api.openai.completions import serve_completion
+from forgellm.core.api.openai.embeddings import EmbeddingsRequest, EmbeddingsResponse, serve_embeddings
 from forgellm.core.api.openai.protocol import (
     CHAT_COMPLETION_EVENTS,
     COMPLETION_EVENTS,
@@ -32,9 +33,9 @@ from forgellm.core.api.pipeline import GenerationService
 from forgellm.core.api.request import Caller
 from forgellm.core.errors import ApiError
 from forgellm.core.http.errors import exception_handler
-from forgellm.core.http.json_route import generation_post
-from forgellm.core.http.openapi import EVENT_STREAM
-from forgellm.core.identity import STATUS
+from forgellm.core.http.json_route import generation_post, json_post
+from forgellm.core.http.openapi import EVENT_STREAM, GENERATION_ERRORS, error_responses, json_body
+from forgellm.core.identity import GENERATE, STATUS
 from forgellm.core.server import Server
 
 
@@ -91,10 +92,27 @@ async def chat_completions(
     return await serve_chat(data, caller, generations)
 
 
+@json_post(
+    f"{PREFIX}/embeddings",
+    EmbeddingsRequest,
+    opt={"action": GENERATE},
+    status_code=200,
+    summary="OpenAI-compatible embeddings, from an embedding model",
+    responses={
+        **json_body(EmbeddingsResponse, "One vector per input, in the order of the inputs"),
+        **error_responses(OpenAIError, *GENERATION_ERRORS),
+    },
+)
+async def embeddings(
+    data: EmbeddingsRequest, caller: NamedDependency[Caller], generations: NamedDependency[GenerationService]
+) -> EmbeddingsResponse:
+    return await serve_embeddings(data, caller, generations)
+
+
 def openai_router() -> Router:
     """The OpenAI-compatible routes, answering errors in OpenAI's shape."""
     return Router(
         "/",
-        route_handlers=[list_models, get_model, completions, chat_completions],
+        route_handlers=[list_models, get_model, completions, chat_completions, embeddings],
         exception_handlers={Exception: exception_handler(error_body)},
     )
