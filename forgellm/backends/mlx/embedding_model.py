@@ -18,6 +18,7 @@ from mlx_embeddings.utils import load_model
 from transformers import AutoTokenizer
 
 from forgellm import EmbeddingModel
+from forgellm.backends.mlx.cpu_gelu import vectorize_gelus
 from forgellm.backends.mlx.model import parameter_bytes
 from forgellm.backends.mlx.sentence_pooling import SentencePooling
 
@@ -45,6 +46,8 @@ class MlxEmbeddingModel(EmbeddingModel):
         self.adapter_path = None
         self.pooling = SentencePooling.of_directory(directory)
         self.model = load_model(directory, path_to_repo=str(directory))
+        if mx.default_device().type == mx.DeviceType.cpu:
+            vectorize_gelus(self.model)  # MLX's CPU erf is scalar: two thirds of a BERT pass there
         self.tokenizer = AutoTokenizer.from_pretrained(str(directory))
         self._tokenizing = threading.Lock()  # a fast tokenizer is not safe to share between threads
         config = self.model.config

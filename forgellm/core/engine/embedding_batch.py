@@ -17,9 +17,11 @@ from forgellm.core.engine.backend import EmbeddingModel, LoadedModel
 
 logger = logging.getLogger("forgellm.scheduler")
 
-# Padded tokens per forward pass: large enough that a pass amortizes its overhead (a CPU reaches its full
-# speed from about 2,000 BERT tokens), small enough that a pass takes well under a second there.
-PASS_TOKENS = 8192
+# Padded tokens per forward pass. On a 2-core CPU, all-MiniLM-L6-v2 embedded short sentences as fast in
+# passes of 16 as of 64 (300 to 1,300 tokens) and a third slower in passes of 128, whose activations
+# outgrow the caches; through HTTP at concurrency 8, passes of 1,024 tokens came out slower than 400
+# (benchmarks/README.md). A pass of 512 takes about 0.1 s there, so a short request waits little.
+PASS_TOKENS = 512
 
 
 @dataclass(eq=False)
