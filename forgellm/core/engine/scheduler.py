@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import queue
@@ -138,7 +139,7 @@ class Scheduler:
         for handle in handles.values():
             handle._receive(TokenOutput(handle.seq_id, "", error=message, error_status=503))
         for work in list(self._embeddings_in_flight):
-            if not work.future.done():
+            with contextlib.suppress(concurrent.futures.InvalidStateError):  # the engine thread answered first
                 work.future.set_exception(service_unavailable(message))
 
     def swap_model(self, load: ModelLoader) -> concurrent.futures.Future[LoadedModel | None]:
@@ -329,8 +330,8 @@ class Scheduler:
         self._close_model()
         try:
             model = load()
-            generates = model is not None and not isinstance(model, EmbeddingModel)
-            engine = model.create_engine(self.max_concurrency) if model is not None and generates else None
+            generating = model is not None and not isinstance(model, EmbeddingModel)  # an encoder has no engine
+            engine = model.create_engine(self.max_concurrency) if generating and model is not None else None
         except BaseException as exc:
             future.set_exception(exc)
             return
