@@ -132,6 +132,12 @@ def test_truncation_when_asked_and_the_models_own_size(live):
     assert same_size.status_code == 200
 
 
+def test_the_models_list_says_which_model_embeds(live):
+    models = {model["name"]: model for model in httpx.get(f"{live.url}/api/models").json()["models"]}
+    assert models[EMBEDDER]["embedding_dimensions"] == 384
+    assert models[EMBEDDER]["memory_bytes"] > 80_000_000
+
+
 def test_each_model_serves_only_its_task(live):
     chat = httpx.post(
         f"{live.url}/v1/chat/completions",

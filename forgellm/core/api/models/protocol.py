@@ -45,6 +45,8 @@ class ResidentModel(msgspec.Struct):
     # What a request that leaves these sampling fields out gets: the operator's defaults for the model over
     # its generation_config.json's (fields absent here take the API dialect's default).
     sampling_defaults: dict[str, float]
+    # An embedding model's vector length (it serves /v1/embeddings, not generation); None: a model that generates.
+    embedding_dimensions: int | None = None
 
 
 class RankInfo(msgspec.Struct):

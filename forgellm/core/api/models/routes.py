@@ -22,6 +22,7 @@ from forgellm.core.api.models.protocol import (
     RankInfo,
     ResidentModel,
 )
+from forgellm.core.engine.backend import EmbeddingModel
 from forgellm.core.http.json_route import json_post
 from forgellm.core.identity import LOAD, STATUS
 from forgellm.core.models.registry import ModelRegistry
@@ -55,6 +56,7 @@ def resident_model(resident: Resident, registry: ModelRegistry) -> ResidentModel
         queued_sequences=resident.scheduler.waiting_count,
         load_seconds=state.load_seconds,
         sampling_defaults=registry.sampling_defaults(resident),
+        embedding_dimensions=model.dimensions if isinstance(model := resident.model, EmbeddingModel) else None,
     )
 
 
