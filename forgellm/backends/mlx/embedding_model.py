@@ -53,13 +53,12 @@ class MlxEmbeddingModel(EmbeddingModel):
         config = self.model.config
         self.vocab_size = int(config.vocab_size)
         windows = [config.max_position_embeddings, self.pooling.max_seq_length]
-        self.window = min(int(window) for window in windows if window)
-        self.context_length: int | None = self.window
+        self.context_length: int = min(int(window) for window in windows if window)
         self.pad_id = self.tokenizer.pad_token_id or 0
         # The token that ends every input ([SEP]), kept last when an input is cut to the window.
         empty = self.tokenizer("")["input_ids"]
         self.end_token = empty[-1] if empty and empty[-1] in self.tokenizer.all_special_ids else None
-        self.dimensions = int(self.embed([empty or [self.pad_id]])[0].__len__())
+        self.dimensions = len(self.embed([empty or [self.pad_id]])[0])
         self.memory_bytes = parameter_bytes(self.model)
 
     def encode(self, text: str) -> list[int]:
@@ -67,7 +66,7 @@ class MlxEmbeddingModel(EmbeddingModel):
             return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     def truncated(self, tokens: list[int]) -> list[int]:
-        window = self.window
+        window = self.context_length
         if len(tokens) <= window:
             return tokens
         if self.end_token is not None and tokens[-1] == self.end_token:
@@ -75,18 +74,13 @@ class MlxEmbeddingModel(EmbeddingModel):
         return tokens[:window]
 
     def embed(self, inputs: list[list[int]]) -> list[list[float]]:
-        """The inputs in one forward pass, shortest first, each row padded on the right to the longest."""
-        order = sorted(range(len(inputs)), key=lambda index: len(inputs[index]))
+        """The inputs in one forward pass, each row padded on the right to the longest."""
         longest = max(len(tokens) for tokens in inputs)
-        ids = mx.array([inputs[i] + [self.pad_id] * (longest - len(inputs[i])) for i in order], dtype=mx.int32)
-        mask = mx.array([[1] * len(inputs[i]) + [0] * (longest - len(inputs[i])) for i in order], dtype=mx.int32)
+        ids = mx.array([tokens + [self.pad_id] * (longest - len(tokens)) for tokens in inputs], dtype=mx.int32)
+        mask = mx.array([[1] * len(tokens) + [0] * (longest - len(tokens)) for tokens in inputs], dtype=mx.int32)
         hidden = self.model(ids, attention_mask=mask).last_hidden_state
-        vectors = self.pooling.pool(hidden, mask).astype(mx.float32)
-        rows: list[list[float]] = vectors.tolist()  # type: ignore[assignment]
-        result: list[list[float]] = [[]] * len(inputs)
-        for row, index in zip(rows, order, strict=True):
-            result[index] = row
-        return result
+        rows: list[list[float]] = self.pooling.pool(hidden, mask).astype(mx.float32).tolist()  # type: ignore[assignment]
+        return rows
 
     def close(self) -> None:
         del self.model

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from forgellm.core.api.admission import Admission
+from forgellm.core.api.generation import request_timed_out
 from forgellm.core.api.prompt import checked_ids
 from forgellm.core.api.request import Caller
 from forgellm.core.engine.backend import EmbeddingModel
@@ -41,7 +41,6 @@ class Embeddings:
     vectors: list[list[float]]
     prompt_tokens: int  # over every input, as embedded (after truncation)
     model_name: str  # the name it is served as
-    duration_seconds: float  # from admission to the last vector
 
 
 def check_inputs(request: EmbeddingRequest) -> None:
@@ -101,7 +100,6 @@ async def embedded(
     """The request's vectors from the resident model (admitted, encoded, batched with other requests' inputs),
     accounted once; limits: (--max-embedding-tokens, --request-timeout, 0 for none)."""
     max_tokens, timeout = limits
-    started = time.monotonic()
     caller.record.model = resident.name
     check_dimensions(model, request.dimensions)
     texts = [item for item in request.inputs if isinstance(item, str)]
@@ -125,7 +123,7 @@ async def embedded(
         vectors = await _answer(resident.scheduler.submit_embedding(inputs), caller, timeout)
     finally:
         await admission.settle(caller, job, Usage(len(job.prompt_tokens), 0))
-    return Embeddings(vectors, len(job.prompt_tokens), resident.name, time.monotonic() - started)
+    return Embeddings(vectors, len(job.prompt_tokens), resident.name)
 
 
 async def _answer(
@@ -144,7 +142,7 @@ async def _answer(
     if vectors not in done:
         if disconnected in done:
             raise ApiError(499, "Client closed the request")
-        raise ApiError(504, f"Embedding took longer than the {timeout:g}s request timeout", code="timeout")
+        raise request_timed_out(timeout, "Embedding")
     exception = vectors.exception()
     if isinstance(exception, ApiError):
         raise exception

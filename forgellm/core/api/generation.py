@@ -28,8 +28,8 @@ class TurnChunk:
     logprobs: tuple[TokenLogprob, ...] = ()
 
 
-def request_timed_out(seconds: float) -> ApiError:
-    return ApiError(504, f"Generation took longer than the {seconds:g}s request timeout", code="timeout")
+def request_timed_out(seconds: float, work: str = "Generation") -> ApiError:
+    return ApiError(504, f"{work} took longer than the {seconds:g}s request timeout", code="timeout")
 
 
 class Generation:

@@ -330,8 +330,9 @@ class Scheduler:
         self._close_model()
         try:
             model = load()
-            generating = model is not None and not isinstance(model, EmbeddingModel)  # an encoder has no engine
-            engine = model.create_engine(self.max_concurrency) if generating and model is not None else None
+            engine = None
+            if model is not None and not isinstance(model, EmbeddingModel):  # an encoder's work is embedding passes
+                engine = model.create_engine(self.max_concurrency)
         except BaseException as exc:
             future.set_exception(exc)
             return

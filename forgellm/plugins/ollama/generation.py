@@ -14,12 +14,10 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgspec
 import partial_json_parser
 from litestar.response import Stream
 
 from forgellm import (
-    ApiError,
     AssistantTurn,
     Caller,
     Constraint,
@@ -30,6 +28,7 @@ from forgellm import (
     GenerationService,
     ReasoningDelta,
     Server,
+    TurnEvent,
     bad_request,
     client_sampling,
     streamed,
@@ -52,7 +51,8 @@ from forgellm.plugins.ollama.protocol import (
     Reply,
     ToolCall,
     ToolFunctionCall,
-    error_body,
+    error_lines,
+    ndjson_line,
 )
 
 _DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
@@ -170,6 +170,16 @@ def generate_request(data: GenerateRequest) -> GenerationRequest:
 # -- keep_alive ------------------------------------------------------------------------------------------
 
 
+async def start_kept(
+    server: Server, caller: Caller, generations: GenerationService, request: GenerationRequest, keep_alive: KeepAlive
+) -> Generation:
+    """Start a generation, and apply the request's keep_alive to the model it runs on."""
+    seconds = keep_alive_seconds(keep_alive)
+    generation = await generations.start(caller, request)
+    await keep(server, generation.model_name, seconds)
+    return generation
+
+
 async def keep(server: Server, name: str, seconds: float | None) -> bool:
     """Apply a request's keep_alive to the model it used; True when that unloaded it (0, and not pinned)."""
     resident = server.registry.find(name)
@@ -222,20 +232,24 @@ def statistics(generation: Generation, started: float) -> dict[str, Any]:
     }
 
 
-def line(payload: msgspec.Struct) -> bytes:
-    return msgspec.json.encode(payload) + b"\n"
+async def _whole_turn(generation: Generation) -> AssistantTurn:
+    await generation.complete()
+    turn = AssistantTurn()
+    turn.add(generation.turn_events())
+    return turn
 
 
-def _failed(error: ApiError) -> list[bytes]:  # in-band, as Ollama's streams report a failure
-    return [line(error_body(error))]
+def _texts(events: list[TurnEvent]) -> tuple[str, str | None]:
+    """What one step adds to the answer's content, and to its thinking (None: nothing)."""
+    content = "".join(event.text for event in events if isinstance(event, ContentDelta))
+    thinking = "".join(event.text for event in events if isinstance(event, ReasoningDelta))
+    return content, thinking or None
 
 
 async def answer_chat(generation: Generation, stream: bool, started: float) -> ChatLine | Stream:
     model = generation.model_name
     if not stream:
-        await generation.complete()
-        turn = AssistantTurn()
-        turn.add(generation.turn_events())
+        turn = await _whole_turn(generation)
         message = Reply("assistant", turn.content, turn.reasoning or None, tool_calls(turn))
         stats = statistics(generation, started)
         return ChatLine(model=model, created_at=now_text(), message=message, done=True, **stats)
@@ -244,42 +258,38 @@ async def answer_chat(generation: Generation, stream: bool, started: float) -> C
         turn = AssistantTurn()
         async for chunk in generation.turn():
             turn.add(chunk.events)
-            content = "".join(e.text for e in chunk.events if isinstance(e, ContentDelta))
-            thinking = "".join(e.text for e in chunk.events if isinstance(e, ReasoningDelta))
+            content, thinking = _texts(chunk.events)
             if content or thinking:
-                message = Reply("assistant", content, thinking or None)
-                yield line(ChatLine(model=model, created_at=now_text(), message=message, done=False))
+                message = Reply("assistant", content, thinking)
+                yield ndjson_line(ChatLine(model=model, created_at=now_text(), message=message, done=False))
         calls = tool_calls(turn)
         if calls:
             message = Reply("assistant", "", tool_calls=calls)
-            yield line(ChatLine(model=model, created_at=now_text(), message=message, done=False))
+            yield ndjson_line(ChatLine(model=model, created_at=now_text(), message=message, done=False))
         final = ChatLine(model=model, created_at=now_text(), message=Reply("assistant", ""), done=True,
                          **statistics(generation, started))  # fmt: skip
-        yield line(final)
+        yield ndjson_line(final)
 
-    return streamed(lines(), NDJSON, on_failure=_failed)
+    return streamed(lines(), NDJSON, on_failure=error_lines)
 
 
 async def answer_generate(generation: Generation, stream: bool, started: float) -> GenerateLine | Stream:
     model = generation.model_name
     if not stream:
-        await generation.complete()
-        turn = AssistantTurn()
-        turn.add(generation.turn_events())
+        turn = await _whole_turn(generation)
         return GenerateLine(model=model, created_at=now_text(), response=turn.content, done=True,
                             thinking=turn.reasoning or None, **statistics(generation, started))  # fmt: skip
 
     async def lines() -> AsyncIterator[bytes]:
         async for chunk in generation.turn():
-            content = "".join(e.text for e in chunk.events if isinstance(e, ContentDelta))
-            thinking = "".join(e.text for e in chunk.events if isinstance(e, ReasoningDelta))
+            content, thinking = _texts(chunk.events)
             if content or thinking:
-                yield line(GenerateLine(model=model, created_at=now_text(), response=content, done=False,
-                                        thinking=thinking or None))  # fmt: skip
-        yield line(GenerateLine(model=model, created_at=now_text(), response="", done=True,
-                                **statistics(generation, started)))  # fmt: skip
+                yield ndjson_line(GenerateLine(model=model, created_at=now_text(), response=content, done=False,
+                                               thinking=thinking))  # fmt: skip
+        yield ndjson_line(GenerateLine(model=model, created_at=now_text(), response="", done=True,
+                                       **statistics(generation, started)))  # fmt: skip
 
-    return streamed(lines(), NDJSON, on_failure=_failed)
+    return streamed(lines(), NDJSON, on_failure=error_lines)
 
 
 async def embed(data: EmbedRequest, caller: Caller, generations: GenerationService, server: Server) -> EmbedResponse:

@@ -12,12 +12,12 @@ import asyncio
 import datetime
 import hashlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from litestar.response import Stream
 
 from forgellm import ApiError, EmbeddingModel, LoadedModel, Server, streamed
-from forgellm.plugins.ollama.generation import line, served_name
+from forgellm.plugins.ollama.generation import served_name
 from forgellm.plugins.ollama.protocol import (
     NDJSON,
     OLLAMA_API_VERSION,
@@ -27,7 +27,8 @@ from forgellm.plugins.ollama.protocol import (
     PullStatus,
     ShowResponse,
     Version,
-    error_body,
+    error_lines,
+    ndjson_line,
 )
 
 # /api/ps's expires_at for a model that stays until the operator unloads it (Ollama's "forever" is far off too).
@@ -145,22 +146,19 @@ async def pull(server: Server, name: str, stream: bool) -> PullStatus | Stream:
         loop.call_soon_threadsafe(statuses.put_nowait, text)
 
     async def lines() -> AsyncIterator[bytes]:
-        yield line(PullStatus("pulling manifest"))
+        yield ndjson_line(PullStatus("pulling manifest"))
         pulling = asyncio.ensure_future(_pulled(server, name, progress))
         pulling.add_done_callback(lambda _: statuses.put_nowait(None))
         while (status := await statuses.get()) is not None:
-            yield line(PullStatus(status))
+            yield ndjson_line(PullStatus(status))
         pulling.result()  # its failure ends the stream with an error line
-        yield line(PullStatus("success"))
+        yield ndjson_line(PullStatus("success"))
 
-    def failed(error: ApiError) -> list[bytes]:
-        return [line(error_body(error))]
-
-    return streamed(lines(), NDJSON, on_failure=failed)
+    return streamed(lines(), NDJSON, on_failure=error_lines)
 
 
-async def _pulled(server: Server, name: str, progress: object) -> None:
+async def _pulled(server: Server, name: str, progress: Callable[[str], None]) -> None:
     try:
-        await asyncio.to_thread(server.backend.pull, name, progress)  # type: ignore[arg-type]
+        await asyncio.to_thread(server.backend.pull, name, progress)
     except (OSError, RuntimeError, ValueError) as exc:
         raise ApiError(500, f"pulling {name} failed: {exc}") from None

@@ -33,6 +33,15 @@ def error_body(error: ApiError) -> OllamaError:
     return OllamaError(error.message)
 
 
+def ndjson_line(payload: msgspec.Struct) -> bytes:
+    return msgspec.json.encode(payload) + b"\n"
+
+
+def error_lines(error: ApiError) -> list[bytes]:
+    """How a stream that fails half-way ends: one error line, which Ollama's clients raise."""
+    return [ndjson_line(error_body(error))]
+
+
 # -- options ---------------------------------------------------------------------------------------
 
 

@@ -72,9 +72,8 @@ async def chat(
         name, reason = await generation.load_only(server, caller, generations, data.model, data.keep_alive)
         return ChatLine(model=name, created_at=generation.now_text(), message=Reply("assistant", ""), done=True,
                         done_reason=reason)  # fmt: skip
-    seconds = generation.keep_alive_seconds(data.keep_alive)
-    started_generation = await generations.start(caller, generation.chat_request(data))
-    await generation.keep(server, started_generation.model_name, seconds)
+    request = generation.chat_request(data)
+    started_generation = await generation.start_kept(server, caller, generations, request, data.keep_alive)
     return await generation.answer_chat(started_generation, data.stream, started)
 
 
@@ -89,9 +88,8 @@ async def generate(
     if not data.prompt:
         name, reason = await generation.load_only(server, caller, generations, data.model, data.keep_alive)
         return GenerateLine(model=name, created_at=generation.now_text(), response="", done=True, done_reason=reason)
-    seconds = generation.keep_alive_seconds(data.keep_alive)
-    started_generation = await generations.start(caller, generation.generate_request(data))
-    await generation.keep(server, started_generation.model_name, seconds)
+    request = generation.generate_request(data)
+    started_generation = await generation.start_kept(server, caller, generations, request, data.keep_alive)
     return await generation.answer_generate(started_generation, data.stream, started)
 
 
